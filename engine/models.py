@@ -1,0 +1,277 @@
+"""Named model configurations and checkpoint loading: guided-diffusion's ADM UNet and open_clip.
+
+A configuration names the architecture (guided_diffusion `create_model` keywords), the diffusion
+schedule it was trained with, its weight file and the CLIP that guides it by default. `tiny` is the
+same UNetModel class with a few channels and random weights: a plumbing test, never an edit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+from guided_diffusion.respace import SpacedDiffusion
+from guided_diffusion.script_util import create_gaussian_diffusion, create_model
+from guided_diffusion.unet import UNetModel
+
+from engine import weights
+
+open_clip.add_model_config(Path(__file__).parent / "clip_configs")
+
+DEMO_DIR = Path(__file__).parent / "demo" / "weights"
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    name: str
+    label: str  # shown wherever results are shown
+    arch: dict  # guided_diffusion.script_util.create_model keywords
+    noise_schedule: str = "linear"
+    weight: weights.WeightFile | Path | None = None  # None: random weights
+    default_clip: str = "ViT-B-16-quickgelu:openai"
+
+    @property
+    def image_size(self) -> int:
+        return self.arch["image_size"]
+
+    @property
+    def class_cond(self) -> bool:
+        return self.arch.get("class_cond", False)
+
+
+_ADM = dict(
+    num_channels=256,
+    num_res_blocks=2,
+    attention_resolutions="32,16,8",
+    num_head_channels=64,
+    resblock_updown=True,
+    use_scale_shift_norm=True,
+    learn_sigma=True,
+)
+
+CONFIGS: dict[str, UNetConfig] = {
+    c.name: c
+    for c in (
+        UNetConfig(
+            "adm256",
+            "ADM 256x256 unconditional (guided-diffusion)",
+            dict(_ADM, image_size=256),
+            weight=weights.ADM256,
+        ),
+        UNetConfig(
+            "adm512",
+            "ADM 512x512 class-conditional (guided-diffusion)",
+            dict(_ADM, image_size=512, class_cond=True),
+            weight=weights.ADM512,
+        ),
+        UNetConfig(
+            "demo",
+            "demo shapes-world UNet (trained here on coloured shapes; not the paper's model)",
+            dict(
+                image_size=32,
+                num_channels=32,
+                channel_mult="1,2,4",
+                num_res_blocks=2,
+                attention_resolutions="8",
+                num_head_channels=32,
+                learn_sigma=True,
+            ),
+            noise_schedule="cosine",
+            weight=DEMO_DIR / "demo_unet.pt",
+            default_clip=f"demo:{DEMO_DIR / 'demo_clip.pt'}",
+        ),
+        UNetConfig(
+            "tiny",
+            "tiny UNet with random weights (plumbing test: its output is noise, not an edit)",
+            dict(
+                image_size=32,
+                num_channels=32,
+                channel_mult="1,2",
+                num_res_blocks=1,
+                attention_resolutions="16",
+                num_head_channels=32,
+                learn_sigma=True,
+            ),
+            default_clip="tiny",
+        ),
+    )
+}
+
+# Our own open_clip configurations (engine/clip_configs/*.json) by their short names.
+_CLIP_ALIASES = {"tiny": "engine-tiny", "demo": "engine-demo"}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+def load_state_dict_checked(module: torch.nn.Module, path: Path, what: str) -> None:
+    """Load a plain state dict into `module`, or say which file is wrong and how."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({e})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"{label} ({len(items)}): {', '.join(items[:3])}{', ...' if len(items) > 3 else ''}"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", shapes),
+            )
+            if items
+        ]
+        raise CheckpointError(f"{path} is not a checkpoint of {what}: " + "; ".join(parts))
+    module.load_state_dict(state)
+
+
+def build_unet(config: UNetConfig, *, use_fp16: bool = False, use_checkpoint: bool = False):
+    return create_model(**config.arch, use_fp16=use_fp16, use_checkpoint=use_checkpoint)
+
+
+def load_unet(
+    config: UNetConfig, checkpoint: Path | None, device: torch.device
+) -> tuple[UNetModel, str]:
+    """The UNet in eval mode, frozen, on `device` (fp16 blocks on CUDA as the official code)."""
+    fp16 = device.type == "cuda"
+    unet = build_unet(config, use_fp16=fp16)
+    if checkpoint is None and config.weight is not None:
+        w = config.weight
+        checkpoint = w if isinstance(w, Path) else weights.locate(w)
+        if not checkpoint.is_file():
+            raise weights.MissingWeights(f"weight file {checkpoint} is missing")
+    if checkpoint is None:
+        label = config.label
+    else:
+        load_state_dict_checked(unet, Path(checkpoint), f"model '{config.name}'")
+        label = config.label if checkpoint == config.weight else f"{config.label}, {checkpoint}"
+    if fp16:
+        unet.convert_to_fp16()
+    unet.requires_grad_(False).eval().to(device)
+    return unet, label
+
+
+@dataclass
+class Clip:
+    """An open_clip model with what guidance needs to feed it."""
+
+    model: open_clip.CLIP
+    tokenize: Callable[[list[str]], torch.Tensor]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    label: str
+
+
+def load_clip(spec: str, device: torch.device) -> Clip:
+    """`NAME[:PRETRAINED_OR_FILE]`: an open_clip model name (or tiny/demo) and a tag or a file.
+
+    The activation follows the name (`ViT-B-16-quickgelu` for OpenAI's weights), never the file.
+    """
+    name, _, source = spec.partition(":")
+    arch = _CLIP_ALIASES.get(name, name)
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP model '{name}' (open_clip knows e.g. ViT-B-16-quickgelu)")
+    is_file = source and (Path(source).suffix in {".pt", ".bin", ".safetensors", ".pth"})
+    if is_file:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise weights.MissingWeights(
+                f"CLIP weight file {path} is missing. Download the default CLIP with "
+                f"`{weights.DOWNLOAD_COMMAND}`, or name an open_clip pretrained tag."
+            )
+        model = open_clip.create_model(arch, pretrained=None, device="cpu")
+        load_state_dict_checked(model, path, f"CLIP '{arch}'")
+        label = f"{name} ({path.name})"
+    elif source:
+        try:  # an open_clip tag: huggingface_hub's cache, downloaded on first use
+            model = open_clip.create_model(arch, pretrained=source, device="cpu")
+        except RuntimeError as e:
+            raise weights.MissingWeights(
+                f"CLIP weights '{arch}:{source}' could not be loaded ({e}). "
+                f"Download them with `{weights.DOWNLOAD_COMMAND}`."
+            ) from e
+        label = f"{name} ({source})"
+    else:
+        model = open_clip.create_model(arch, pretrained=None, device="cpu")
+        label = f"{name} CLIP with random weights"
+    model.requires_grad_(False).eval().to(device)
+    pp = model.visual.preprocess_cfg
+    size = model.visual.image_size
+    return Clip(
+        model=model,
+        tokenize=open_clip.get_tokenizer(arch),
+        image_size=size[0] if isinstance(size, tuple | list) else size,
+        mean=tuple(pp["mean"]),
+        std=tuple(pp["std"]),
+        label=label,
+    )
+
+
+@dataclass
+class Models:
+    """Everything an edit needs, loaded once and kept warm."""
+
+    config: UNetConfig
+    unet: UNetModel
+    clip: Clip
+    device: torch.device
+    unet_label: str
+    _diffusions: dict[int, SpacedDiffusion] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.unet_label}; CLIP: {self.clip.label}"
+
+    def diffusion(self, steps: int) -> SpacedDiffusion:
+        """The training schedule respaced to `steps` sampling steps (cached per count)."""
+        if steps not in self._diffusions:
+            self._diffusions[steps] = create_gaussian_diffusion(
+                steps=1000,
+                learn_sigma=self.config.arch.get("learn_sigma", False),
+                noise_schedule=self.config.noise_schedule,
+                rescale_timesteps=True,
+                timestep_respacing=str(steps),
+            )
+        return self._diffusions[steps]
+
+
+def load_models(
+    model: str = "tiny",
+    *,
+    clip: str | None = None,
+    unet_checkpoint: str | Path | None = None,
+    device: str = "auto",
+) -> Models:
+    if model not in CONFIGS:
+        raise ValueError(f"unknown model '{model}': choose one of {', '.join(CONFIGS)}")
+    config = CONFIGS[model]
+    dev = resolve_device(device)
+    ckpt = Path(unet_checkpoint).expanduser() if unet_checkpoint else None
+    unet, unet_label = load_unet(config, ckpt, dev)
+    return Models(config, unet, load_clip(clip or config.default_clip, dev), dev, unet_label)
