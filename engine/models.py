@@ -7,17 +7,21 @@ same UNetModel class with a few channels and random weights: a plumbing test, ne
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
 import torch
-from guided_diffusion.respace import SpacedDiffusion
-from guided_diffusion.script_util import create_gaussian_diffusion, create_model
-from guided_diffusion.unet import UNetModel
 
-from engine import weights
+# guided_diffusion's fp16 helpers use torch.cuda.amp decorators that torch now warns about
+warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
+from guided_diffusion.respace import SpacedDiffusion  # noqa: E402
+from guided_diffusion.script_util import create_gaussian_diffusion, create_model  # noqa: E402
+from guided_diffusion.unet import UNetModel  # noqa: E402
+
+from engine import weights  # noqa: E402
 
 open_clip.add_model_config(Path(__file__).parent / "clip_configs")
 
@@ -112,7 +116,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but torch sees no CUDA device")
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
     return torch.device(device)
 
 
@@ -152,6 +156,17 @@ def load_state_dict_checked(module: torch.nn.Module, path: Path, what: str) -> N
 
 def build_unet(config: UNetConfig, *, use_fp16: bool = False, use_checkpoint: bool = False):
     return create_model(**config.arch, use_fp16=use_fp16, use_checkpoint=use_checkpoint)
+
+
+def make_diffusion(config: UNetConfig, steps: int) -> SpacedDiffusion:
+    """The model's 1000-step training schedule respaced to `steps` sampling steps."""
+    return create_gaussian_diffusion(
+        steps=1000,
+        learn_sigma=config.arch.get("learn_sigma", False),
+        noise_schedule=config.noise_schedule,
+        rescale_timesteps=True,
+        timestep_respacing=str(steps),
+    )
 
 
 def load_unet(
@@ -249,15 +264,8 @@ class Models:
         return f"{self.unet_label}; CLIP: {self.clip.label}"
 
     def diffusion(self, steps: int) -> SpacedDiffusion:
-        """The training schedule respaced to `steps` sampling steps (cached per count)."""
         if steps not in self._diffusions:
-            self._diffusions[steps] = create_gaussian_diffusion(
-                steps=1000,
-                learn_sigma=self.config.arch.get("learn_sigma", False),
-                noise_schedule=self.config.noise_schedule,
-                rescale_timesteps=True,
-                timestep_respacing=str(steps),
-            )
+            self._diffusions[steps] = make_diffusion(self.config, steps)
         return self._diffusions[steps]
 
 

@@ -1,0 +1,150 @@
+"""Command line: `python -m engine edit|bench|demo-train ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="tiny | demo | adm256 | adm512 (default tiny)")
+    p.add_argument("--unet-checkpoint", help="a guided-diffusion state dict for --model")
+    p.add_argument("--clip", help="NAME[:PRETRAINED_OR_FILE] (default: the model's own CLIP)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+
+def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    from engine.edit import GUIDANCE_MODES, SAMPLERS, EditSettings
+
+    d = EditSettings()
+    p.add_argument("--variants", type=int, default=d.variants)
+    p.add_argument("--seed", type=int, default=None, help="default: random (reported)")
+    p.add_argument("--steps", type=int, default=d.steps, help="respaced sampling steps T")
+    p.add_argument("--skip", type=int, default=d.skip, help="first steps skipped (k = T - skip)")
+    p.add_argument("--guidance-weight", type=float, default=d.guidance_weight)
+    p.add_argument("--range-weight", type=float, default=d.range_weight)
+    p.add_argument("--augmentations", type=int, default=d.augmentations)
+    p.add_argument("--sampler", default=d.sampler, choices=SAMPLERS)
+    p.add_argument("--guidance-mode", default=d.guidance_mode, choices=GUIDANCE_MODES)
+    p.add_argument("--padding", type=float, default=d.padding, help="context around the selection")
+
+
+def _settings(args: argparse.Namespace):
+    from engine.edit import EditSettings
+
+    return EditSettings(
+        variants=args.variants,
+        seed=args.seed,
+        steps=args.steps,
+        skip=args.skip,
+        guidance_weight=args.guidance_weight,
+        range_weight=args.range_weight,
+        augmentations=args.augmentations,
+        sampler=args.sampler,
+        guidance_mode=args.guidance_mode,
+        padding=args.padding,
+    )
+
+
+def _read_inputs(image_path: str, mask_path: str):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(image_path) as im:
+        if im.mode not in ("RGB", "RGBA"):
+            raise ValueError(
+                f"{image_path}: the image must be 8-bit RGB or RGBA, not mode {im.mode}"
+            )
+        image = np.asarray(im).copy()
+    with Image.open(mask_path) as m:
+        mask = np.asarray(m.convert("L")).copy()
+    return image, mask
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
+    from engine import region
+    from engine.edit import run_edit
+    from engine.models import load_models
+
+    image, mask = _read_inputs(args.image, args.mask)
+    settings = _settings(args)
+    settings.check()
+    region.check_inputs(image, mask)  # before minutes of model loading
+    models = load_models(
+        args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
+    )
+    print(f"models: {models.label} on {models.device}", file=sys.stderr)
+    bar = tqdm(total=settings.steps - settings.skip, desc="denoising", unit="step", file=sys.stderr)
+
+    def on_step(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    variants = run_edit(models, image, mask, args.prompt, settings, on_step)
+    bar.close()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for v in variants:
+        name = f"rank-{v.rank}.png"
+        Image.fromarray(region.composite(image, v.rgba, v.box)).save(out / name)
+        entries.append({"rank": v.rank, "file": name, "clip_distance": v.distance, "seed": v.seed})
+    scores = {"prompt": args.prompt, "models": models.label, "variants": entries}
+    (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    print(f"{len(entries)} variants, best first, in {out}/ (rank-1.png ... scores.json)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engine.bench import run_bench
+
+    result = run_bench(args)
+    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo_train(args: argparse.Namespace) -> int:
+    from engine.demo.train import main
+
+    return main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("edit", help="edit an image inside a mask from a text prompt")
+    p.add_argument("image", help="8-bit RGB or RGBA image")
+    p.add_argument("--mask", required=True, help="mask image, same size (white = edit)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="folder for rank-N.png and scores.json")
+    _add_model_args(p)
+    _add_settings_args(p)
+    p.set_defaults(run=cmd_edit)
+
+    p = sub.add_parser("bench", help="time a guided step: official formulation vs the engine")
+    _add_model_args(p)
+    p.add_argument("--steps", type=int, default=2, help="timed steps of each")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--guidance-mode", default="full", choices=["full", "fast"])
+    p.add_argument("--json", action="store_true", help="one JSON line")
+    p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("demo-train", help="train the demo world's CLIP or UNet", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(run=cmd_demo_train)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as e:  # bad input or missing files: a message, not a trace
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

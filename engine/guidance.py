@@ -1,0 +1,83 @@
+"""CLIP guidance: the spherical distance to the prompt, the extending augmentations, the range loss.
+
+The loss the sampler differentiates is, per image of the batch,
+    clip_weight * mean over augmented copies of D_clip(copy, prompt) + range_weight * range(x0_hat)
+summed over the batch, as in the official code (so each image's gradient is its own).
+"""
+
+from __future__ import annotations
+
+import kornia.augmentation as K
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.models import Clip
+
+
+def spherical_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared great-circle distance between normalised embeddings: 2 * arcsin(|a - b| / 2)^2."""
+    a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
+    return (a - b).norm(dim=-1).div(2).arcsin().pow(2).mul(2)
+
+
+def range_loss(x: torch.Tensor) -> torch.Tensor:
+    """Per image: how far the prediction strays outside [-1, 1]."""
+    return (x - x.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3))
+
+
+class Augment(nn.Module):
+    """Resize to CLIP's input, then `copies` copies: the first as is, the others warped.
+
+    Gradients that survive random affine and perspective warps are not adversarial pixel noise.
+    """
+
+    def __init__(self, size: int, copies: int = 8, p: float = 0.7):
+        super().__init__()
+        self.size, self.copies = size, copies
+        self.warp = nn.Sequential(
+            K.RandomAffine(degrees=15, translate=0.1, p=p, padding_mode="border"),
+            K.RandomPerspective(0.7, p=p),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, self.size)
+        if self.copies == 1:
+            return x
+        return torch.cat([x, self.warp(x.repeat(self.copies - 1, 1, 1, 1))])
+
+
+class Guide:
+    """A CLIP model with its preprocessing, a cache of prompt embeddings and the guidance loss."""
+
+    def __init__(self, clip: Clip, copies: int = 8):
+        self.clip = clip
+        self.augment = Augment(clip.image_size, copies)
+        dev = next(clip.model.parameters()).device
+        self.mean = torch.tensor(clip.mean, device=dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(clip.std, device=dev).view(1, 3, 1, 1)
+        self._text: dict[str, torch.Tensor] = {}
+
+    def text(self, prompt: str) -> torch.Tensor:
+        if prompt not in self._text:
+            tokens = self.clip.tokenize([prompt]).to(self.mean.device)
+            with torch.no_grad():
+                self._text[prompt] = self.clip.model.encode_text(tokens).float()
+        return self._text[prompt]
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings of images in [-1, 1] already at CLIP's input size."""
+        return self.clip.model.encode_image((images.add(1).div(2) - self.mean) / self.std).float()
+
+    def loss(self, masked: torch.Tensor, prompt: str) -> torch.Tensor:
+        """Sum over the batch of each image's mean distance over its augmented copies."""
+        n = masked.shape[0]
+        dists = spherical_distance(self.embed(self.augment(masked)), self.text(prompt))
+        return dists.view(-1, n).mean(dim=0).sum()
+
+    @torch.no_grad()
+    def rank_distance(self, masked: torch.Tensor, prompt: str) -> torch.Tensor:
+        """Per image: the distance used to rank results (resized, unaugmented, normalised)."""
+        return spherical_distance(
+            self.embed(F.adaptive_avg_pool2d(masked, self.clip.image_size)), self.text(prompt)
+        )

@@ -1,0 +1,153 @@
+"""Blended Diffusion (Avrahami et al., CVPR 2022, Algorithm 1) over guided_diffusion's schedule.
+
+All of the method's math is here. Per step t, from k = T - skip down to 0:
+    x0_hat, mean, var = the model's DDPM posterior at x_t          (one UNet forward, with grad)
+    L = clip_weight * D_clip(augment(mix * m), prompt) + range_weight * range(x0_hat)
+        with mix = x0_hat * sqrt(1 - abar_t) + x_t * (1 - sqrt(1 - abar_t))   (official input mix)
+    x_fg = mean - var * dL/dx_t + sqrt(var) * z                    (CLIP-guided DDPM step)
+    x_{t-1} = x_fg * m + q_sample(source, t) * (1 - m)             (the blend, noised to level t)
+result = x0_hat * m + source * (1 - m).
+
+The official code runs the UNet twice per step (once for the mean, once again inside cond_fn for
+the gradient); the forward with grad already yields the mean, so the engine runs it once.
+`guidance_mode="fast"` treats the UNet's output as a constant (no backward through the UNet):
+the gradient then reaches x_t only through the x0 formula.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from guided_diffusion.gaussian_diffusion import GaussianDiffusion, _extract_into_tensor
+
+from engine.guidance import Guide, range_loss
+
+NUM_CLASSES = 1000  # ImageNet classes of the class-conditional ADM
+
+StepCallback = Callable[[int, int, torch.Tensor], None]  # (done, total, x0_hat)
+
+
+def randn(generators: Sequence[torch.Generator], shape: Sequence[int]) -> torch.Tensor:
+    """One normal sample per variant, each from the variant's own generator."""
+    return torch.cat([torch.randn(1, *shape, generator=g, device=g.device) for g in generators])
+
+
+def _constant(unet: Callable) -> Callable:
+    def run(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        with torch.no_grad():
+            return unet(x, t, **kwargs)
+
+    return run
+
+
+def guided_step(
+    diffusion: GaussianDiffusion,
+    unet: Callable,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    *,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    guidance_mode: str = "full",
+    model_kwargs: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CLIP-guided denoising step from x_t; returns (x_{t-1} before the blend, x0_hat)."""
+    model = unet if guidance_mode == "full" else _constant(unet)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        out = diffusion.p_mean_variance(model, x, t, clip_denoised=False, model_kwargs=model_kwargs)
+        grad = -torch.autograd.grad(loss_fn(x, out["pred_xstart"], t), x)[0]
+    x = x.detach()
+    x0, var = out["pred_xstart"].detach(), out["variance"].detach()
+    nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise on the last step
+    if sampler == "ddpm":  # Sohl-Dickstein conditioning: shift the mean by var * grad
+        mean = out["mean"].detach().float() + var * grad.float()
+        return mean + nonzero * torch.exp(0.5 * out["log_variance"].detach()) * noise, x0
+    # DDIM: condition the score (Song et al.), then the deterministic (eta = 0) update
+    abar = _extract_into_tensor(diffusion.alphas_cumprod, t, x.shape)
+    abar_prev = _extract_into_tensor(diffusion.alphas_cumprod_prev, t, x.shape)
+    eps = diffusion._predict_eps_from_xstart(x, t, x0) - (1 - abar).sqrt() * grad
+    x0 = diffusion._predict_xstart_from_eps(x, t, eps)
+    sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+    mean = x0 * abar_prev.sqrt() + (1 - abar_prev - sigma**2).sqrt() * eps
+    return mean + nonzero * sigma * noise, x0
+
+
+def clip_loss_fn(
+    diffusion: GaussianDiffusion,
+    guide: Guide,
+    mask: torch.Tensor,
+    prompt: str,
+    clip_weight: float,
+    range_weight: float,
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The guidance loss of x_t and x0_hat at step t, as the official cond_fn computes it."""
+
+    def loss(x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        total = x.new_zeros(())
+        if clip_weight:
+            fac = _extract_into_tensor(diffusion.sqrt_one_minus_alphas_cumprod, t, x.shape)
+            total = total + clip_weight * guide.loss((x0 * fac + x * (1 - fac)) * mask, prompt)
+        if range_weight:
+            total = total + range_weight * range_loss(x0).sum()
+        return total
+
+    return loss
+
+
+def blend(
+    diffusion: GaussianDiffusion,
+    x: torch.Tensor,
+    source: torch.Tensor,
+    mask: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """Keep the sample inside the mask, the source noised to level t outside it."""
+    return x * mask + diffusion.q_sample(source, t, noise=noise) * (1 - mask)
+
+
+def blended_diffusion(
+    unet: Callable,
+    diffusion: GaussianDiffusion,
+    guide: Guide,
+    source: torch.Tensor,
+    mask: torch.Tensor,
+    prompt: str,
+    generators: Sequence[torch.Generator],
+    *,
+    skip: int = 25,
+    clip_weight: float = 1000.0,
+    range_weight: float = 50.0,
+    sampler: str = "ddpm",
+    eta: float = 0.0,
+    guidance_mode: str = "full",
+    class_cond: bool = False,
+    callback: StepCallback | None = None,
+) -> torch.Tensor:
+    """Edit `source` (1x3xHxW in [-1, 1]) inside `mask` (1x1xHxW in [0, 1]): one variant per
+    generator, all in one batch. Returns the variants (Nx3xHxW), source pasted outside the mask."""
+    n, shape = len(generators), source.shape[1:]
+    source = source.expand(n, *shape)
+    loss_fn = clip_loss_fn(diffusion, guide, mask, prompt, clip_weight, range_weight)
+    steps = list(range(diffusion.num_timesteps - skip))[::-1]
+    full = torch.full((n,), steps[0], device=source.device, dtype=torch.long)
+    x = diffusion.q_sample(source, full, noise=randn(generators, shape))
+    x0 = source
+    for done, step in enumerate(steps, 1):
+        t = torch.full((n,), step, device=source.device, dtype=torch.long)
+        kwargs = None
+        if class_cond:  # the official code draws a random ImageNet class at every step
+            y = [torch.randint(NUM_CLASSES, (1,), generator=g, device=g.device) for g in generators]
+            kwargs = {"y": torch.cat(y)}
+        x, x0 = guided_step(
+            diffusion, unet, x, t, loss_fn, randn(generators, shape),
+            sampler=sampler, eta=eta, guidance_mode=guidance_mode, model_kwargs=kwargs,
+        )  # fmt: skip
+        x = blend(diffusion, x, source, mask, t, randn(generators, shape))
+        if callback:
+            callback(done, len(steps), x0)
+    return x0 * mask + source * (1 - mask)
