@@ -59,7 +59,9 @@ def guided_step(
     with torch.enable_grad():
         x = x.detach().requires_grad_()
         out = diffusion.p_mean_variance(model, x, t, clip_denoised=False, model_kwargs=model_kwargs)
-        grad = -torch.autograd.grad(loss_fn(x, out["pred_xstart"], t), x)[0]
+        loss = loss_fn(x, out["pred_xstart"], t)
+        # all weights 0: no graph to differentiate, the step is plain DDPM/DDIM
+        grad = -torch.autograd.grad(loss, x)[0] if loss.requires_grad else torch.zeros_like(x)
     x = x.detach()
     x0, var = out["pred_xstart"].detach(), out["variance"].detach()
     nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise on the last step
