@@ -173,13 +173,13 @@ def load_unet(
     config: UNetConfig, checkpoint: Path | None, device: torch.device
 ) -> tuple[UNetModel, str]:
     """The UNet in eval mode, frozen, on `device` (fp16 blocks on CUDA as the official code)."""
-    fp16 = device.type == "cuda"
-    unet = build_unet(config, use_fp16=fp16)
-    if checkpoint is None and config.weight is not None:
+    if checkpoint is None and config.weight is not None:  # find the file before building
         w = config.weight
         checkpoint = w if isinstance(w, Path) else weights.locate(w)
-        if not checkpoint.is_file():
-            raise weights.MissingWeights(f"weight file {checkpoint} is missing")
+    if checkpoint is not None and not checkpoint.is_file():
+        raise weights.MissingWeights(f"weight file {checkpoint} is missing")
+    fp16 = device.type == "cuda"
+    unet = build_unet(config, use_fp16=fp16)
     if checkpoint is None:
         label = config.label
     else:
