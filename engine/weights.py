@@ -1,13 +1,29 @@
-"""Where model weights live, and which files the named models need.
+"""Where model weights live, which files the named models need, and how they get there.
 
-One per-user folder (platformdirs) holds every weight file; `BLENDED_DIFFUSION_MODELS` overrides
-it (tests, portable installs). Downloading belongs to the installer; this module only knows the
-files and finds them.
+One per-user folder (platformdirs) holds every ADM checkpoint; `BLENDED_DIFFUSION_MODELS`
+overrides it (tests, portable installs). The ADM files come by plain HTTP(S) from their official
+addresses (`BLENDED_DIFFUSION_WEIGHTS_URL` replaces the folder they are fetched from: mirrors,
+tests), resumed with Range requests into `NAME.partial` and moved to their final name only once
+their sha256 matches. OpenAI's CLIP comes through huggingface_hub into its own cache, where
+open_clip looks for it (`HF_ENDPOINT` and `HF_HUB_CACHE` move that hub and that cache).
+
+    python -m engine.weights fetch [adm256 clip adm512 adm512-uncond]   (default: adm256 clip)
+    python -m engine.weights check [NAME ...]
+    python -m engine.weights where
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import http.client
+import json
 import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +31,7 @@ from platformdirs import user_data_dir
 
 APP_NAME = "blended-diffusion"
 DOWNLOAD_COMMAND = "python install.py --weights-only"
+URL_ENV = "BLENDED_DIFFUSION_WEIGHTS_URL"
 
 
 @dataclass(frozen=True)
@@ -37,6 +54,27 @@ ADM512 = WeightFile(
     None,
     "2.2 GB",
 )
+# Katherine Crowson's unconditional fine-tune (Disco Diffusion's 512 model); no model uses it yet.
+ADM512_UNCOND = WeightFile(
+    "512x512_diffusion_uncond_finetune_008100.pt",
+    "https://v-diffusion.s3.us-west-2.amazonaws.com/512x512_diffusion_uncond_finetune_008100.pt",
+    "9c111ab89e214862b76e1fa6a1b3f1d329b1a88281885943d2cdbe357ad57648",
+    "2.2 GB",
+)
+
+# OpenAI's CLIP ViT-B/16 where open_clip's `ViT-B-16-quickgelu` / `openai` tag fetches it.
+CLIP_REPO = "timm/vit_base_patch16_clip_224.openai"
+CLIP_FILE = "open_clip_model.safetensors"
+CLIP = "clip"
+
+FILES = {"adm256": ADM256, "adm512": ADM512, "adm512-uncond": ADM512_UNCOND}
+REQUIRED = ("adm256", CLIP)  # what `--model adm256`, the default real model, needs
+NAMES = (*FILES, CLIP)
+
+_CHUNK = 1 << 20
+_HASH_CACHE = ".sha256-cache.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+_RETRY_HTTP = {408, 429, 500, 502, 503, 504}
 
 
 def models_dir() -> Path:
@@ -45,6 +83,14 @@ def models_dir() -> Path:
 
 
 class MissingWeights(FileNotFoundError):
+    pass
+
+
+class DownloadError(OSError):
+    """A download that could not finish; the message says what to do."""
+
+
+class ChecksumMismatch(DownloadError):
     pass
 
 
@@ -57,3 +103,349 @@ def locate(weight: WeightFile) -> Path:
             f"Download it with `{DOWNLOAD_COMMAND}`, or pass --unet-checkpoint PATH."
         )
     return path
+
+
+def weight_url(weight: WeightFile) -> str:
+    base = os.environ.get(URL_ENV)
+    return f"{base.rstrip('/')}/{weight.name}" if base else weight.url
+
+
+# -- sha256, remembered by size and mtime ---------------------------------------------------
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _cache_path() -> Path:
+    return models_dir() / _HASH_CACHE
+
+
+def _read_cache() -> dict[str, dict]:
+    try:
+        return json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(path: Path, digest: str) -> None:
+    st = path.stat()
+    cache = _read_cache()
+    cache[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    target = _cache_path()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        os.replace(tmp, target)
+    except OSError:
+        pass  # a cache we cannot write only costs a re-hash next time
+
+
+def sha256_of(path: Path) -> str:
+    """The file's sha256, hashed again only when its size or mtime changed (2 GB takes a while)."""
+    st = path.stat()
+    hit = _read_cache().get(str(path.resolve()))
+    if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+        return hit["sha256"]
+    digest = _hash_file(path)
+    _remember(path, digest)
+    return digest
+
+
+def _record_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The hash written next to a file whose sha256 is not published (first verified download)."""
+    try:
+        digest = _record_path(path).read_text().split()[0].lower()
+    except (OSError, IndexError):
+        return None
+    return digest if _SHA256.match(digest) else None
+
+
+def expected_sha256(weight: WeightFile) -> str | None:
+    return weight.sha256 or recorded_sha256(models_dir() / weight.name)
+
+
+# -- HTTP download with resume ---------------------------------------------------------------
+
+
+def _content_range(header: str | None) -> tuple[int, int | None]:
+    """`bytes START-END/TOTAL` -> (START, TOTAL or None)."""
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)\s*", header or "")
+    if not m:
+        raise DownloadError(f"unreadable Content-Range {header!r}")
+    return int(m[1]), None if m[2] == "*" else int(m[2])
+
+
+def _transfer(url: str, partial: Path, timeout: float, progress: bool) -> None:
+    """One request: append the rest of `url` to `partial`; raises when the transfer breaks."""
+    from tqdm import tqdm
+
+    have = partial.stat().st_size if partial.exists() else 0
+    headers = {"User-Agent": f"{APP_NAME}-installer", "Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        response = urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout
+        )
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing left to send: the partial file is whole (or wrong)
+            return
+        raise
+    with response:
+        if response.status == 206:
+            start, total = _content_range(response.headers.get("Content-Range"))
+            if start != have:
+                raise DownloadError(f"{url}: asked to resume at byte {have}, got byte {start}")
+            mode = "ab"
+        else:  # 200: the server ignored the Range header, start over
+            have, mode = 0, "wb"
+            length = response.headers.get("Content-Length")
+            total = int(length) if length else None
+        with (
+            open(partial, mode) as f,
+            tqdm(
+                total=total,
+                initial=have,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=partial.name.removesuffix(".partial"),
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar,
+        ):
+            while block := response.read(_CHUNK):
+                f.write(block)
+                bar.update(len(block))
+    size = partial.stat().st_size
+    if total is not None and size < total:
+        raise DownloadError(f"the connection closed at byte {size} of {total}")
+
+
+def download(
+    url: str,
+    dest: Path,
+    sha256: str | None = None,
+    *,
+    attempts: int = 4,
+    retry_wait: float = 2.0,
+    timeout: float = 60.0,
+    progress: bool = True,
+) -> str:
+    """Fetch `url` to `dest` through `dest.partial`, resuming broken transfers; returns the sha256.
+
+    Nothing appears under `dest` unless the whole file arrived and (when `sha256` is given) its
+    hash matches. A transfer that keeps breaking leaves the partial file for the next run.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    for attempt in range(1, attempts + 1):
+        try:
+            _transfer(url, partial, timeout, progress)
+            break
+        except (OSError, http.client.HTTPException) as e:
+            if isinstance(e, urllib.error.HTTPError) and e.code not in _RETRY_HTTP:
+                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}") from e
+            kept = partial.stat().st_size if partial.exists() else 0
+            if attempt == attempts:
+                raise DownloadError(
+                    f"{dest.name}: the download broke off ({e}) {attempts} times; {kept} bytes "
+                    f"are kept in {partial}: run the same command again to resume"
+                ) from e
+            print(
+                f"{dest.name}: transfer broke off at byte {kept} ({e}); resuming", file=sys.stderr
+            )
+            time.sleep(retry_wait * attempt)
+    digest = _hash_file(partial)
+    if sha256 and digest != sha256:
+        partial.unlink()  # resuming a wrong file can never make it right
+        raise ChecksumMismatch(
+            f"{dest.name}: sha256 mismatch: the download from {url} hashes to {digest}, "
+            f"expected {sha256}. It was deleted and nothing was saved as {dest}; try again, "
+            f"or check the address (${URL_ENV} overrides it)."
+        )
+    os.replace(partial, dest)
+    _remember(dest, digest)
+    return digest
+
+
+# -- the named files -------------------------------------------------------------------------
+
+
+def clip_cached_path() -> Path | None:
+    """OpenAI's CLIP in huggingface_hub's cache (no network), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(CLIP_REPO, CLIP_FILE)
+    return Path(found) if isinstance(found, str) and os.path.isfile(found) else None
+
+
+def _hub_sha256(path: Path) -> str | None:
+    """The hub names an LFS blob by its sha256 (the ETag): the expected hash, when it is one."""
+    blob = Path(os.path.realpath(path)).name
+    return blob if _SHA256.match(blob) else None
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # adm256 | ... | clip
+    file: str
+    path: Path | None
+    state: str  # ok | missing | corrupt | unverified
+    detail: str
+
+    @property
+    def ok(self) -> bool:
+        return self.state in ("ok", "unverified")
+
+
+def _verify(name: str, file: str, path: Path, expected: str | None, what: str) -> Check:
+    if expected is None:
+        return Check(name, file, path, "unverified", f"present, {what}")
+    digest = sha256_of(path)
+    if digest != expected:
+        return Check(name, file, path, "corrupt", f"sha256 {digest[:12]}..., expected {expected}")
+    return Check(name, file, path, "ok", "sha256 verified")
+
+
+def check(name: str) -> Check:
+    """Is the named file present, and does its sha256 match (where one is known)?"""
+    if name == CLIP:
+        path = clip_cached_path()
+        if path is None:
+            return Check(name, CLIP_FILE, None, "missing", f"{CLIP_REPO} not in the hub cache")
+        return _verify(name, CLIP_FILE, path, _hub_sha256(path), "the hub gave no sha256")
+    weight = FILES[name]
+    path = models_dir() / weight.name
+    if not path.is_file():
+        return Check(name, weight.name, path, "missing", f"{weight.size_hint}, not downloaded")
+    return _verify(
+        name, weight.name, path, expected_sha256(weight), "no published sha256 and none recorded"
+    )
+
+
+def _fetch_clip(progress: bool) -> Path:
+    status = check(CLIP)
+    if status.ok:
+        print(f"{CLIP}: {CLIP_FILE} present ({status.detail}), skipped")
+        return status.path
+    if status.state == "corrupt":
+        print(
+            f"{CLIP}: {CLIP_FILE} in the hub cache is damaged ({status.detail}): fetching it again"
+        )
+        _remove_hub_file(status.path)
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    if not progress:
+        disable_progress_bars()
+
+    print(f"{CLIP}: fetching {CLIP_REPO}/{CLIP_FILE} through huggingface_hub")
+    try:
+        path = Path(hf_hub_download(CLIP_REPO, CLIP_FILE))
+    except Exception as e:  # the hub's own errors (HTTP, offline, metadata) become one message
+        raise DownloadError(f"{CLIP_FILE} from {CLIP_REPO}: {e}") from e
+    expected = _hub_sha256(path)
+    if expected and (digest := sha256_of(path)) != expected:
+        _remove_hub_file(path)
+        raise ChecksumMismatch(
+            f"{CLIP_FILE}: sha256 mismatch: the hub's file hashes to {digest}, expected {expected}"
+            " (its ETag). It was removed from the cache; try again."
+        )
+    print(f"{CLIP}: {path}" + (" (sha256 verified)" if expected else ""))
+    return path
+
+
+def _remove_hub_file(path: Path) -> None:
+    blob = Path(os.path.realpath(path))
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
+
+
+def fetch(name: str, *, progress: bool = True, attempts: int = 4, retry_wait: float = 2.0) -> Path:
+    """Make the named file present and valid: skip it when it is, download it when not."""
+    if name == CLIP:
+        return _fetch_clip(progress)
+    weight = FILES[name]
+    dest = models_dir() / weight.name
+    status = check(name)
+    if status.ok:
+        print(f"{name}: {weight.name} present ({status.detail}), skipped")
+        return dest
+    if status.state == "corrupt":
+        print(f"{name}: {weight.name} is damaged ({status.detail}): fetching it again")
+        dest.unlink()  # a damaged file must never pass for the model
+    expected = expected_sha256(weight)
+    url = weight_url(weight)
+    print(f"{name}: downloading {weight.name} ({weight.size_hint}) from {url}")
+    digest = download(
+        url, dest, expected, attempts=attempts, retry_wait=retry_wait, progress=progress
+    )
+    if expected is None:
+        # Not published: remember the first complete download so later copies can be checked.
+        _record_path(dest).write_text(f"{digest}  {weight.name}\n")
+        print(f"{name}: sha256 {digest} recorded in {_record_path(dest).name}")
+    print(f"{name}: {dest} (sha256 verified)" if expected else f"{name}: {dest}")
+    return dest
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def _names(given: list[str], default: tuple[str, ...]) -> list[str]:
+    unknown = [n for n in given if n not in NAMES]
+    if unknown:
+        raise SystemExit(
+            f"unknown weight name(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}"
+        )
+    return given or list(default)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine.weights",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fetch", help="download what is missing or damaged, skip what is valid")
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"{', '.join(NAMES)} (default: adm256 clip)"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("check", help="which files are present and valid")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    sub.add_parser("where", help="print the models folder")
+    args = parser.parse_args(argv)
+
+    if args.command == "where":
+        print(models_dir())
+        return 0
+    if args.command == "check":
+        results = [check(n) for n in _names(args.names, NAMES)]
+        for c in results:
+            print(f"{c.state:10} {c.name:14} {c.path or c.file}: {c.detail}")
+        return 0 if all(c.ok for c in results if c.name in REQUIRED) else 1
+    print(f"models folder: {models_dir()}")
+    failed = []
+    for name in _names(args.names, REQUIRED):  # one failure does not keep the others back
+        try:
+            fetch(name, progress=not args.no_progress)
+        except (OSError, http.client.HTTPException) as e:
+            print(f"error: {name}: {e}", file=sys.stderr)
+            failed.append(name)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""install.py into fake homes laid out as Linux, Windows and macOS users have them.
+
+Every run is a subprocess with --plugins-only (no venv) and an explicit host Python, so no
+network is needed, except the test that fetches a real pyzmq wheel from PyPI.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from engine.doctor import load_installer
+
+ROOT = Path(__file__).resolve().parents[1]
+INSTALL = ROOT / "install.py"
+P = "blended_diffusion"
+
+install = load_installer()
+
+# where each layout puts (pykrita, GIMP plug-ins, kritarc), relative to the home
+PLACES = {
+    "linux": (".local/share/krita/pykrita", ".config/GIMP/3.0/plug-ins", ".config/kritarc"),
+    "windows": (
+        "AppData/Roaming/krita/pykrita",
+        "AppData/Roaming/GIMP/3.0/plug-ins",
+        "AppData/Local/kritarc",
+    ),
+    "macos": (
+        "Library/Application Support/krita/pykrita",
+        "Library/Application Support/GIMP/3.0/plug-ins",
+        "Library/Preferences/kritarc",
+    ),
+}
+SCRUB = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "APPDATA", "LOCALAPPDATA", install.HOME_ENV)
+
+
+def fake_checkout(root: Path, client: bool = True) -> Path:
+    files = {
+        f"plugin_krita/{P}.desktop": f"[Desktop Entry]\nType=Service\nX-KDE-Library={P}\n",
+        f"plugin_krita/{P}/__init__.py": "from .extension import *\n",
+        f"plugin_krita/{P}/extension.py": "# krita\n",
+        f"plugin_krita/{P}/old.py": "# removed later\n",
+        f"plugin_gimp/{P}/{P}.py": "#!/usr/bin/env python3\n",
+        f"plugin_gimp/{P}/ui/dialog.py": "# gimp\n",
+        f"plugin_gimp/{P}/__pycache__/x.cpython-311.pyc": "not copied",
+        "engine/__init__.py": "",
+        "engine/protocol.py": "# protocol\n",
+    }
+    if client:
+        files["engine/client.py"] = "# client\n"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    os.chmod(root / f"plugin_gimp/{P}/{P}.py", 0o644)  # the installer makes it executable
+    return root
+
+
+def fake_wheel(folder: Path, tag: str = "cp311-cp311-manylinux_2_28_x86_64") -> Path:
+    wheel = folder / f"pyzmq-27.3.0-{tag}.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("zmq/__init__.py", "FAKE = True\n")
+        z.writestr("pyzmq.libs/libzmq.so.5", b"\0")
+        z.writestr("pyzmq-27.3.0.dist-info/METADATA", "Name: pyzmq\n")
+    return wheel
+
+
+def user_home(home: Path, layout: str) -> Path:
+    """A home where the user already has other plug-ins and Krita settings."""
+    krita, gimp, kritarc = (home / p for p in PLACES[layout])
+    (krita / "other").mkdir(parents=True)
+    (krita / "other.desktop").write_text("[Desktop Entry]\n")
+    (krita / "other" / "__init__.py").write_text("# the user's\n")
+    (gimp / "other").mkdir(parents=True)
+    (gimp / "other" / "other.py").write_text("# the user's\n")
+    kritarc.parent.mkdir(parents=True, exist_ok=True)
+    kritarc.write_text("[General]\nfoo=1\n\n[python]\nenable_other=true\n\n[Zoom]\nlevel=2\n")
+    return home
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        out[rel] = ("dir",) if p.is_dir() else (p.read_bytes(), p.stat().st_mode & 0o777)
+    return out
+
+
+def run_install(
+    home: Path, layout: str, *args: str, source: Path, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k not in SCRUB}
+    cmd = [sys.executable, str(INSTALL), "--source", str(source), "--home", str(home)]
+    cmd += ["--platform-layout", layout] + ([] if "--uninstall" in args else ["--plugins-only"])
+    if not any(a.endswith("-python") for a in args):
+        cmd += ["--host-python", "system"]
+    r = subprocess.run(
+        cmd + list(args), env={**base, **(env or {})}, capture_output=True, text=True, timeout=300
+    )
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+@pytest.mark.parametrize("layout", ["linux", "windows", "macos"])
+def test_install_update_uninstall_in_each_layout(tmp_path, layout):
+    src = fake_checkout(tmp_path / "src")
+    home = user_home(tmp_path / "home", layout)
+    before = snapshot(home)
+    krita, gimp, kritarc = (home / p for p in PLACES[layout])
+
+    out = run_install(home, layout, source=src).stdout
+    assert str(krita / P) in out and str(gimp / P) in out
+    assert (krita / f"{P}.desktop").is_file()
+    assert (krita / P / "extension.py").read_text() == "# krita\n"
+    main = gimp / P / f"{P}.py"
+    assert main.stat().st_mode & 0o777 == 0o755
+    assert not (gimp / P / "__pycache__").exists()
+    for folder in (krita / P, gimp / P):
+        lib = folder / "_lib"
+        assert sorted(p.name for p in (lib / "engine").iterdir()) == sorted(install.CLIENT_FILES)
+        manifest = json.loads((lib / "INSTALLED.json").read_text())
+        assert manifest["pyzmq"]["bundled"] is False
+        assert not (lib / "zmq").exists()
+    assert "enable_blended_diffusion=true" in kritarc.read_text()
+    assert "enable_other=true" in kritarc.read_text() and "level=2" in kritarc.read_text()
+
+    # update in place: a file gone from the source goes from the install, a new one comes
+    (src / f"plugin_krita/{P}/old.py").unlink()
+    (src / f"plugin_krita/{P}/new.py").write_text("# new\n")
+    (src / f"plugin_gimp/{P}/ui/dialog.py").unlink()
+    run_install(home, layout, source=src)
+    assert not (krita / P / "old.py").exists() and (krita / P / "new.py").is_file()
+    assert not (gimp / P / "ui").exists()
+    assert (krita / "other" / "__init__.py").read_text() == "# the user's\n"
+    assert kritarc.read_text().count("enable_blended_diffusion") == 1
+
+    # the host ran the plug-in: bytecode next to our files goes with them
+    (krita / P / "__pycache__").mkdir()
+    (krita / P / "__pycache__" / "new.cpython-310.pyc").write_bytes(b"")
+    run_install(home, layout, "--uninstall", source=src)
+    assert snapshot(home) == before
+
+
+def test_uninstall_from_an_empty_home_leaves_it_empty(tmp_path):
+    src = fake_checkout(tmp_path / "src")
+    home = tmp_path / "home"
+    home.mkdir()
+    run_install(home, "linux", source=src)
+    assert (home / ".config/kritarc").read_text() == "[python]\nenable_blended_diffusion=true\n"
+    run_install(home, "linux", "--uninstall", source=src)
+    assert list(home.iterdir()) == []
+
+
+def test_a_disabled_entry_in_kritarc_is_restored_on_uninstall(tmp_path):
+    src = fake_checkout(tmp_path / "src")
+    home = tmp_path / "home"
+    kritarc = home / "AppData/Local/kritarc"
+    kritarc.parent.mkdir(parents=True)
+    kritarc.write_bytes(b"[python]\r\nenable_blended_diffusion=false\r\n[X]\r\na=1")
+    before = snapshot(home)
+    run_install(home, "windows", source=src)
+    assert kritarc.read_bytes() == b"[python]\r\nenable_blended_diffusion=true\r\n[X]\r\na=1\r\n"
+    run_install(home, "windows", "--uninstall", source=src)
+    assert snapshot(home) == before
+
+
+def test_xdg_folders_and_explicit_folders_are_honoured(tmp_path):
+    src = fake_checkout(tmp_path / "src")
+    home = tmp_path / "home"
+    env = {"XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "conf")}
+    run_install(home, "linux", source=src, env=env)
+    assert (tmp_path / "data/krita/pykrita" / P / "_lib/INSTALLED.json").is_file()
+    assert (tmp_path / "conf/GIMP/3.0/plug-ins" / P / f"{P}.py").is_file()
+    assert (tmp_path / "conf/kritarc").is_file() and not home.exists()
+
+    run_install(
+        home, "linux", "--krita-dir", str(tmp_path / "k"), "--gimp-dir", str(tmp_path / "g"),
+        source=src,
+    )  # fmt: skip
+    assert (tmp_path / "k" / P / "extension.py").is_file()
+    assert (tmp_path / "g" / P / f"{P}.py").is_file()
+
+
+def test_dry_run_changes_nothing(tmp_path):
+    src = fake_checkout(tmp_path / "src")
+    home = user_home(tmp_path / "home", "linux")
+    before = snapshot(home)
+    out = run_install(home, "linux", "--dry-run", source=src).stdout
+    assert "would install" in out and "would enable it in" in out and "nothing was changed" in out
+    assert snapshot(home) == before
+    run_install(home, "linux", source=src)
+    installed = snapshot(home)
+    out = run_install(home, "linux", "--uninstall", "--dry-run", source=src).stdout
+    assert "would remove" in out and snapshot(home) == installed
+
+
+def test_a_bundled_wheel_is_unpacked_into_lib_and_removed_with_the_plugin(tmp_path):
+    src = fake_checkout(tmp_path / "src", client=False)
+    home = tmp_path / "home"
+    wheel = fake_wheel(tmp_path)
+    r = run_install(home, "linux", "--host-python", "3.11", "--pyzmq-wheel", str(wheel), source=src)
+    assert "client.py does not exist" in r.stderr  # skipped with a warning, others copied
+    for root in (home / PLACES["linux"][0], home / PLACES["linux"][1]):
+        lib = root / P / "_lib"
+        assert (lib / "zmq/__init__.py").read_text() == "FAKE = True\n"
+        assert (lib / "pyzmq.libs/libzmq.so.5").is_file()
+        assert sorted(p.name for p in (lib / "engine").iterdir()) == ["__init__.py", "protocol.py"]
+        pyzmq = json.loads((lib / "INSTALLED.json").read_text())["pyzmq"]
+        assert pyzmq["bundled"] and pyzmq["wheel"] == wheel.name and pyzmq["python"] == "3.11"
+
+    run_install(home, "linux", "--host-python", "system", source=src)  # now the host has it
+    assert not (home / PLACES["linux"][1] / P / "_lib/zmq").exists()
+    run_install(home, "linux", "--uninstall", source=src)
+    assert not home.exists()  # it created even the home: all of it goes
+
+
+def test_a_wheel_for_another_python_is_refused(tmp_path):
+    src = fake_checkout(tmp_path / "src")
+    wheel = fake_wheel(tmp_path, "cp312-abi3-win_amd64")
+    r = run_install(
+        tmp_path / "home", "windows", "--krita-python", "3.10", "--gimp-python", "3.12",
+        "--pyzmq-wheel", str(wheel), source=src, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert "does not load in Python 3.10" in r.stderr
+
+
+def test_missing_plugin_sources_fail_with_the_reason(tmp_path):
+    src = fake_checkout(tmp_path / "src")
+    shutil.rmtree(src / "plugin_gimp")
+    r = run_install(tmp_path / "home", "linux", source=src, check=False)
+    assert r.returncode == 1 and "the GIMP plug-in is missing" in r.stderr
+
+
+def test_layouts_wheel_tags_and_torch_messages():
+    home = Path("/h")
+    assert install.layout_for("windows", home, {"APPDATA": "/r", "LOCALAPPDATA": "/l"}) == (
+        install.Layout(Path("/r/krita/pykrita"), Path("/r/GIMP/3.0/plug-ins"), Path("/l/kritarc"))
+    )
+    assert install.layout_for("linux", home, {"XDG_DATA_HOME": "rel"}).krita == Path(
+        "/h/.local/share/krita/pykrita"
+    )  # a relative XDG value is ignored, as the spec says
+    assert install.wheel_fits("pyzmq-27.3.0-cp310-cp310-win_amd64.whl", "3.10")
+    assert not install.wheel_fits("pyzmq-27.3.0-cp310-cp310-win_amd64.whl", "3.11")
+    assert install.wheel_fits("pyzmq-27.3.0-cp312-abi3-macosx_10_15_universal2.whl", "3.13")
+    assert not install.wheel_fits("pyzmq-27.3.0-cp312-abi3-win_amd64.whl", "3.10")
+    assert (
+        install.torch_message(False, False, None) == "no GPU found: the engine will run on the CPU"
+    )
+    assert install.torch_message(True, True, "13.0").startswith(
+        "NVIDIA GPU found (nvidia-smi): torch's CUDA build"
+    )
+    assert "CPU-only build" in install.torch_message(True, False, None)
+
+
+def test_kritarc_edits_undo_exactly():
+    for text in ["", "a=1", "a=1\n", "[python]", "[python]\nx=1\n", "[General]\r\nb=2\r\n"]:
+        enabled, record = install.enable_text(text)
+        assert "enable_blended_diffusion=true" in enabled.splitlines()
+        assert install.disable_text(enabled, record) == text, (text, enabled)
+
+
+def python310() -> str | None:
+    candidates = [shutil.which("python3.10")]
+    candidates += glob.glob(os.path.expanduser("~/.pyenv/versions/3.10*/bin/python3.10"))
+    for exe in filter(None, candidates):
+        if subprocess.run([exe, "-c", "pass"], capture_output=True).returncode == 0:
+            return exe
+    return None
+
+
+def test_install_py_runs_on_python_310(tmp_path):
+    exe = python310()
+    if exe is None:
+        pytest.skip("no Python 3.10 here")
+    src = fake_checkout(tmp_path / "src")
+    cmd = [exe, str(INSTALL), "--plugins-only", "--source", str(src), "--home", str(tmp_path)]
+    cmd += ["--platform-layout", "macos", "--host-python", "system"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / PLACES["macos"][1] / P / "_lib/INSTALLED.json").is_file()
+
+
+def base_python311() -> str:
+    """A Python 3.11 outside the venv (this venv has its own pyzmq)."""
+    for exe in (getattr(sys, "_base_executable", None), "/usr/bin/python3.11"):
+        if exe and os.path.exists(exe):
+            return exe
+    pytest.skip("no Python 3.11 outside the venv")
+
+
+def test_a_real_pyzmq_wheel_from_pypi_imports_in_a_fresh_interpreter(tmp_path):
+    """Network: pip downloads pyzmq for cp311 manylinux_2_28_x86_64 from PyPI."""
+    if sys.version_info[:2] != (3, 11) or os.uname().machine != "x86_64":
+        pytest.skip("checks the wheel with this machine's Python 3.11 on x86_64")
+    src = fake_checkout(tmp_path / "src")
+    home = tmp_path / "home"
+    r = run_install(
+        home, "linux", "--no-krita", "--host-python", "3.11",
+        "--platform", "manylinux_2_28_x86_64", source=src,
+    )  # fmt: skip
+    assert "pyzmq-" in r.stdout and "manylinux_2_28_x86_64.whl unpacked" in r.stdout
+    lib = home / PLACES["linux"][1] / P / "_lib"
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import zmq;"
+        "ctx = zmq.Context(); a = ctx.socket(zmq.PAIR); b = ctx.socket(zmq.PAIR);"
+        "a.bind('inproc://t'); b.connect('inproc://t'); a.send(b'hi'); assert b.recv() == b'hi';"
+        "print(zmq.__file__)"
+    )
+    r = subprocess.run(
+        [base_python311(), "-I", "-c", code, str(lib)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).is_relative_to(lib)
