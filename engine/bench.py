@@ -33,7 +33,8 @@ def measure(part: str, model: str, batch: int, steps: int, mode: str, device: st
     """Seconds per step of `part` ('reference' or 'engine') and the process's peak memory."""
     dev = resolve_device(device)
     config = CONFIGS[model]
-    unet = build_unet(config, use_fp16=dev.type == "cuda").requires_grad_(False).eval().to(dev)
+    unet = build_unet(config, use_fp16=dev.type == "cuda", seed=0)
+    unet.requires_grad_(False).eval().to(dev)
     if dev.type == "cuda":
         unet.convert_to_fp16()
     clip_name = config.default_clip.partition(":")[0]  # the architecture, random weights

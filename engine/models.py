@@ -21,7 +21,7 @@ from guided_diffusion.respace import SpacedDiffusion  # noqa: E402
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model  # noqa: E402
 from guided_diffusion.unet import UNetModel  # noqa: E402
 
-from engine import weights  # noqa: E402
+from engine import accel, weights  # noqa: E402
 
 open_clip.add_model_config(Path(__file__).parent / "clip_configs")
 
@@ -154,8 +154,19 @@ def load_state_dict_checked(module: torch.nn.Module, path: Path, what: str) -> N
     module.load_state_dict(state)
 
 
-def build_unet(config: UNetConfig, *, use_fp16: bool = False, use_checkpoint: bool = False):
-    return create_model(**config.arch, use_fp16=use_fp16, use_checkpoint=use_checkpoint)
+def build_unet(config: UNetConfig, *, use_fp16: bool = False, seed: int | None = None) -> UNetModel:
+    """The architecture; with `seed`, reproducible random weights that compute something
+    (guided_diffusion zero-initialises its output layers, so a fresh UNet outputs exactly 0)."""
+    if seed is None:
+        return create_model(**config.arch, use_fp16=use_fp16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = create_model(**config.arch, use_fp16=use_fp16)
+        with torch.no_grad():
+            for p in unet.parameters():
+                if not p.any():
+                    p.normal_(0.0, 0.02)
+    return unet
 
 
 def make_diffusion(config: UNetConfig, steps: int) -> SpacedDiffusion:
@@ -179,7 +190,7 @@ def load_unet(
     if checkpoint is not None and not checkpoint.is_file():
         raise weights.MissingWeights(f"weight file {checkpoint} is missing")
     fp16 = device.type == "cuda"
-    unet = build_unet(config, use_fp16=fp16)
+    unet = build_unet(config, use_fp16=fp16, seed=0 if checkpoint is None else None)
     if checkpoint is None:
         label = config.label
     else:
@@ -188,6 +199,8 @@ def load_unet(
     if fp16:
         unet.convert_to_fp16()
     unet.requires_grad_(False).eval().to(device)
+    accel.fuse_attention(unet)
+    accel.allow_recompute(unet)
     return unet, label
 
 
@@ -233,7 +246,9 @@ def load_clip(spec: str, device: torch.device) -> Clip:
             ) from e
         label = f"{name} ({source})"
     else:
-        model = open_clip.create_model(arch, pretrained=None, device="cpu")
+        with torch.random.fork_rng(devices=[]):  # the same random CLIP in every process
+            torch.manual_seed(0)
+            model = open_clip.create_model(arch, pretrained=None, device="cpu")
         label = f"{name} CLIP with random weights"
     model.requires_grad_(False).eval().to(device)
     pp = model.visual.preprocess_cfg
