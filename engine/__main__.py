@@ -1,4 +1,4 @@
-"""Command line: `python -m engine edit|bench|demo-train ...`."""
+"""Command line: `python -m engine edit|serve|keys|bench|demo-train ...`."""
 
 from __future__ import annotations
 
@@ -64,7 +64,6 @@ def _read_inputs(image_path: str, mask_path: str):
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
-    from PIL import Image
     from tqdm import tqdm
 
     from engine import region
@@ -75,6 +74,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.check()
     region.check_inputs(image, mask)  # before minutes of model loading
+    if args.engine:
+        from engine.client import ClientError
+
+        try:
+            label, variants = _edit_remote(args, image, mask, settings)
+        except ClientError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        _save_variants(Path(args.out), image, args.prompt, label, variants)
+        return 0
     models = load_models(
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
     )
@@ -86,17 +95,81 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     variants = run_edit(models, image, mask, args.prompt, settings, on_step)
     bar.close()
-    out = Path(args.out)
+    _save_variants(Path(args.out), image, args.prompt, models.label, variants)
+    return 0
+
+
+def _save_variants(out: Path, image, prompt: str, models_label: str, variants) -> None:
+    """rank-N.png (the image with variant N composited) and scores.json, in-process or remote."""
+    from PIL import Image
+
+    from engine import region
+
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     for v in variants:
         name = f"rank-{v.rank}.png"
         Image.fromarray(region.composite(image, v.rgba, v.box)).save(out / name)
         entries.append({"rank": v.rank, "file": name, "clip_distance": v.distance, "seed": v.seed})
-    scores = {"prompt": args.prompt, "models": models.label, "variants": entries}
+    scores = {"prompt": prompt, "models": models_label, "variants": entries}
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(f"{len(entries)} variants, best first, in {out}/ (rank-1.png ... scores.json)")
-    return 0
+
+
+def _edit_remote(args: argparse.Namespace, image, mask, settings):
+    """The same edit through a running engine (`--engine`); returns (models label, variants)."""
+    import dataclasses
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from engine import keys, region
+    from engine.client import Client, load_keys
+    from engine.edit import Variant
+    from engine.protocol import is_loopback
+
+    curve = {} if is_loopback(args.engine) else load_keys(keys.default_dir())
+    height, width, channels = image.shape
+    with Client(args.engine, **curve) as client:
+        info = client.hello()
+        print(f"models: {info['models']} on {info['device']} at {args.engine}", file=sys.stderr)
+        job = client.submit(
+            np.ascontiguousarray(image).tobytes(),
+            width,
+            height,
+            np.ascontiguousarray(mask).tobytes(),
+            args.prompt,
+            dataclasses.asdict(settings),
+            image_format="RGBA8" if channels == 4 else "RGB8",
+        )
+        bar = tqdm(
+            total=settings.steps - settings.skip, desc="denoising", unit="step", file=sys.stderr
+        )
+        client.wait(job, on_event=lambda e: e.type == "progress" and bar.update(e.step - bar.n))
+        bar.close()
+    variants = [
+        Variant(
+            rank=v.rank,
+            box=region.Box(v.x, v.y, v.width, v.height),
+            rgba=np.frombuffer(v.rgba, np.uint8).reshape(v.height, v.width, 4),
+            distance=v.distance,
+            seed=v.seed,
+        )
+        for v in job.variants
+    ]
+    return job.models, variants
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from engine.server import serve
+
+    return serve(args)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from engine.keys import main
+
+    return main(args)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -122,9 +195,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask", required=True, help="mask image, same size (white = edit)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, help="folder for rank-N.png and scores.json")
+    p.add_argument(
+        "--engine", metavar="tcp://HOST:PORT", help="edit through a running engine (`serve`)"
+    )
     _add_model_args(p)
     _add_settings_args(p)
     p.set_defaults(run=cmd_edit)
+
+    p = sub.add_parser("serve", help="serve edits to the plug-ins (docs/protocol.md)")
+    p.add_argument(
+        "--endpoint",
+        default="tcp://127.0.0.1:5557",
+        help="where to listen (default tcp://127.0.0.1:5557); a non-loopback address needs keys",
+    )
+    _add_model_args(p)
+    p.add_argument("--keys", help="key folder from `keys` (default: the user config dir)")
+    p.add_argument("--curve", action="store_true", help="require CURVE keys on loopback too")
+    p.add_argument(
+        "--keepalive-timeout",
+        type=float,
+        default=5.0,
+        help="seconds of client silence that cancel its jobs (default 5)",
+    )
+    p.add_argument("--max-side", type=int, default=4096, help="largest image side accepted")
+    p.add_argument("--max-queue", type=int, default=32, help="most jobs queued at once")
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("keys", help="create CURVE key pairs for a remote engine")
+    p.add_argument("--dir", help="key folder (default: the user config dir)")
+    p.add_argument("--client", default="client", help="name of the client key pair")
+    p.set_defaults(run=cmd_keys)
 
     p = sub.add_parser("bench", help="time a guided step: official formulation vs the engine")
     _add_model_args(p)
@@ -137,6 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo-train", help="train the demo world's CLIP or UNet", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(run=cmd_demo_train)
+
+    from engine import doctor  # light: imports torch only when it runs
+
+    p = sub.add_parser(
+        "doctor",
+        help="versions, device, weights, plug-ins, a running engine",
+        description=doctor.__doc__,
+    )
+    doctor.add_arguments(p)
+    p.set_defaults(run=doctor.run)
 
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,364 @@
+"""The engine's client for the plug-ins: pure Python + pyzmq, no threads, no numpy.
+
+Hosts are not thread-safe, so nothing here runs in the background: a UI timer calls `poll()`
+every ~20 ms, which never blocks, returns the events that arrived and sends the keep-alive the
+engine needs to tell a live client from a killed one. Blocking calls (`hello`, `submit`,
+`status`) give up after `timeout` seconds with EngineUnreachable or Timeout.
+
+    client = Client("tcp://127.0.0.1:5557")
+    client.hello()
+    job = client.submit(rgba, width, height, mask, "a red ball", {"variants": 2})
+    # every 20 ms: for event in client.poll(): ...
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from engine import protocol
+from engine.protocol import Pixels, ProtocolError
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+ACTIVE = ("queued", "running")
+
+
+class ClientError(Exception):
+    """Base of everything this client raises about the engine."""
+
+
+class EngineUnreachable(ClientError):
+    """Nothing answered at the endpoint: the engine is not running or not reachable."""
+
+
+class Timeout(ClientError):
+    """The engine answered before but not this time."""
+
+
+class VersionMismatch(ClientError):
+    """The engine speaks another protocol version: update the plug-in or the engine."""
+
+
+class EngineError(ClientError):
+    """The engine refused or failed a request: `code` (protocol error codes) and the message."""
+
+    def __init__(self, code: str, message: str, job: str | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.job = code, message, job
+
+
+@dataclass
+class Variant:
+    rank: int  # 1 = closest to the prompt
+    x: int  # where the layer sits in the image
+    y: int
+    width: int
+    height: int
+    rgba: bytes  # width * height * 4 bytes, rows top first; alpha = the selection
+    distance: float  # CLIP distance to the prompt (lower is closer)
+    seed: int
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    state: str = "queued"  # queued -> running -> done | cancelled | failed
+    position: int = 0  # jobs ahead of it when accepted
+    step: int = 0
+    total: int = 0
+    variants: list[Variant] = field(default_factory=list)  # best first
+    models: str = ""  # the engine's models label, shown with the results
+    error: EngineError | None = None
+    cancel_reason: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.state not in ACTIVE
+
+
+@dataclass
+class Event:
+    type: str  # progress | result | error | cancelled
+    job_id: str | None
+    job: Job | None  # None: not a job of this client (or an error about no job)
+    step: int = 0
+    total: int = 0
+    error: EngineError | None = None
+
+
+def load_keys(folder: str | Path, name: str = "client") -> dict[str, bytes]:
+    """Keyword arguments for Client from a key folder (`python -m engine keys` made it)."""
+    import zmq.auth
+
+    folder = Path(folder)
+    for file in ("server.key", f"{name}.key_secret"):
+        if not (folder / file).is_file():
+            raise FileNotFoundError(
+                f"{folder / file} is missing: copy server.key, {name}.key and {name}.key_secret "
+                "from the engine's key folder (`python -m engine keys`) into it"
+            )
+    server_key, _ = zmq.auth.load_certificate(folder / "server.key")
+    public, secret = zmq.auth.load_certificate(folder / f"{name}.key_secret")
+    return {"server_key": server_key, "public_key": public, "secret_key": secret}
+
+
+def rgba_to_bgra(data: bytes) -> bytes:
+    """Swap red and blue (Krita's pixelData is BGRA) without numpy."""
+    out = bytearray(data)
+    out[0::4], out[2::4] = data[2::4], data[0::4]
+    return bytes(out)
+
+
+class Client:
+    def __init__(
+        self,
+        endpoint: str = DEFAULT_ENDPOINT,
+        *,
+        timeout: float = 5.0,
+        keepalive: float = 1.0,
+        engine_timeout: float = 10.0,
+        server_key: bytes | None = None,
+        public_key: bytes | None = None,
+        secret_key: bytes | None = None,
+    ) -> None:
+        """`server_key` (and this client's allowed pair) for an engine that requires CURVE."""
+        self.endpoint, self.timeout = endpoint, timeout
+        self.keepalive, self.engine_timeout = keepalive, engine_timeout
+        self.info: dict[str, Any] = {}  # the engine's hello
+        self._jobs: dict[str, Job] = {}  # active jobs by id
+        self._pending: list[Event] = []  # events that arrived while a blocking call waited
+        self._heard = False  # anything ever received: tells Unreachable from Timeout
+        self._last_heard = self._last_sent = time.monotonic()
+        self._socket = zmq.Context.instance().socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)  # a closing host must never wait on the engine
+        self._socket.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
+        # queue nothing for an engine that is not connected: a request made while it is down
+        # fails now instead of running whenever it comes back
+        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        self._socket.setsockopt(zmq.ROUTING_ID, b"c" + uuid.uuid4().bytes)  # kept on reconnect
+        if server_key is not None:
+            if public_key is None or secret_key is None:
+                raise ValueError("a CURVE engine needs this client's public and secret keys too")
+            self._socket.curve_serverkey = server_key
+            self._socket.curve_publickey = public_key
+            self._socket.curve_secretkey = secret_key
+        if "[" in endpoint:
+            self._socket.setsockopt(zmq.IPV6, 1)
+        try:
+            self._socket.connect(endpoint)
+        except zmq.ZMQError as e:
+            self._socket.close(linger=0)
+            raise ValueError(f"not an engine address: {endpoint!r} ({e})") from None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    # -- blocking requests (bounded by `timeout`) --------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        """The engine's protocol version, models label, device and limits."""
+        self.info = self._request("hello", {"client": "engine.client"}).header
+        return self.info
+
+    def status(self) -> dict[str, Any]:
+        """Queue length, whether the worker is busy, and this client's active jobs."""
+        return self._request("status").header
+
+    def submit(
+        self,
+        image: bytes,
+        width: int,
+        height: int,
+        mask: bytes,
+        prompt: str,
+        settings: dict[str, Any] | None = None,
+        *,
+        image_format: str = "RGBA8",
+        stride: int = 0,
+    ) -> Job:
+        """Queue an edit: `image` rows of `stride` bytes (packed RGBA8 by default), `mask` one
+        byte a pixel (0 keep, 255 edit). Returns once the engine accepted it; raises
+        EngineError when it refused."""
+        if image_format not in ("RGBA8", "BGRA8", "RGB8"):
+            raise ValueError(f"image_format must be RGBA8, BGRA8 or RGB8, not {image_format!r}")
+        pixels = Pixels(width, height, image_format, image, stride, "image")
+        sel = Pixels(width, height, "Y8", mask, 0, "mask")
+        for p in (pixels, sel):
+            if len(p.data) != p.stride * p.height:
+                raise ValueError(
+                    f"{p.name}: {width}x{height} {p.format} with stride {p.stride} needs "
+                    f"{p.stride * p.height} bytes, got {len(p.data)}"
+                )
+        job = Job(uuid.uuid4().hex[:16])
+        fields = {"job": job.id, "prompt": prompt, "settings": settings or {}}
+        self._jobs[job.id] = job
+        try:
+            reply = self._request("submit", fields, [pixels, sel], job=job.id)
+        except ClientError:
+            self._jobs.pop(job.id, None)
+            raise
+        job.position = reply.header.get("position", 0)
+        return job
+
+    # -- non-blocking, for a host's UI timer ------------------------------------------------
+
+    def poll(self, timeout: float = 0.0) -> list[Event]:
+        """The events that arrived (waiting up to `timeout` s for one); sends the keep-alive."""
+        events, self._pending = self._pending, []
+        deadline = time.monotonic() + timeout
+        while True:
+            left = 0.0 if events else max(0.0, deadline - time.monotonic())
+            if not self._socket.poll(int(left * 1000)):
+                break
+            events += self._handle(self._receive())
+        self._keep_alive()
+        return events + self._lost_jobs()
+
+    def cancel(self, job: Job) -> None:
+        """Ask the engine to stop `job`; a `cancelled` event follows within one step. Never
+        blocks: with the engine gone, the job fails after `engine_timeout` instead."""
+        if not job.done:
+            self._send("cancel", {"job": job.id}, wait=False)
+
+    def wait(self, job: Job, timeout: float | None = None, on_event=None) -> Job:
+        """Poll until `job` ends (for scripts; hosts use poll). Raises its EngineError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not job.done:
+            if deadline is not None and time.monotonic() > deadline:
+                raise Timeout(f"job {job.id} did not finish within {timeout} s")
+            for event in self.poll(0.1):
+                if on_event:
+                    on_event(event)
+        if job.error:
+            raise job.error
+        return job
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _send(self, kind: str, fields=None, frames=(), wait: bool = True) -> None:
+        """Send a request; waits up to `timeout` for a connection unless `wait` is False."""
+        try:
+            flags = 0 if wait else zmq.NOBLOCK
+            self._socket.send_multipart(protocol.encode(kind, fields, frames), flags, copy=False)
+        except zmq.Again:
+            if wait:
+                raise EngineUnreachable(
+                    f"engine unreachable at {self.endpoint}: no connection within "
+                    f"{self.timeout:g} s (is `python -m engine serve` running there?)"
+                ) from None
+            return
+        self._last_sent = time.monotonic()
+
+    def _receive(self) -> protocol.Message:
+        frames = self._socket.recv_multipart(zmq.NOBLOCK)
+        self._heard, self._last_heard = True, time.monotonic()
+        try:
+            return protocol.decode_reply(frames)
+        except ProtocolError as e:
+            if e.code == protocol.VERSION_MISMATCH:
+                raise VersionMismatch(str(e)) from None
+            raise EngineError(e.code, f"unreadable reply from the engine: {e}") from None
+
+    def _request(self, kind: str, fields=None, frames=(), job: str | None = None):
+        """Send a request and wait for its reply, keeping other messages as events."""
+        self._send(kind, fields, frames)
+        answers = {"submit": "accepted", "hello": "hello", "status": "status"}[kind]
+        deadline = time.monotonic() + self.timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not self._socket.poll(int(left * 1000) + 1):
+                continue
+            msg = self._receive()
+            if msg.type == answers and msg.job == job:
+                return msg
+            if msg.type == "error" and msg.job == job:
+                raise self._engine_error(msg)
+            self._pending += self._handle(msg)
+        if not self._heard:
+            raise EngineUnreachable(
+                f"engine unreachable at {self.endpoint}: no answer within {self.timeout:g} s "
+                "(is `python -m engine serve` running there?)"
+            )
+        raise Timeout(f"the engine at {self.endpoint} did not answer {kind} in {self.timeout:g} s")
+
+    @staticmethod
+    def _engine_error(msg: protocol.Message) -> ClientError:
+        code, text = msg.header.get("code", ""), msg.header.get("message", "")
+        if code == protocol.VERSION_MISMATCH:
+            return VersionMismatch(text)
+        return EngineError(code, text, msg.job)
+
+    def _handle(self, msg: protocol.Message) -> list[Event]:
+        """Update the job a message is about; the events it makes for the caller."""
+        kind, job_id = msg.type, msg.job
+        if kind not in ("progress", "result", "error", "cancelled"):
+            return []  # pong, or a late answer to a request that timed out
+        job = self._jobs.get(job_id) if job_id else None
+        event = Event(kind, job_id, job)
+        if kind == "progress":
+            event.step, event.total = msg.header.get("step", 0), msg.header.get("total", 0)
+        elif kind == "error":
+            event.error = self._engine_error(msg)
+        if job is None:
+            return [event]
+        if kind == "progress":
+            job.state, job.step, job.total = "running", event.step, event.total
+        elif kind == "result":
+            job.variants = [
+                Variant(
+                    v["rank"],
+                    v["x"],
+                    v["y"],
+                    p.width,
+                    p.height,
+                    p.packed(),
+                    v["distance"],
+                    v["seed"],
+                )
+                for v, p in zip(msg.header.get("variants", []), msg.frames, strict=True)
+            ]
+            job.models, job.state = msg.header.get("models", ""), "done"
+        elif kind == "error":
+            job.error, job.state = event.error, "failed"
+        else:
+            job.cancel_reason, job.state = msg.header.get("reason", ""), "cancelled"
+        if job.done:
+            del self._jobs[job.id]
+        return [event]
+
+    def _keep_alive(self) -> None:
+        if self._jobs and time.monotonic() - self._last_sent >= self.keepalive:
+            self._send("ping", wait=False)
+
+    def _lost_jobs(self) -> list[Event]:
+        """Fail the active jobs once the engine has been silent too long (it answers pings)."""
+        silent = time.monotonic() - self._last_heard
+        if not self._jobs or silent < self.engine_timeout:
+            return []
+        events = []
+        for job in list(self._jobs.values()):
+            job.error = EngineError(
+                "timeout", f"engine unreachable at {self.endpoint}: silent for {silent:.0f} s"
+            )
+            job.state = "failed"
+            events.append(Event("error", job.id, job, error=job.error))
+        self._jobs.clear()
+        return events
+
+
+def layer_name(prompt: str, variant: Variant, models: str = "") -> str:
+    """The name both plug-ins give a result layer: `"<prompt>" #rank (CLIP d=...)`, marked when
+    the engine runs a demonstration or random model, so no one takes it for the paper's."""
+    short = prompt if len(prompt) <= 40 else prompt[:39] + "…"
+    mark = " [demo model]" if "demo" in models else " [random model]" if "random" in models else ""
+    return f'"{short}" #{variant.rank} (CLIP d={variant.distance:.3f}){mark}'

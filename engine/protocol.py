@@ -1,0 +1,337 @@
+"""The wire format between the plug-ins and the engine (docs/protocol.md), in pure Python.
+
+A message is a ZeroMQ multipart message: frame 0 is a UTF-8 JSON header (protocol version `v`,
+message `type`, `job` id, the type's fields, and a `frames` list describing each pixel frame), then
+one raw pixel frame per description. Nothing is ever pickled. The engine decodes every request
+with `decode_request`, which checks types, sizes and limits and raises `ProtocolError` with a code
+the engine sends back. Imports only the standard library: the hosts' Python has no numpy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+# Channels per pixel of each layout; rows are `stride` bytes apart, top row first.
+FORMATS = {"RGBA8": 4, "BGRA8": 4, "RGB8": 3, "Y8": 1}
+
+# Mirrors engine.edit's SAMPLERS and GUIDANCE_MODES (that module imports torch).
+SAMPLERS = ("ddpm", "ddim")
+GUIDANCE_MODES = ("full", "fast")
+
+REQUESTS = ("hello", "submit", "cancel", "status", "ping")
+REPLIES = ("hello", "accepted", "progress", "result", "error", "cancelled", "status", "pong")
+
+# Error codes (docs/protocol.md explains each).
+BAD_MESSAGE = "bad_message"  # frames or header unreadable
+VERSION_MISMATCH = "version_mismatch"
+UNKNOWN_TYPE = "unknown_type"
+BAD_FIELD = "bad_field"  # a field is missing or has the wrong type or value
+BAD_FRAME = "bad_frame"  # a pixel frame does not match its description
+LIMIT = "limit"  # over a limit: image side, prompt length, variants, steps, queue
+BAD_INPUT = "bad_input"  # the engine rejected the edit itself (e.g. empty selection)
+UNKNOWN_JOB = "unknown_job"
+DUPLICATE_JOB = "duplicate_job"
+SHUTTING_DOWN = "shutting_down"
+INTERNAL = "internal"
+
+_JOB_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}\Z")
+
+
+class ProtocolError(ValueError):
+    """A message the other side must reject: `code` for programs, the text for people."""
+
+    def __init__(self, code: str, message: str, job: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.job = job
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_side: int = 4096  # pixels, width and height alike
+    max_prompt: int = 500  # characters
+    max_variants: int = 8
+    max_steps: int = 1000
+    max_augmentations: int = 64
+    max_queue: int = 32  # jobs waiting or running, all clients together
+    max_header: int = 65536  # bytes of JSON
+
+    @property
+    def max_frame(self) -> int:
+        """The largest frame accepted, in bytes (the engine's ZMQ_MAXMSGSIZE)."""
+        return max(self.max_side * self.max_side * 4, self.max_header)
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass
+class Pixels:
+    """One pixel frame: `height` rows of `stride` bytes, each starting with `width` pixels."""
+
+    width: int
+    height: int
+    format: str
+    data: bytes | bytearray | memoryview
+    stride: int = 0  # 0: packed, width * channels
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.stride:
+            self.stride = self.width * FORMATS[self.format]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "width": self.width,
+            "height": self.height,
+            "format": self.format,
+            "stride": self.stride,
+        }
+
+    def packed(self) -> bytes:
+        """The pixels without row padding (`width * channels` bytes a row)."""
+        row = self.width * FORMATS[self.format]
+        data = bytes(self.data)
+        if self.stride == row:
+            return data
+        return b"".join(data[y * self.stride : y * self.stride + row] for y in range(self.height))
+
+
+@dataclass
+class Message:
+    type: str
+    header: dict[str, Any]
+    frames: list[Pixels]
+
+    @property
+    def job(self) -> str | None:
+        return self.header.get("job")
+
+
+def encode(type_: str, fields: dict[str, Any] | None = None, frames=()) -> list[bytes]:
+    """The multipart frames of a message: header JSON, then each pixel frame's bytes."""
+    header = {"v": PROTOCOL_VERSION, "type": type_, **(fields or {})}
+    if frames:
+        header["frames"] = [f.describe() for f in frames]
+    head = json.dumps(header, allow_nan=False, separators=(",", ":")).encode()
+    return [head, *(f.data for f in frames)]
+
+
+def error(code: str, message: str, job: str | None = None, **extra: Any) -> list[bytes]:
+    return encode("error", {"job": job, "code": code, "message": message, **extra})
+
+
+def is_loopback(endpoint: str) -> bool:
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):  # local by nature
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", an interface or a host name: may be reachable from outside
+        return False
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def read_header(frames: list, limits: Limits) -> dict[str, Any]:
+    """Frame 0 as a JSON object of the right version; raises ProtocolError."""
+    if not frames:
+        raise ProtocolError(BAD_MESSAGE, "empty message")
+    raw = frames[0]
+    if len(raw) > limits.max_header:
+        raise ProtocolError(
+            BAD_MESSAGE, f"header is {len(raw)} bytes, over the limit of {limits.max_header}"
+        )
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise ProtocolError(BAD_MESSAGE, f"header is not UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(BAD_MESSAGE, "header must be a JSON object")
+    v = header.get("v")
+    if type(v) is not int or v != PROTOCOL_VERSION:  # not True, not 1.0
+        if "v" not in header:
+            raise ProtocolError(BAD_MESSAGE, "header has no protocol version 'v'")
+        raise ProtocolError(
+            VERSION_MISMATCH,
+            f"protocol version mismatch: the client speaks {v!r}, "
+            f"the engine speaks {PROTOCOL_VERSION}; update the plug-in or the engine",
+        )
+    if not isinstance(header.get("type"), str):
+        raise ProtocolError(BAD_MESSAGE, "header has no message 'type' string")
+    return header
+
+
+def _int(value: Any, name: str, lo: int, hi: int, code: str = BAD_FIELD) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(BAD_FIELD, f"{name} must be an integer, got {value!r:.40}")
+    if not lo <= value <= hi:
+        raise ProtocolError(code, f"{name} must be {lo} to {hi}, got {value}")
+    return value
+
+
+def _number(value: Any, name: str, lo: float, hi: float) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise ProtocolError(BAD_FIELD, f"{name} must be a finite number, got {value!r:.40}")
+    if not lo <= value <= hi:
+        raise ProtocolError(BAD_FIELD, f"{name} must be {lo:g} to {hi:g}, got {value:g}")
+    return float(value)
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices or not isinstance(value, str):
+        raise ProtocolError(BAD_FIELD, f"{name} must be one of {', '.join(choices)}")
+    return value
+
+
+def read_frames(header: dict[str, Any], frames: list, limits: Limits) -> list[Pixels]:
+    """The pixel frames after the header, each checked against its description."""
+    described = header.get("frames", [])
+    if not isinstance(described, list):
+        raise ProtocolError(BAD_MESSAGE, "'frames' must be a list of frame descriptions")
+    if len(described) != len(frames) - 1:
+        raise ProtocolError(
+            BAD_MESSAGE,
+            f"header describes {len(described)} pixel frames but {len(frames) - 1} follow",
+        )
+    out = []
+    for i, (d, data) in enumerate(zip(described, frames[1:], strict=True)):
+        if not isinstance(d, dict):
+            raise ProtocolError(BAD_MESSAGE, f"frame {i + 1}: description must be an object")
+        name = d.get("name", "")
+        name = name if isinstance(name, str) else ""
+        what = f"frame {i + 1} ({name:.20})" if name else f"frame {i + 1}"
+        w = _int(d.get("width"), f"{what} width", 1, limits.max_side, LIMIT)
+        h = _int(d.get("height"), f"{what} height", 1, limits.max_side, LIMIT)
+        fmt = _choice(d.get("format"), f"{what} format", tuple(FORMATS))
+        stride = _int(d.get("stride"), f"{what} stride", w * FORMATS[fmt], limits.max_frame)
+        if stride * h > limits.max_frame:
+            raise ProtocolError(LIMIT, f"{what}: {stride * h} bytes, over {limits.max_frame}")
+        if len(data) != stride * h:
+            raise ProtocolError(
+                BAD_FRAME,
+                f"{what}: {w}x{h} {fmt} with stride {stride} is {stride * h} bytes, "
+                f"but the frame has {len(data)}",
+            )
+        out.append(Pixels(w, h, fmt, data, stride, name))
+    return out
+
+
+def job_id(header: dict[str, Any], required: bool = True) -> str | None:
+    job = header.get("job")
+    if job is None and not required:
+        return None
+    if not isinstance(job, str) or not _JOB_ID.match(job):
+        raise ProtocolError(BAD_FIELD, "job must be 1 to 64 characters of A-Z a-z 0-9 _ . : -")
+    return job
+
+
+def check_settings(settings: Any, limits: Limits) -> dict[str, Any]:
+    """The edit settings a client may send; absent ones take the engine's defaults."""
+    if not isinstance(settings, dict):
+        raise ProtocolError(BAD_FIELD, "settings must be an object")
+    checks = {
+        "variants": lambda v, n: _int(v, n, 1, limits.max_variants, LIMIT),
+        "seed": lambda v, n: None if v is None else _int(v, n, 0, 2**32 - 1),
+        "steps": lambda v, n: _int(v, n, 1, limits.max_steps, LIMIT),
+        "skip": lambda v, n: _int(v, n, 0, limits.max_steps - 1),
+        "guidance_weight": lambda v, n: _number(v, n, 0, 1e6),
+        "range_weight": lambda v, n: _number(v, n, 0, 1e6),
+        "augmentations": lambda v, n: _int(v, n, 1, limits.max_augmentations, LIMIT),
+        "sampler": lambda v, n: _choice(v, n, SAMPLERS),
+        "guidance_mode": lambda v, n: _choice(v, n, GUIDANCE_MODES),
+        "padding": lambda v, n: _number(v, n, 0, 4),
+    }
+    unknown = sorted(k for k in settings if k not in checks)
+    if unknown:
+        raise ProtocolError(
+            BAD_FIELD,
+            f"unknown settings {', '.join(map(str, unknown))[:200]}; known: " + ", ".join(checks),
+        )
+    return {k: checks[k](v, f"settings.{k}") for k, v in settings.items()}
+
+
+def _check_submit(header: dict[str, Any], frames: list[Pixels], limits: Limits) -> None:
+    prompt = header.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ProtocolError(BAD_FIELD, "prompt must be a non-empty string")
+    if len(prompt) > limits.max_prompt:
+        raise ProtocolError(
+            LIMIT, f"prompt is {len(prompt)} characters, over the limit of {limits.max_prompt}"
+        )
+    header["settings"] = check_settings(header.get("settings", {}), limits)
+    if len(frames) != 2:
+        raise ProtocolError(
+            BAD_MESSAGE, f"submit needs 2 pixel frames (image, mask), not {len(frames)}"
+        )
+    image, mask = frames
+    if image.format not in ("RGBA8", "BGRA8", "RGB8"):
+        raise ProtocolError(
+            BAD_FRAME, f"the image must be RGBA8, BGRA8 or RGB8, not {image.format}"
+        )
+    if mask.format != "Y8":
+        raise ProtocolError(BAD_FRAME, f"the mask must be Y8, not {mask.format}")
+    if (mask.width, mask.height) != (image.width, image.height):
+        raise ProtocolError(
+            BAD_FRAME,
+            f"the mask is {mask.width}x{mask.height} but the image is "
+            f"{image.width}x{image.height}: they must be the same size",
+        )
+
+
+def decode_request(frames: list, limits: Limits | None = None) -> Message:
+    """A client's request, fully validated; raises ProtocolError (with the job id when known)."""
+    limits = limits or Limits()
+    header = read_header(frames, limits)
+    kind = header["type"]
+    if kind not in REQUESTS:
+        raise ProtocolError(
+            UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}; requests: {', '.join(REQUESTS)}"
+        )
+    job = None
+    try:
+        job = job_id(header, required=kind in ("submit", "cancel"))
+        pixels = read_frames(header, frames, limits)
+        if kind == "submit":
+            _check_submit(header, pixels, limits)
+        elif pixels:
+            raise ProtocolError(BAD_MESSAGE, f"{kind} carries no pixel frames")
+    except ProtocolError as e:
+        e.job = job
+        raise
+    return Message(kind, header, pixels)
+
+
+def decode_reply(frames: list, limits: Limits | None = None) -> Message:
+    """An engine's reply; the client trusts the engine but still checks the framing."""
+    limits = limits or Limits()
+    try:
+        header = read_header(frames, limits)
+    except ProtocolError as e:
+        if e.code != VERSION_MISMATCH:
+            raise
+        # an error from an engine of another version still explains itself
+        theirs = json.loads(bytes(frames[0])).get("v")
+        raise ProtocolError(
+            VERSION_MISMATCH,
+            f"protocol version mismatch: the engine speaks {theirs!r}, "
+            f"this client speaks {PROTOCOL_VERSION}; update the plug-in or the engine",
+        ) from None
+    if header["type"] not in REPLIES:
+        raise ProtocolError(UNKNOWN_TYPE, f"unknown reply type {header['type'][:40]!r}")
+    return Message(header["type"], header, read_frames(header, frames, limits))

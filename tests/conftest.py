@@ -1,0 +1,59 @@
+"""Shared fixtures: the tiny models loaded once, engines on free loopback ports, test pictures."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (for "engine not running" cases)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def host_picture(width: int = 64, height: int = 64, box=(20, 16, 30, 24)) -> tuple[bytes, bytes]:
+    """An RGBA8 gradient and a Y8 mask selecting `box` (x, y, w, h), as the hosts send them."""
+    rgba = bytearray()
+    for y in range(height):
+        for x in range(width):
+            rgba += bytes((x * 4 % 256, y * 4 % 256, 128, 255))
+    mask = bytearray(width * height)
+    bx, by, bw, bh = box
+    for y in range(by, by + bh):
+        mask[y * width + bx : y * width + bx + bw] = b"\xff" * bw
+    return bytes(rgba), bytes(mask)
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """The tiny (random-weight) models, loaded once for every in-process engine."""
+    from engine.models import load_models
+
+    return load_models("tiny", device="cpu")
+
+
+@pytest.fixture
+def start_engine(tiny_models) -> Iterator:
+    """`start_engine(**Server options) -> server`, running in a thread on a free loopback port
+    (`server.endpoint`); every engine started is stopped after the test."""
+    from engine.server import Server
+
+    running = []
+
+    def start(endpoint: str = "tcp://127.0.0.1:*", **options):
+        server = Server(tiny_models, endpoint, **options)
+        server.bind()
+        thread = threading.Thread(target=server.run, name="engine-socket", daemon=True)
+        thread.start()
+        running.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in running:
+        server.stop()
+        thread.join(timeout=60)

@@ -1,0 +1,185 @@
+"""The plug-ins' client without a real engine: imports, Python 3.10 syntax, timeouts, and its
+event handling against a scripted fake engine (a ROUTER socket in a thread)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from conftest import free_port, host_picture
+
+from engine import protocol
+from engine.client import Client, EngineError, EngineUnreachable, VersionMismatch, rgba_to_bgra
+from engine.protocol import Pixels, encode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fresh_interpreter_imports_client_without_torch_or_numpy():
+    code = (
+        "import sys, engine.protocol, engine.client\n"
+        "heavy = {'torch', 'numpy', 'platformdirs'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize("module", ["protocol.py", "client.py", "__init__.py"])
+def test_client_side_parses_as_python_310(module):
+    source = (ROOT / "engine" / module).read_text()
+    ast.parse(source, feature_version=(3, 10))
+
+
+def test_unreachable_engine_raises_within_timeout():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Client(endpoint, timeout=0.5) as client:
+        start = time.monotonic()
+        with pytest.raises(EngineUnreachable, match=f"engine unreachable at {endpoint}"):
+            client.hello()
+        assert time.monotonic() - start < 5  # bounded: never a hang
+        rgba, mask = host_picture(8, 8, (1, 1, 3, 3))
+        with pytest.raises(EngineUnreachable):
+            client.submit(rgba, 8, 8, mask, "x")
+
+
+def test_submit_checks_buffer_sizes_before_sending():
+    with Client(f"tcp://127.0.0.1:{free_port()}", timeout=0.2) as client:
+        with pytest.raises(ValueError, match="needs 256 bytes, got 255"):
+            client.submit(bytes(255), 8, 8, bytes(64), "x")
+        with pytest.raises(ValueError, match="mask"):
+            client.submit(bytes(256), 8, 8, bytes(63), "x")
+
+
+def test_rgba_to_bgra():
+    assert rgba_to_bgra(bytes([1, 2, 3, 4, 5, 6, 7, 8])) == bytes([3, 2, 1, 4, 7, 6, 5, 8])
+
+
+class FakeEngine:
+    """A ROUTER answering each request with `script(header) -> [frames lists]`."""
+
+    def __init__(self, script) -> None:
+        self.script, self.requests = script, []
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.bind("tcp://127.0.0.1:*")
+        self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            client, head, *_ = self.sock.recv_multipart()
+            header = json.loads(head)
+            self.requests.append(header["type"])
+            for reply in self.script(header):
+                self.sock.send_multipart([client, *reply])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def fake_engine():
+    engines = []
+
+    def make(script) -> FakeEngine:
+        engines.append(FakeEngine(script))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def test_events_follow_a_job_to_its_result(fake_engine):
+    rgba = bytes(range(16))
+    variant = {"rank": 1, "x": 3, "y": 4, "width": 2, "height": 2, "distance": 0.25, "seed": 9}
+
+    def script(h):
+        if h["type"] == "submit":
+            return [
+                encode("accepted", {"job": h["job"], "position": 1}),
+                encode("progress", {"job": h["job"], "step": 1, "total": 2}),
+                encode("progress", {"job": "someone-else", "step": 1, "total": 2}),
+                encode("progress", {"job": h["job"], "step": 2, "total": 2}),
+                encode(
+                    "result",
+                    {"job": h["job"], "models": "fake", "variants": [variant]},
+                    [Pixels(2, 2, "RGBA8", rgba)],
+                ),
+            ]
+        return [encode("pong")] if h["type"] == "ping" else []
+
+    engine = fake_engine(script)
+    with Client(engine.endpoint, timeout=5) as client:
+        job = client.submit(*_job_args())
+        assert (job.position, job.state) == (1, "queued")
+        events = []
+        while not job.done:
+            events += client.poll(0.05)
+    kinds = [(e.type, e.step, e.job is job) for e in events]
+    assert kinds == [
+        ("progress", 1, True),
+        ("progress", 1, False),  # not ours: reported without a job
+        ("progress", 2, True),
+        ("result", 0, True),
+    ]
+    assert job.state == "done" and job.models == "fake"
+    (v,) = job.variants
+    assert (v.rank, v.x, v.y, v.width, v.height, v.rgba, v.distance, v.seed) == (
+        1, 3, 4, 2, 2, rgba, 0.25, 9,
+    )  # fmt: skip
+
+
+def _job_args():
+    rgba, mask = host_picture(8, 8, (1, 1, 3, 3))
+    return rgba, 8, 8, mask, "a red ball", {"variants": 1}
+
+
+def test_refused_submit_raises_engine_error(fake_engine):
+    def script(h):
+        return [protocol.error(protocol.LIMIT, "prompt too long", h.get("job"))]
+
+    with Client(fake_engine(script).endpoint, timeout=5) as client:
+        with pytest.raises(EngineError) as e:
+            client.submit(*_job_args())
+    assert (e.value.code, e.value.message) == (protocol.LIMIT, "prompt too long")
+
+
+def test_engine_of_another_version_raises_version_mismatch(fake_engine):
+    def script(h):
+        head = json.dumps({"v": 99, "type": "hello"}).encode()
+        return [[head]]
+
+    with Client(fake_engine(script).endpoint, timeout=5) as client:
+        with pytest.raises(VersionMismatch, match="engine speaks 99, this client speaks 1"):
+            client.hello()
+
+
+def test_keepalive_is_sent_while_a_job_is_active_and_a_silent_engine_fails_it(fake_engine):
+    def script(h):
+        return [encode("accepted", {"job": h["job"], "position": 0})] if "job" in h else []
+
+    engine = fake_engine(script)  # accepts, then never answers again
+    with Client(engine.endpoint, timeout=5, keepalive=0.05, engine_timeout=0.5) as client:
+        job = client.submit(*_job_args())
+        events = []
+        while not events:
+            events = client.poll(0.05)
+    assert engine.requests.count("ping") >= 3
+    (event,) = events
+    assert event.type == "error" and event.job is job and job.state == "failed"
+    assert event.error.code == "timeout" and "engine unreachable at" in event.error.message

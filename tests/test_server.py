@@ -1,0 +1,433 @@
+"""The engine over real sockets with the tiny model: queue order, progress routing, cancel,
+orphaned jobs, rejections, a fuzz of malformed messages, and the real `serve` command."""
+
+from __future__ import annotations
+
+import json
+import re
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+from conftest import host_picture
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import protocol
+from engine.client import Client, EngineError, Job
+from engine.protocol import Limits, Pixels, encode
+from engine.server import to_array
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = {"steps": 4, "skip": 1, "variants": 2, "augmentations": 2}  # 3 steps
+LONG = {"steps": 200, "skip": 0, "variants": 1, "augmentations": 1}  # cancelled long before
+BOX_A, BOX_B = (20, 16, 30, 24), (4, 40, 20, 10)
+
+
+def client(endpoint: str, **options) -> Client:
+    return Client(endpoint, timeout=30, keepalive=0.2, **options)
+
+
+def submit(c: Client, box=BOX_A, settings=QUICK, prompt="a red ball") -> Job:
+    rgba, mask = host_picture(64, 64, box)
+    return c.submit(rgba, 64, 64, mask, prompt, settings)
+
+
+def run_all(clients: list[Client], jobs: list[Job], timeout: float = 120) -> list[list]:
+    """Poll every client (keeping all alive) until the jobs end; each client's events."""
+    events: list[list] = [[] for _ in clients]
+    deadline = time.monotonic() + timeout
+    while not all(j.done for j in jobs):
+        assert time.monotonic() < deadline, "jobs did not finish"
+        for c, evs in zip(clients, events, strict=True):
+            evs += c.poll(0.02)
+    return events
+
+
+def first_progress(c: Client, job: Job, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while job.step == 0:
+        assert time.monotonic() < deadline and not job.done, "no progress"
+        c.poll(0.01)
+
+
+def events_of(server, job_id: str) -> list[dict]:
+    return [e for e in list(server.history) if e["job"] == job_id]
+
+
+def test_hello_reports_protocol_models_device_and_limits(start_engine, tiny_models):
+    server = start_engine()
+    with client(server.endpoint) as c:
+        info = c.hello()
+    assert info["v"] == protocol.PROTOCOL_VERSION
+    assert info["models"] == tiny_models.label and info["device"] == "cpu"
+    assert info["limits"]["max_variants"] == 8 and info["keepalive"]["interval"] == 1.0
+
+
+def test_two_clients_run_in_order_and_see_only_their_own_progress(start_engine):
+    server = start_engine()
+    with client(server.endpoint) as a, client(server.endpoint) as b:
+        job_a = submit(a, BOX_A, {**QUICK, "seed": 10})
+        job_b = submit(b, BOX_B, {**QUICK, "seed": 20})
+        assert job_b.position == 1
+        events_a, events_b = run_all([a, b], [job_a, job_b])
+    order = [(e["event"], e["job"]) for e in list(server.history)]
+    assert order == [
+        ("start", job_a.id),
+        ("done", job_a.id),
+        ("start", job_b.id),
+        ("done", job_b.id),
+    ]
+    for job, events, box, seed in ((job_a, events_a, BOX_A, 10), (job_b, events_b, BOX_B, 20)):
+        assert {e.job_id for e in events} == {job.id}  # nothing of the other client's
+        assert [e.step for e in events if e.type == "progress"] == [1, 2, 3]
+        assert job.state == "done" and "tiny UNet" in job.models
+        assert [v.rank for v in job.variants] == [1, 2]
+        assert {v.seed for v in job.variants} == {seed, seed + 1}
+        assert job.variants[0].distance <= job.variants[1].distance
+        for v in job.variants:
+            assert (v.x, v.y, v.width, v.height) == box
+            assert v.rgba[3::4] == b"\xff" * (v.width * v.height)  # alpha = the selection
+
+
+def test_cancel_stops_the_running_job_within_one_step(start_engine):
+    server = start_engine()
+    with client(server.endpoint) as c:
+        job = submit(c, settings=LONG)
+        first_progress(c, job)
+        c.cancel(job)
+        events = run_all([c], [job])[0]
+    assert job.state == "cancelled" and job.cancel_reason == "client"
+    assert events[-1].type == "cancelled"
+    requested, stopped = (e["step"] for e in events_of(server, job.id) if e["event"] != "start")
+    assert stopped - requested <= 1
+
+
+def test_cancel_of_a_queued_job_removes_it(start_engine):
+    server = start_engine()
+    with client(server.endpoint) as c:
+        running, queued = submit(c, settings=LONG), submit(c, settings=LONG)
+        assert queued.position == 1
+        c.cancel(queued)
+        run_all([c], [queued])
+        assert queued.state == "cancelled"
+        assert [j["job"] for j in c.status()["jobs"]] == [running.id]
+        c.cancel(running)
+        run_all([c], [running])
+    assert [e["event"] for e in events_of(server, queued.id)] == ["cancelled"]  # never started
+
+
+ORPHAN = """
+import sys
+from engine.client import Client
+c = Client(sys.argv[1], keepalive=0.2)
+job = c.submit(bytes(64 * 64 * 4), 64, 64, bytes(2048) + b"\\xff" * 2048, "orphan", {LONG})
+print("accepted", job.id, flush=True)
+while True:
+    for e in c.poll(0.1):
+        print(e.type, e.step, flush=True)
+""".replace("{LONG}", repr(LONG))
+
+
+def test_a_killed_client_loses_its_job_and_the_next_client_is_served(start_engine):
+    server = start_engine(keepalive_timeout=1.0)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN, server.endpoint],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        orphan = proc.stdout.readline().split()[1]
+        assert proc.stdout.readline().startswith("progress")
+    finally:
+        proc.kill()  # SIGKILL: no cancel, no goodbye, like GIMP killing a cancelled plug-in
+        proc.wait()
+    with client(server.endpoint) as c:
+        job = submit(c, settings={**QUICK, "variants": 1})
+        run_all([c], [job])
+    assert job.state == "done"
+    events = [(e["event"], e["job"], e.get("reason")) for e in list(server.history)]
+    assert ("cancelled", orphan, "keepalive") in events
+    assert events.index(("cancelled", orphan, "keepalive")) < events.index(("start", job.id, None))
+
+
+def test_a_socket_closed_without_cancel_frees_the_worker(start_engine):
+    server = start_engine(keepalive_timeout=1.0)
+    c = client(server.endpoint)
+    job = submit(c, settings=LONG)
+    first_progress(c, job)
+    c.close()
+    with client(server.endpoint) as other:
+        deadline = time.monotonic() + 30
+        while other.status()["busy"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert events_of(server, job.id)[-1]["reason"] == "keepalive"
+
+
+def test_refusals_come_back_as_engine_errors(start_engine):
+    server = start_engine(limits=Limits(max_side=512, max_queue=1))
+    with client(server.endpoint) as c:
+        with pytest.raises(EngineError, match="selection is empty") as e:
+            submit(c, box=(0, 0, 0, 0))
+        assert e.value.code == protocol.BAD_INPUT
+        with pytest.raises(EngineError, match="skip must be") as e:
+            submit(c, settings={"steps": 5, "skip": 5})
+        assert e.value.code == protocol.BAD_FIELD
+        with pytest.raises(EngineError, match="variants must be 1 to 8") as e:
+            submit(c, settings={"variants": 9})
+        assert e.value.code == protocol.LIMIT
+        running = submit(c, settings=LONG)
+        with pytest.raises(EngineError, match="queue is full") as e:
+            submit(c)
+        assert e.value.code == protocol.LIMIT
+        c.cancel(Job("no-such-job"))
+        c.cancel(running)
+        events = run_all([c], [running])[0]
+    errors = [e.error.code for e in events if e.type == "error"]
+    assert errors == [protocol.UNKNOWN_JOB]
+
+
+def test_duplicate_job_ids_are_refused(start_engine):
+    server = start_engine()
+    rgba, mask = host_picture(16, 16, (2, 2, 4, 4))
+    frames = encode(
+        "submit",
+        {"job": "same", "prompt": "x", "settings": LONG},
+        [Pixels(16, 16, "RGBA8", rgba), Pixels(16, 16, "Y8", mask)],
+    )
+    with raw_socket(server.endpoint) as sock:
+        replies = [exchange(sock, frames) for _ in range(2)]
+        sock.send_multipart(encode("cancel", {"job": "same"}))
+    assert replies[0].type == "accepted"
+    assert (replies[1].type, replies[1].header["code"]) == ("error", protocol.DUPLICATE_JOB)
+
+
+def test_a_client_of_another_version_is_told_both_versions(start_engine):
+    server = start_engine()
+    with raw_socket(server.endpoint) as sock:
+        reply = exchange(sock, [b'{"v": 2, "type": "hello"}'])
+    assert reply.header["code"] == protocol.VERSION_MISMATCH
+    assert "client speaks 2, the engine speaks 1" in reply.header["message"]
+
+
+def test_pixels_from_the_wire_become_rgba_arrays():
+    bgra_padded = bytes([3, 2, 1, 4, 9, 9]) * 2  # 1 BGRA pixel + 2 padding bytes, 2 rows
+    array = to_array(Pixels(1, 2, "BGRA8", bgra_padded, stride=6))
+    assert array.tolist() == [[[1, 2, 3, 4]], [[1, 2, 3, 4]]]
+    assert to_array(Pixels(2, 1, "Y8", b"\x00\xff")).shape == (1, 2)
+
+
+# -- malformed messages ----------------------------------------------------------------------
+
+
+class raw_socket:
+    """A bare DEALER: sends anything, waits for one reply."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def __enter__(self) -> zmq.Socket:
+        return self.sock
+
+    def __exit__(self, *_) -> None:
+        self.sock.close()
+
+
+def exchange(sock: zmq.Socket, frames: list[bytes], timeout_ms: int = 10_000):
+    sock.send_multipart(frames)
+    assert sock.poll(timeout_ms), "no reply"
+    return protocol.decode_reply(sock.recv_multipart())
+
+
+def _base(kind: str) -> tuple[dict, list[bytes]]:
+    """A valid request of `kind`; a submit's selection is empty so no fuzzed job ever runs."""
+    if kind != "submit":
+        return {"v": 1, "type": kind, "job": "j"}, []
+    rgba, mask = host_picture(16, 16, (0, 0, 0, 0))
+    frames = [Pixels(16, 16, "RGBA8", rgba, name="image"), Pixels(16, 16, "Y8", mask, name="mask")]
+    header = json.loads(encode("submit", {"job": "j", "prompt": "p", "settings": QUICK}, frames)[0])
+    return header, [rgba, mask]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+bad_ints = st.sampled_from([-1, 0, -(2**31), 2**31, 2**63, 10**12, 4097, 1.5, "16", None])
+
+
+@st.composite
+def malformed(draw) -> list[bytes]:
+    how = draw(
+        st.sampled_from(
+            ["frames", "json", "field", "version", "type", "desc", "count", "size", "settings"]
+        )
+    )
+    if how == "frames":  # anything at all
+        return draw(st.lists(st.binary(max_size=300), min_size=1, max_size=6))
+    if how == "json":  # valid JSON that is not a header, or not JSON
+        head = draw(json_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=100))
+        return [head, *draw(st.lists(st.binary(max_size=50), max_size=2))]
+    header, pixels = _base(draw(st.sampled_from(protocol.REQUESTS)))
+    if how == "field":
+        key = draw(st.sampled_from(["v", "type", "job", "prompt", "settings", "frames"]))
+        if draw(st.booleans()):
+            header.pop(key, None)
+        else:
+            header[key] = draw(json_values)
+    elif how == "version":
+        header["v"] = draw(st.integers().filter(lambda v: v != 1) | json_values)
+    elif how == "type":
+        header["type"] = draw(st.text(max_size=30))
+    elif how == "settings":
+        key = draw(st.sampled_from([*QUICK, "seed", "sampler", "guidance_mode", "padding", "x"]))
+        header["settings"] = {**header.get("settings", {}), key: draw(json_values | bad_ints)}
+    elif how == "desc" and pixels:
+        desc = header["frames"][draw(st.integers(0, 1))]
+        desc[draw(st.sampled_from(["width", "height", "stride", "format"]))] = draw(bad_ints)
+    elif how == "count":
+        extra = draw(st.lists(st.binary(max_size=64), max_size=3))
+        pixels = pixels[: draw(st.integers(0, len(pixels)))] + extra
+    elif how == "size" and pixels:
+        i = draw(st.integers(0, 1))
+        cut = draw(st.integers(-len(pixels[i]), 64).filter(lambda n: n != 0))
+        pixels[i] = pixels[i][:cut] if cut < 0 else pixels[i] + bytes(cut)
+    else:
+        header["frames"] = draw(json_values)
+    return [json.dumps(header).encode(), *pixels]
+
+
+def test_a_thousand_malformed_messages_then_a_valid_job(start_engine):
+    server = start_engine()
+    counts = {"sent": 0, "error": 0, "other": 0}
+    with raw_socket(server.endpoint) as sock:
+
+        @settings(
+            max_examples=1250,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(malformed())
+        def send_one(frames: list[bytes]) -> None:
+            reply = exchange(sock, frames)  # every message gets exactly one reply
+            counts["sent"] += 1
+            counts["error" if reply.type == "error" else "other"] += 1
+            assert reply.type in ("error", "hello", "pong", "status"), reply.header
+
+        send_one()
+        huge = {"v": 1, "type": "submit", "job": "h", "prompt": "p", "frames": []}
+        for width, height in ((100_000, 100_000), (-5, 16), (2**62, 1)):
+            desc = {"width": width, "height": height, "format": "RGBA8", "stride": 4 * width}
+            huge["frames"] = [desc, desc]
+            reply = exchange(sock, [json.dumps(huge).encode(), b"x", b"y"])
+            assert reply.header["code"] in (protocol.LIMIT, protocol.BAD_FIELD)
+            counts["sent"] += 1
+            counts["error"] += 1
+    print(f"malformed messages: {counts}")
+    assert counts["error"] >= 1000  # the rest were still valid after mutation: answered
+    with client(server.endpoint) as c:
+        job = submit(c, settings={**QUICK, "variants": 1})
+        run_all([c], [job])
+    assert job.state == "done"
+
+
+def test_a_frame_over_the_size_limit_drops_only_that_peer(start_engine):
+    server = start_engine(limits=Limits(max_side=16))  # frames over 64 KiB are refused by zmq
+    with raw_socket(server.endpoint) as sock:
+        sock.send_multipart([b'{"v": 1, "type": "hello"}', bytes(200_000)])
+        assert not sock.poll(500)  # dropped by ZMQ_MAXMSGSIZE, never decoded
+    with client(server.endpoint) as c:
+        assert c.hello()["limits"]["max_side"] == 16
+
+
+# -- measured, never asserted ------------------------------------------------------------------
+
+
+def test_submit_to_first_progress_latency(start_engine, capsys):
+    server = start_engine()
+    times = []
+    with client(server.endpoint) as c:
+        for _ in range(20):
+            start = time.perf_counter()
+            job = submit(c, settings={"steps": 10, "skip": 2, "variants": 2})
+            first_progress(c, job)
+            times.append(time.perf_counter() - start)
+            c.cancel(job)
+            run_all([c], [job])
+    with capsys.disabled():
+        print(
+            f"\nsubmit -> first progress, warm tiny engine, 64x64, 2 variants, 8 augmentations: "
+            f"median {statistics.median(times) * 1000:.0f} ms over 20 "
+            f"(min {min(times) * 1000:.0f}, max {max(times) * 1000:.0f})"
+        )
+
+
+# -- the real command --------------------------------------------------------------------------
+
+
+def test_serve_command_edits_for_the_cli_and_stops_cleanly_on_sigterm(tmp_path):
+    from PIL import Image
+
+    from engine.__main__ import main
+
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--endpoint", "tcp://127.0.0.1:*"]
+        + ["--model", "tiny", "--device", "cpu", "--keepalive-timeout", "2"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+    try:
+        assert select.select([proc.stdout], [], [], 180)[0], "engine did not start"
+        ready = proc.stdout.readline()
+        endpoint = re.match(r"engine ready at (\S+) \((.*) on cpu\)", ready).group(1)
+        rgba, mask = host_picture(64, 48, (10, 8, 20, 16))
+        image = np.frombuffer(rgba, np.uint8).reshape(48, 64, 4)[..., :3]
+        Image.fromarray(image).save(tmp_path / "in.png")
+        Image.fromarray(np.frombuffer(mask, np.uint8).reshape(48, 64)).save(tmp_path / "m.png")
+        out = tmp_path / "out"
+        args = ["edit", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png")]
+        args += ["--prompt", "a red ball", "--out", str(out), "--engine", endpoint]
+        args += ["--steps", "3", "--skip", "1", "--variants", "2", "--seed", "5"]
+        assert main(args + ["--augmentations", "2"]) == 0
+        scores = json.loads((out / "scores.json").read_text())
+        assert "tiny UNet" in scores["models"] and scores["prompt"] == "a red ball"
+        assert [(v["rank"], v["file"]) for v in scores["variants"]] == [
+            (1, "rank-1.png"),
+            (2, "rank-2.png"),
+        ]
+        assert {v["seed"] for v in scores["variants"]} == {5, 6}
+        edited = np.asarray(Image.open(out / "rank-1.png"))
+        keep = np.frombuffer(mask, np.uint8).reshape(48, 64) == 0
+        assert (edited[keep] == image[keep]).all()  # outside the selection: the same bytes
+
+        with client(endpoint) as c:  # SIGTERM mid-job: the job is cancelled, the engine exits
+            job = submit(c, settings=LONG)
+            first_progress(c, job)
+            proc.send_signal(signal.SIGTERM)
+            run_all([c], [job])
+        why = (job.error, (tmp_path / "serve.log").read_text()[-3000:])
+        assert (job.state, job.cancel_reason) == ("cancelled", "shutdown"), why
+        assert proc.wait(timeout=60) == 0
+        assert "engine stopped" in proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
