@@ -104,12 +104,23 @@ def zero_shot(clip, n_per_caption: int = 30, seed: int = EVAL_SEED) -> dict[str,
 
 
 def train_clip(args: argparse.Namespace) -> int:
-    from engine.models import load_clip
+    from engine.models import load_clip, load_state_dict_checked
 
     torch.set_num_threads(args.threads or 2)
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     clip = load_clip("demo", torch.device("cpu"))
+    previous = {"steps": 0, "minutes": 0.0, "runs": 0}
+    if args.init:  # continue a run: its weights, and its counts for the record
+        load_state_dict_checked(clip.model, args.init, "CLIP 'engine-demo'")
+        record = args.init.with_suffix(".json")
+        if record.is_file():
+            old = json.loads(record.read_text())
+            previous = {
+                "steps": old["steps"],
+                "minutes": old["minutes"],
+                "runs": old.get("runs", 1),
+            }
     model = clip.model.requires_grad_(True).train()
     # No weight decay on gains, biases, embeddings and the temperature (as CLIP's recipe).
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -160,9 +171,10 @@ def train_clip(args: argparse.Namespace) -> int:
     _save(model.state_dict(), out / "demo_clip.pt")
     info = {
         "model": "engine-demo CLIP (engine/clip_configs/engine-demo.json)",
-        "steps": step,
+        "steps": previous["steps"] + step,
         "batch": args.batch or 128,
-        "minutes": round(minutes, 2),
+        "minutes": round(previous["minutes"] + minutes, 2),
+        "runs": previous["runs"] + 1,
         "final_loss": round(float(np.mean(losses[-50:])), 4),
         "zero_shot_accuracy": acc,
         "seed": args.seed,
@@ -279,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="default: 128 for clip, 32 for unet")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-3 clip, 5e-4 unet")
     p.add_argument("--threads", type=int, default=None, help="default: 2 for clip, 1 for unet")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="clip: continue from this state dict (e.g. the last demo_clip.pt)",
+    )
     p.add_argument("--ema", type=float, default=0.999, help="unet: EMA rate of the weights")
     p.add_argument("--save-every", type=float, default=5.0, help="unet: minutes between saves")
     p.add_argument(

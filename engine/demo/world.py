@@ -102,10 +102,10 @@ def scene(
     """The shapes and background of a random image (drawn, not yet rendered)."""
     shapes = [random_shape(rng, colour, kind)]
     if second:
-        for _ in range(20):  # a second shape only where it does not touch the first
+        taken = coverage(shapes[0]) > 0
+        for _ in range(30):  # a second shape only where it does not touch the first
             s = random_shape(rng)
-            a = shapes[0]
-            if np.hypot(s.cx - a.cx, s.cy - a.cy) > (s.r + a.r) * 1.42:  # boxes' circumcircles
+            if not (taken & (coverage(s) > 0)).any():
                 shapes.append(s)
                 break
     return shapes, random_background(rng, [s.colour for s in shapes])
