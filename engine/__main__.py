@@ -1,8 +1,9 @@
-"""Command line: `python -m engine edit|serve|keys|bench|demo-train ...`."""
+"""Command line: `python -m engine edit|serve|keys|bench|doctor|demo-train|demo-ablation ...`."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
+    from engine.accel import PRECISIONS, RECOMPUTE
     from engine.edit import GUIDANCE_MODES, SAMPLERS, EditSettings
 
     d = EditSettings()
@@ -23,11 +25,16 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="default: random (reported)")
     p.add_argument("--steps", type=int, default=d.steps, help="respaced sampling steps T")
     p.add_argument("--skip", type=int, default=d.skip, help="first steps skipped (k = T - skip)")
-    p.add_argument("--guidance-weight", type=float, default=d.guidance_weight)
+    p.add_argument(
+        "--guidance-weight", type=float, help="CLIP weight (default: the model's, per mode)"
+    )
     p.add_argument("--range-weight", type=float, default=d.range_weight)
     p.add_argument("--augmentations", type=int, default=d.augmentations)
     p.add_argument("--sampler", default=d.sampler, choices=SAMPLERS)
     p.add_argument("--guidance-mode", default=d.guidance_mode, choices=GUIDANCE_MODES)
+    p.add_argument("--guidance-every", type=int, default=d.guidance_every, help="guide 1 step in N")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
+    p.add_argument("--recompute", default=d.recompute, choices=RECOMPUTE, help="UNet activations")
     p.add_argument("--padding", type=float, default=d.padding, help="context around the selection")
 
 
@@ -44,7 +51,10 @@ def _settings(args: argparse.Namespace):
         augmentations=args.augmentations,
         sampler=args.sampler,
         guidance_mode=args.guidance_mode,
+        guidance_every=args.guidance_every,
         padding=args.padding,
+        precision=args.precision,
+        recompute=args.recompute,
     )
 
 
@@ -173,20 +183,23 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engine.bench import run_bench
+    from engine.bench import run_bench, table
 
     result = run_bench(args)
-    print(json.dumps(result) if args.json else json.dumps(result, indent=2))
+    print(json.dumps(result) if args.json else table(result))
     return 0
 
 
-def cmd_demo_train(args: argparse.Namespace) -> int:
-    from engine.demo.train import main
-
-    return main(args.rest)
+# commands with parsers of their own: everything after the name is theirs
+PASSTHROUGH = {"demo-train": "engine.demo.train", "demo-ablation": "engine.demo.ablation"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in PASSTHROUGH:
+        return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
+    from engine.accel import PRECISIONS, RECOMPUTE
+
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -229,14 +242,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="time a guided step: official formulation vs the engine")
     _add_model_args(p)
     p.add_argument("--steps", type=int, default=2, help="timed steps of each")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="engine batch sizes, e.g. 1,4 (official: 1)")
     p.add_argument("--guidance-mode", default="full", choices=["full", "fast"])
+    p.add_argument("--guidance-every", type=int, default=1)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--recompute", default="auto", choices=RECOMPUTE)
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timings")
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(run=cmd_bench)
 
-    p = sub.add_parser("demo-train", help="train the demo world's CLIP or UNet", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(run=cmd_demo_train)
+    sub.add_parser("demo-train", help="train the demo world's CLIP or UNet")
+    sub.add_parser("demo-ablation", help="the paper's claims measured in the demo world")
 
     from engine import doctor  # light: imports torch only when it runs
 

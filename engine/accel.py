@@ -18,6 +18,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RECOMPUTE = ("auto", "on", "off")
+# Activations one variant keeps for the guided backward through the ADM-256 UNet in fp32
+# (measured by `python -m engine bench`); other models scale it by pixels x channels.
+ADM256_ACTIVATIONS_GB = 9.0
 
 
 class FusedLegacyAttention(nn.Module):
@@ -96,3 +100,30 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def available_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return 8.0  # no way to tell (macOS, Windows): assume a modest machine
+
+
+def activations_gb(arch: dict, batch: int, precision: str) -> float:
+    """An estimate of what the guided backward keeps alive, from the ADM-256 measurement."""
+    scale = (arch["image_size"] / 256) ** 2 * arch["num_channels"] / 256
+    return ADM256_ACTIVATIONS_GB * scale * batch * (1.0 if precision == "fp32" else 0.5)
+
+
+def resolve_recompute(
+    setting: str, arch: dict, batch: int, precision: str, device: torch.device
+) -> bool:
+    """auto: recompute only when the batch's activations would not fit in 80% of free memory;
+    recomputing costs about one more UNet forward per step."""
+    if setting != "auto":
+        return setting == "on"
+    return activations_gb(arch, batch, precision) > 0.8 * available_memory_gb(device)

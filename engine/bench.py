@@ -1,8 +1,11 @@
 """Time a guided step: the official formulation against the engine's, in one run.
 
-Each formulation runs in a child process of its own so that its peak memory is its own. The
+Each measurement runs in a child process of its own so that its peak memory is its own. The
 models are built with random weights in the named architecture: no weight files are needed, and
-the time of a step does not depend on the weights' values.
+the time of a step does not depend on the weights' values. The reference is the official code's
+step at batch 1 in fp32 (what it runs on a CPU); the engine runs with the settings given, at each
+batch size asked for, and its first batch is broken down into UNet forward, UNet backward,
+augmentations, CLIP and the rest.
 """
 
 from __future__ import annotations
@@ -14,111 +17,215 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
+from engine import accel
 from engine.guidance import Guide
 from engine.models import CONFIGS, build_unet, load_clip, make_diffusion, resolve_device
 from engine.reference import official_cond_fn, official_step
 from engine.sampler import blend, clip_loss_fn, guided_step, randn
 
-SCHEDULE_STEPS, SKIP = 100, 25  # the official defaults: the timed steps are the first after skip
+SCHEDULE_STEPS, SKIP = 100, 25  # the official defaults: 75 denoising steps an edit
+PROMPT = "a stone fountain"
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(part: str, model: str, batch: int, steps: int, mode: str, device: str) -> dict:
+def _timed(fn: Callable[[], object], dev: torch.device) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _breakdown(unet, guide, mask, x, t, mode: str, dev: torch.device) -> dict:
+    """One guided step's parts, each timed alone (under the same precision and recompute)."""
+    x = x.detach().requires_grad_(mode == "full")
+    out: dict = {}
+    with torch.set_grad_enabled(mode == "full"):  # fast mode runs the UNet without grad
+        parts = {"unet_forward_s": _timed(lambda: out.update(eps=unet(x, t)), dev)}
+    if mode == "full":
+        grad = torch.randn_like(out["eps"])
+        parts["unet_backward_s"] = _timed(lambda: torch.autograd.grad(out["eps"], x, grad), dev)
+    images = (torch.rand_like(x) * 2 - 1).requires_grad_()
+    parts["augment_s"] = _timed(lambda: out.update(aug=guide.augment(images * mask)), dev)
+    loss = {}
+    parts["clip_forward_s"] = _timed(lambda: loss.update(v=guide.loss(images * mask, PROMPT)), dev)
+    parts["clip_backward_s"] = _timed(lambda: torch.autograd.grad(loss["v"], images), dev)
+    parts["clip_forward_s"] -= parts["augment_s"]  # guide.loss augments too
+    return {k: round(v, 3) for k, v in parts.items()}
+
+
+def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     """Seconds per step of `part` ('reference' or 'engine') and the process's peak memory."""
-    dev = resolve_device(device)
+    dev = resolve_device(opts["device"])
     config = CONFIGS[model]
     unet = build_unet(config, use_fp16=dev.type == "cuda", seed=0)
     unet.requires_grad_(False).eval().to(dev)
     if dev.type == "cuda":
         unet.convert_to_fp16()
-    clip_name = config.default_clip.partition(":")[0]  # the architecture, random weights
-    guide = Guide(load_clip(clip_name, dev))
+    guide = Guide(load_clip(config.default_clip.partition(":")[0], dev))  # random weights
     diffusion = make_diffusion(config, SCHEDULE_STEPS)
     size = config.image_size
     g = [torch.Generator(device=dev).manual_seed(i) for i in range(batch)]
-    source = (
-        torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev) * 2 - 1
-    )
-    source = source.expand(batch, -1, -1, -1)
+    source = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
+    source = (source * 2 - 1).expand(batch, -1, -1, -1)
     mask = torch.zeros(1, 1, size, size, device=dev)
     mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
-    prompt = "a stone fountain"
-    guide.text(prompt)  # cached per prompt in both formulations
-    kwargs = {"y": torch.zeros(batch, dtype=torch.long, device=dev)} if config.class_cond else None
+    guide.text(PROMPT)  # cached per prompt in both formulations
+    precision, recompute = "fp32", False
     if part == "reference":
-        cond_fn = official_cond_fn(diffusion, unet, guide, mask, prompt, 1000.0, 50.0)
+        cond_fn = official_cond_fn(diffusion, unet, guide, mask, PROMPT, 1000.0, 50.0)
 
-        def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def step(x: torch.Tensor, t: torch.Tensor, _i: int) -> torch.Tensor:
             return official_step(diffusion, unet, cond_fn, source, mask, x, t)
     else:
-        loss_fn = clip_loss_fn(diffusion, guide, mask, prompt, 1000.0, 50.0)
+        accel.fuse_attention(unet)
+        accel.allow_recompute(unet)
+        precision = accel.resolve_precision(opts["precision"], dev)
+        recompute = accel.resolve_recompute(opts["recompute"], config.arch, batch, precision, dev)
+        loss_fn = clip_loss_fn(diffusion, guide, mask, PROMPT, 1000.0, 50.0)
+        kwargs = (
+            {"y": torch.zeros(batch, dtype=torch.long, device=dev)} if config.class_cond else None
+        )
 
-        def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def step(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
+            guided = loss_fn if i % opts["guidance_every"] == 0 else None
             x, _ = guided_step(
-                diffusion, unet, x, t, loss_fn, randn(g, x.shape[1:]),
-                guidance_mode=mode, model_kwargs=kwargs,
+                diffusion, unet, x, t, guided, randn(g, x.shape[1:]),
+                guidance_mode=opts["guidance_mode"], model_kwargs=kwargs,
             )  # fmt: skip
             return blend(diffusion, x, source, mask, t, randn(g, x.shape[1:]))
 
     x = randn(g, source.shape[1:])
     rss_models = _peak_rss_mb()
     times = []
-    for i in range(-1, steps):  # step -1 warms up (first-call allocations), untimed
-        t = torch.full((batch,), SCHEDULE_STEPS - SKIP - 2 - i, device=dev, dtype=torch.long)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        x = step(x, t)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 0:
-            times.append(time.perf_counter() - start)
+    with accel.autocast(dev, precision), accel.recompute(unet, recompute):
+        for i in range(-1, steps):  # step -1 warms up (first-call allocations), untimed
+            t = torch.full((batch,), SCHEDULE_STEPS - SKIP - 2 - i, device=dev, dtype=torch.long)
+            elapsed = _timed(lambda t=t, i=i: x.copy_(step(x, t, max(i, 0))), dev)
+            if i >= 0:
+                times.append(elapsed)
+        peak = _peak_rss_mb()
+        parts = (
+            _breakdown(unet, guide, mask, x, t, opts["guidance_mode"], dev)
+            if part == "engine" and opts["breakdown"]
+            else {}
+        )
+    step_s = sum(times) / len(times)
+    if parts:
+        parts["other_s"] = round(step_s - sum(parts.values()), 3)
     return {
-        "step_s": sum(times) / len(times),
-        "peak_rss_mb": _peak_rss_mb(),
+        "step_s": step_s,
+        "peak_rss_mb": peak,
         "models_rss_mb": rss_models,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
+        "precision": precision,
+        "recompute": recompute,
+        "breakdown": parts,
     }
 
 
-def _child(part: str, args: argparse.Namespace) -> dict:
+def _child(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     cmd = [
-        sys.executable, "-m", "engine.bench", part, args.model, str(args.batch),
-        str(args.steps), args.guidance_mode, args.device,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "engine.bench",
+        part,
+        model,
+        str(batch),
+        str(steps),
+        json.dumps(opts),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if done.returncode != 0:
-        raise RuntimeError(f"bench {part} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(f"bench {part} at batch {batch} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def run_bench(args: argparse.Namespace) -> dict:
     if args.model not in CONFIGS:
         raise ValueError(f"unknown model '{args.model}'")
-    ref, eng = _child("reference", args), _child("engine", args)
+    batches = [int(b) for b in str(args.batch).split(",")]
+    opts = {
+        "device": args.device,
+        "guidance_mode": args.guidance_mode,
+        "guidance_every": args.guidance_every,
+        "precision": args.precision,
+        "recompute": args.recompute,
+        "breakdown": not args.no_breakdown,
+    }
+    ref = _child("reference", args.model, 1, args.steps, opts)
+    runs = [
+        _child(
+            "engine", args.model, b, args.steps, opts | {"breakdown": opts["breakdown"] and i == 0}
+        )
+        for i, b in enumerate(batches)
+    ]
+    eng = runs[0]
+    denoising = SCHEDULE_STEPS - SKIP
     return {
         "model": args.model,
         "weights": "random (timing only)",
         "device": str(resolve_device(args.device)),
+        "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "batch": args.batch,
         "steps_timed": args.steps,
         "guidance_mode": args.guidance_mode,
+        "guidance_every": args.guidance_every,
+        "precision": eng["precision"],
         "reference_step_s": round(ref["step_s"], 3),
         "engine_step_s": round(eng["step_s"], 3),
         "ratio": round(eng["step_s"] / ref["step_s"], 3),
         "reference_peak_rss_mb": round(ref["peak_rss_mb"]),
         "engine_peak_rss_mb": round(eng["peak_rss_mb"]),
         "peak_rss_mb": round(max(ref["peak_rss_mb"], eng["peak_rss_mb"])),
+        "reference_edit_s": round(ref["step_s"] * denoising),
+        "engine_breakdown": eng["breakdown"],
+        "engine_by_batch": [
+            {
+                "batch": b,
+                "recompute": r["recompute"],
+                "step_s": round(r["step_s"], 3),
+                "step_per_variant_s": round(r["step_s"] / b, 3),
+                "peak_rss_mb": round(r["peak_rss_mb"]),
+                "peak_per_variant_mb": round(r["peak_rss_mb"] / b),
+                "edit_s": round(r["step_s"] * denoising),  # extrapolated: 75 steps, all variants
+            }
+            for b, r in zip(batches, runs, strict=True)
+        ],
     }
 
 
+def table(result: dict) -> str:
+    """The bench as a person reads it."""
+    lines = [
+        f"{result['model']} ({result['weights']}), {result['device']}, {result['cores']} cores, "
+        f"precision {result['precision']}, guidance {result['guidance_mode']}"
+        f" every {result['guidance_every']}",
+        f"{'':28}{'s/step':>9}{'peak MB':>9}{'edit s':>8}",
+        f"{'official, batch 1':28}{result['reference_step_s']:>9.2f}"
+        f"{result['reference_peak_rss_mb']:>9}{result['reference_edit_s']:>8}",
+    ]
+    for r in result["engine_by_batch"]:
+        name = f"engine, batch {r['batch']}{' (recompute)' if r['recompute'] else ''}"
+        lines.append(f"{name:28}{r['step_s']:>9.2f}{r['peak_rss_mb']:>9}{r['edit_s']:>8}")
+    lines.append(f"ratio engine/official at batch 1: {result['ratio']}")
+    if result["engine_breakdown"]:
+        lines.append(
+            "engine step: "
+            + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in result["engine_breakdown"].items())
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":  # one measured part, in a process of its own
-    part, model, batch, steps, mode, device = sys.argv[1:7]
-    print(json.dumps(measure(part, model, int(batch), int(steps), mode, device)))
+    part, model, batch, steps, opts = sys.argv[1:6]
+    print(json.dumps(measure(part, model, int(batch), int(steps), json.loads(opts))))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine import region
+from engine import accel, region
 from engine.guidance import Guide
 from engine.models import Models
 from engine.sampler import blended_diffusion
@@ -27,12 +27,15 @@ class EditSettings:
     seed: int | None = None  # None: a random seed, reported back
     steps: int = 100
     skip: int = 25
-    guidance_weight: float = 1000.0  # lambda_clip of the paper's official code
+    guidance_weight: float | None = None  # lambda_clip; None: the model's default for the mode
     range_weight: float = 50.0
     augmentations: int = 8
     sampler: str = "ddpm"
     guidance_mode: str = "full"
+    guidance_every: int = 1  # guide one step in N: faster, further from the paper
     padding: float = 0.25
+    precision: str = "auto"  # engine/accel.py: bf16 on CPUs that compute it natively, fp16 on CUDA
+    recompute: str = "auto"  # drop UNet activations and recompute them when memory is short
 
     def check(self) -> None:
         if not 1 <= self.variants <= 64:
@@ -47,6 +50,12 @@ class EditSettings:
             raise region.RegionError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.guidance_mode not in GUIDANCE_MODES:
             raise region.RegionError(f"guidance mode must be one of {GUIDANCE_MODES}")
+        if self.guidance_every < 1:
+            raise region.RegionError("guidance_every must be at least 1")
+        if self.precision not in accel.PRECISIONS:
+            raise region.RegionError(f"precision must be one of {accel.PRECISIONS}")
+        if self.recompute not in accel.RECOMPUTE:
+            raise region.RegionError(f"recompute must be one of {accel.RECOMPUTE}")
 
 
 @dataclass
@@ -87,7 +96,15 @@ def run_edit(
     seeds = [seed + i for i in range(settings.variants)]
     guide = Guide(models.clip, settings.augmentations)
     devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
+    precision = accel.resolve_precision(settings.precision, dev)
+    recompute = accel.resolve_recompute(
+        settings.recompute, models.config.arch, settings.variants, precision, dev
+    )
+    with (
+        torch.random.fork_rng(devices=devices),
+        accel.autocast(dev, precision),
+        accel.recompute(models.unet, recompute),
+    ):
         torch.manual_seed(seed)
         out = blended_diffusion(
             models.unet,
@@ -98,14 +115,19 @@ def run_edit(
             prompt,
             _generators(seeds, dev),
             skip=settings.skip,
-            clip_weight=settings.guidance_weight,
+            clip_weight=(
+                settings.guidance_weight
+                if settings.guidance_weight is not None
+                else models.config.guidance_weight(settings.guidance_mode)
+            ),
             range_weight=settings.range_weight,
             sampler=settings.sampler,
             guidance_mode=settings.guidance_mode,
+            guidance_every=settings.guidance_every,
             class_cond=models.config.class_cond,
             callback=(lambda done, total, _x0: on_step(done, total)) if on_step else None,
         )
-    out = out.clamp(-1, 1)
+    out = out.float().clamp(-1, 1)
     dists = guide.rank_distance(out * mask_t, prompt).tolist()
     results = out.permute(0, 2, 3, 1).float().cpu().numpy()
     order = sorted(range(len(seeds)), key=lambda i: dists[i])

@@ -7,21 +7,18 @@ same UNetModel class with a few channels and random weights: a plumbing test, ne
 
 from __future__ import annotations
 
-import warnings
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
 import torch
+from guided_diffusion.respace import SpacedDiffusion
+from guided_diffusion.script_util import create_gaussian_diffusion, create_model
+from guided_diffusion.unet import UNetModel
 
-# guided_diffusion's fp16 helpers use torch.cuda.amp decorators that torch now warns about
-warnings.filterwarnings("ignore", category=FutureWarning, module="guided_diffusion")
-from guided_diffusion.respace import SpacedDiffusion  # noqa: E402
-from guided_diffusion.script_util import create_gaussian_diffusion, create_model  # noqa: E402
-from guided_diffusion.unet import UNetModel  # noqa: E402
-
-from engine import accel, weights  # noqa: E402
+from engine import accel, weights
 
 open_clip.add_model_config(Path(__file__).parent / "clip_configs")
 
@@ -36,6 +33,12 @@ class UNetConfig:
     noise_schedule: str = "linear"
     weight: weights.WeightFile | Path | None = None  # None: random weights
     default_clip: str = "ViT-B-16-quickgelu:openai"
+    # the CLIP guidance weight when a job names none, per guidance mode: the official 1000 for
+    # the paper's full gradient; the x0-space gradient is larger and needs less (README)
+    guidance_weights: tuple[tuple[str, float], ...] = (("full", 1000.0), ("fast", 300.0))
+
+    def guidance_weight(self, mode: str) -> float:
+        return dict(self.guidance_weights)[mode]
 
     @property
     def image_size(self) -> int:
@@ -216,6 +219,16 @@ class Clip:
     label: str
 
 
+def _bare_clip(arch: str) -> open_clip.CLIP:
+    """The architecture alone; open_clip's warning that no weights were loaded is ours to give
+    (the label says "random weights", or the weights come from a file next)."""
+    logging.disable(logging.WARNING)
+    try:
+        return open_clip.create_model(arch, pretrained=None, device="cpu")
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def load_clip(spec: str, device: torch.device) -> Clip:
     """`NAME[:PRETRAINED_OR_FILE]`: an open_clip model name (or tiny/demo) and a tag or a file.
 
@@ -233,7 +246,7 @@ def load_clip(spec: str, device: torch.device) -> Clip:
                 f"CLIP weight file {path} is missing. Download the default CLIP with "
                 f"`{weights.DOWNLOAD_COMMAND}`, or name an open_clip pretrained tag."
             )
-        model = open_clip.create_model(arch, pretrained=None, device="cpu")
+        model = _bare_clip(arch)
         load_state_dict_checked(model, path, f"CLIP '{arch}'")
         label = f"{name} ({path.name})"
     elif source:
@@ -248,7 +261,7 @@ def load_clip(spec: str, device: torch.device) -> Clip:
     else:
         with torch.random.fork_rng(devices=[]):  # the same random CLIP in every process
             torch.manual_seed(0)
-            model = open_clip.create_model(arch, pretrained=None, device="cpu")
+            model = _bare_clip(arch)
         label = f"{name} CLIP with random weights"
     model.requires_grad_(False).eval().to(device)
     pp = model.visual.preprocess_cfg

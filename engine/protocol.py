@@ -255,6 +255,7 @@ def check_settings(settings: Any, limits: Limits) -> dict[str, Any]:
         "augmentations": lambda v, n: _int(v, n, 1, limits.max_augmentations, LIMIT),
         "sampler": lambda v, n: _choice(v, n, SAMPLERS),
         "guidance_mode": lambda v, n: _choice(v, n, GUIDANCE_MODES),
+        "guidance_every": lambda v, n: _int(v, n, 1, 100),
         "padding": lambda v, n: _number(v, n, 0, 4),
     }
     unknown = sorted(k for k in settings if k not in checks)

@@ -46,7 +46,7 @@ def guided_step(
     unet: Callable,
     x: torch.Tensor,
     t: torch.Tensor,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None,
     noise: torch.Tensor,
     *,
     sampler: str = "ddpm",
@@ -54,14 +54,16 @@ def guided_step(
     guidance_mode: str = "full",
     model_kwargs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One CLIP-guided denoising step from x_t; returns (x_{t-1} before the blend, x0_hat)."""
+    """One CLIP-guided denoising step from x_t; returns (x_{t-1} before the blend, x0_hat).
+    With no `loss_fn` the step is unguided: one UNet forward without grad."""
     model = unet if guidance_mode == "full" else _constant(unet)
-    with torch.enable_grad():
-        x = x.detach().requires_grad_()
+    with torch.set_grad_enabled(loss_fn is not None):
+        x = x.detach().requires_grad_(loss_fn is not None)
         out = diffusion.p_mean_variance(model, x, t, clip_denoised=False, model_kwargs=model_kwargs)
-        loss = loss_fn(x, out["pred_xstart"], t)
+        loss = loss_fn(x, out["pred_xstart"], t) if loss_fn else None
         # all weights 0: no graph to differentiate, the step is plain DDPM/DDIM
-        grad = -torch.autograd.grad(loss, x)[0] if loss.requires_grad else torch.zeros_like(x)
+        has_grad = loss is not None and loss.requires_grad
+        grad = -torch.autograd.grad(loss, x)[0] if has_grad else torch.zeros_like(x)
     x = x.detach()
     x0, var = out["pred_xstart"].detach(), out["variance"].detach()
     nonzero = (t != 0).float().view(-1, *([1] * (x.ndim - 1)))  # no noise on the last step
@@ -127,11 +129,13 @@ def blended_diffusion(
     sampler: str = "ddpm",
     eta: float = 0.0,
     guidance_mode: str = "full",
+    guidance_every: int = 1,
     class_cond: bool = False,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Edit `source` (1x3xHxW in [-1, 1]) inside `mask` (1x1xHxW in [0, 1]): one variant per
-    generator, all in one batch. Returns the variants (Nx3xHxW), source pasted outside the mask."""
+    generator, all in one batch. Returns the variants (Nx3xHxW), source pasted outside the mask.
+    `guidance_every` N > 1 guides one step in N (a speed trade; the paper guides every step)."""
     n, shape = len(generators), source.shape[1:]
     source = source.expand(n, *shape)
     loss_fn = clip_loss_fn(diffusion, guide, mask, prompt, clip_weight, range_weight)
@@ -145,8 +149,9 @@ def blended_diffusion(
         if class_cond:  # the official code draws a random ImageNet class at every step
             y = [torch.randint(NUM_CLASSES, (1,), generator=g, device=g.device) for g in generators]
             kwargs = {"y": torch.cat(y)}
+        guided = loss_fn if (done - 1) % guidance_every == 0 else None
         x, x0 = guided_step(
-            diffusion, unet, x, t, loss_fn, randn(generators, shape),
+            diffusion, unet, x, t, guided, randn(generators, shape),
             sampler=sampler, eta=eta, guidance_mode=guidance_mode, model_kwargs=kwargs,
         )  # fmt: skip
         x = blend(diffusion, x, source, mask, t, randn(generators, shape))
