@@ -1,0 +1,132 @@
+"""The Krita adapter: the only module that imports `krita`.
+
+It reads the active paint layer and the selection, adds the result layers, and hands the other
+modules what they need from Krita (base classes, settings, the active window) so that they stay
+testable without it. Facts about Krita 5.2 this relies on (checked in real Krita, see
+tests/test_krita_real.py): `pixelData`/`setPixelData` take image coordinates, also for a moved
+layer; an RGBA/U8 layer's bytes are B, G, R, A; `selection()` is None without a selection and
+0x0 when empty, its bounds may reach past the canvas; each `addChildNode` is one undo step while
+`setChildNodes` on a group not yet in the image adds none, so a filled group attached once is one
+undo step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import krita
+
+from .job import Request, ResultLayer
+from .pixels import Rect, clamp_selection, context_window, mask_is_empty, unsupported_color
+
+DockWidget = krita.DockWidget
+Extension = krita.Extension
+SETTINGS_GROUP = "blended_diffusion"
+
+
+class UserError(Exception):
+    """Something the user can fix (no selection, wrong layer type): shown in the docker."""
+
+
+def host():
+    return krita.Krita.instance()
+
+
+def read_setting(key: str, default: str) -> str:
+    return host().readSetting(SETTINGS_GROUP, key, default)
+
+
+def write_setting(key: str, value: object) -> None:
+    host().writeSetting(SETTINGS_GROUP, key, str(value))
+
+
+def register(extension_class: type, docker_id: str, title: str, docker_class: type) -> None:
+    app = host()
+    app.addExtension(extension_class(app))
+    position = krita.DockWidgetFactoryBase.DockRight
+    app.addDockWidgetFactory(krita.DockWidgetFactory(docker_id, position, docker_class))
+
+
+def active_window_docker(docker_id: str):
+    """The plug-in's docker in the active window (None before a window exists)."""
+    window = host().activeWindow()
+    if window is None:
+        return None
+    return next((d for d in window.dockers() if d.objectName() == docker_id), None)
+
+
+@dataclass
+class Export:
+    """The pixels of one Generate and where they came from, to put the result back."""
+
+    document: object  # krita.Document
+    source: object  # krita.Node: the paint layer that was read
+    window: Rect  # image coordinates of the pixels sent
+    image: bytes  # BGRA8
+    mask: bytes  # Y8
+
+    def request(self, prompt: str, settings: dict) -> Request:
+        w = self.window
+        return Request(prompt, settings, self.image, self.mask, w.width, w.height, w.x, w.y)
+
+
+def export_active() -> Export:
+    """The active paint layer and the document's selection, around the selection."""
+    doc = host().activeDocument()
+    if doc is None:
+        raise UserError("Open an image first.")
+    node = doc.activeNode()
+    if node is None or node.type() != "paintlayer":
+        kind = node.type() if node is not None else "nothing"
+        raise UserError(f"Select a paint layer to edit (the active layer is {kind}).")
+    for what, model, depth in (
+        (f'The layer "{node.name()}"', node.colorModel(), node.colorDepth()),
+        ("The image", doc.colorModel(), doc.colorDepth()),
+    ):
+        problem = unsupported_color(model, depth, what)
+        if problem:
+            raise UserError(problem)
+    selection = doc.selection()
+    if selection is None:
+        raise UserError("Select the region to edit first (no selection).")
+    bounds = Rect(selection.x(), selection.y(), selection.width(), selection.height())
+    bounds = clamp_selection(bounds, doc.width(), doc.height())
+    if bounds.empty:
+        raise UserError("The selection is empty or outside the canvas: select a region to edit.")
+    doc.waitForDone()  # strokes still being applied would be half in the pixels read
+    window = context_window(bounds, doc.width(), doc.height())
+    area = (window.x, window.y, window.width, window.height)
+    mask = bytes(selection.pixelData(*area))
+    if mask_is_empty(mask):
+        raise UserError("The selection is empty: select a region to edit.")
+    return Export(doc, node, window, bytes(node.pixelData(*area)), mask)
+
+
+def add_results(export: Export, group_name: str, layers: list[ResultLayer]) -> str:
+    """A group of filled layers above the source layer, attached in one step (one undo)."""
+    app, doc, source = host(), export.document, export.source
+    if doc not in app.documents():
+        raise UserError("the image was closed while the engine worked")
+    group = doc.createGroupLayer(group_name)
+    nodes = []
+    for spec in layers:
+        node = doc.createNode(spec.name, "paintlayer")
+        node.setPixelData(spec.bgra, spec.x, spec.y, spec.width, spec.height)
+        node.setVisible(spec.visible)
+        nodes.append(node)
+    group.setChildNodes(nodes[::-1])  # bottom first: the best ends on top
+    parent = source.parentNode()
+    if parent is None:  # the source layer was deleted meanwhile: put the result on top
+        doc.rootNode().addChildNode(group, None)
+    else:
+        parent.addChildNode(group, source)
+    doc.refreshProjection()
+    return f"{len(nodes)} variant(s) added in the group {group_name}; the best one is visible."
+
+
+def reactivate(export: Export) -> None:
+    """Make the source layer active again, so a second Generate edits it again (Krita itself
+    activates a newly added layer a moment after it is added: call this from a later event)."""
+    doc, source = export.document, export.source
+    if doc in host().documents() and source.parentNode() is not None:
+        doc.setActiveNode(source)

@@ -1,0 +1,388 @@
+"""Drives the Blended Diffusion plug-in inside a real Krita, as a user would, and writes a verdict.
+
+Enabled next to the plug-in by tests/test_krita_real.py, which passes a JSON config file in
+$BD_DRIVER_CONFIG. Once the main window exists, the scenario runs as a generator stepped by
+QTimer.singleShot, so Krita's event loop (and the plug-in's own 20 ms timer) keeps running while
+the driver waits. Every check lands in the verdict JSON; the driver then quits Krita.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+
+from krita import Extension, Krita, Selection
+
+try:
+    from PyQt5.QtCore import QTimer
+    from PyQt5.QtWidgets import QAbstractItemView, QApplication
+except ImportError:
+    from PyQt6.QtCore import QTimer
+    from PyQt6.QtWidgets import QAbstractItemView, QApplication
+
+W, H = 96, 64
+SOURCE_SHIFT = (-3, -2)  # the source layer is moved: results must still line up with the canvas
+SELECTION = (58, 14, 48, 34)  # reaches past the right edge: the plug-in must clamp it
+FEATHER = 3
+
+
+class Driver:
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.checks: list[dict] = []
+        self.facts: dict = {"krita_version": Krita.instance().version()}
+
+    def check(self, name: str, ok: bool, detail: object = "") -> bool:
+        self.checks.append({"name": name, "ok": bool(ok), "detail": str(detail)[:2000]})
+        return ok
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def docker(self):
+        window = Krita.instance().activeWindow()
+        return next(d for d in window.dockers() if d.objectName() == "blended_diffusion_docker")
+
+    @staticmethod
+    def history_rows() -> int:
+        """Commands on the undo stack, from the History docker's list (+1 for "<empty>")."""
+        for d in Krita.instance().dockers():
+            if d.objectName() == "History":
+                views = d.findChildren(QAbstractItemView)
+                if views and views[0].model() is not None:
+                    return views[0].model().rowCount()
+        return -1
+
+    @staticmethod
+    def names(node) -> list[str]:
+        return [f"{c.name()}<{c.type()}>" for c in node.childNodes()]
+
+    def wait(self, condition, timeout: float, step: float = 0.05):
+        """Yield until `condition()` or `timeout`; records the longest gap between steps (a
+        frozen GUI thread shows up as a long gap)."""
+        start = last = time.monotonic()
+        self.longest_gap = 0.0
+        while not condition():
+            now = time.monotonic()
+            self.longest_gap = max(self.longest_gap, now - last)
+            last = now
+            if now - start > timeout:
+                return False
+            yield step
+        return True
+
+    def new_document(self, name: str, model: str = "RGBA", depth: str = "U8"):
+        app = Krita.instance()
+        doc = app.createDocument(W, H, name, model, depth, "", 72.0)
+        app.activeWindow().addView(doc)
+        QApplication.processEvents()
+        return doc
+
+    def select(self, doc, rect=SELECTION, feather: int = FEATHER) -> None:
+        sel = Selection()
+        sel.select(*rect, 255)
+        if feather:
+            sel.feather(feather)
+        doc.setSelection(sel)
+
+    def press_generate(self, docker, endpoint: str, prompt: str, **fields) -> None:
+        docker.prompt.setPlainText(prompt)
+        docker.endpoint.setText(endpoint)
+        docker.variants.setValue(fields.get("variants", 2))
+        docker.steps.setValue(fields.get("steps", 10))
+        docker.skip.setValue(fields.get("skip", 2))
+        docker.random_seed.setChecked(False)
+        docker.seed.setValue(fields.get("seed", 7))
+        docker.generate_button.click()
+
+    # -- the scenario ------------------------------------------------------------------------
+
+    def scenario(self):
+        cfg, app = self.config, Krita.instance()
+        area = (tuple(cfg.get("selection", SELECTION)), cfg.get("feather", FEATHER))
+        yield 0.5
+        doc = self.new_document("bd-test")
+        yield 0.3
+        docker = self.docker()
+        docker.show()
+        source = doc.createNode("Source", "paintlayer")
+        sw, sh = W - SOURCE_SHIFT[0], H - SOURCE_SHIFT[1]
+        color = bytes(cfg.get("source_bgra", [200, 140, 60, 255]))
+        source.setPixelData(color * (sw * sh), 0, 0, sw, sh)
+        doc.rootNode().addChildNode(source, None)
+        source.move(*SOURCE_SHIFT)
+        doc.setActiveNode(source)
+        self.select(doc, *area)
+        yield 0.3
+        doc.waitForDone()
+        self.check("the source layer is active", doc.activeNode().name() == "Source")
+        action = app.action("blended_diffusion_generate")
+        self.check("the action exists", action is not None)
+        self.facts["shortcut"] = action.shortcut().toString() if action else ""
+        self.check("the action has a default shortcut", self.facts["shortcut"] != "")
+
+        source_before = bytes(source.pixelData(0, 0, W, H))
+        sel_before = bytes(doc.selection().pixelData(0, 0, W, H))
+        s = doc.selection()
+        bounds_before = (s.x(), s.y(), s.width(), s.height())
+        tree_before = self.names(doc.rootNode())
+        rows_before = self.history_rows()
+
+        # 1. A real job on the running engine, started with the docker's own button.
+        started = time.monotonic()
+        seen_steps: set[int] = set()
+
+        def finished() -> bool:
+            seen_steps.add(docker.progress_bar.value())
+            return not docker.controller.active
+
+        self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **cfg.get("fields", {}))
+        done = yield from self.wait(finished, cfg.get("deadline", 240))
+        self.facts["generate_seconds"] = round(time.monotonic() - started, 2)
+        self.facts["generate_longest_gap"] = round(self.longest_gap, 3)
+        progress = docker.controller.progress
+        self.facts["status"] = docker.status.text()
+        self.check("the job finished in time", done, progress.state)
+        self.check("the job succeeded", progress.state == "done", docker.status.text())
+        self.check("no error shown", not progress.error, docker.status.text())
+        self.check("the progress bar moved", len(seen_steps - {0}) >= 1, sorted(seen_steps))
+        yield 0.2
+        doc.waitForDone()
+        active = doc.activeNode()
+        self.check("the source layer is active again", active and active.name() == "Source")
+        job = docker.controller.job
+        self.results(doc, job, cfg, tree_before)
+        self.check(
+            "the source layer is unchanged", bytes(source.pixelData(0, 0, W, H)) == source_before
+        )
+        s = doc.selection()
+        self.check(
+            "the selection is unchanged",
+            s is not None and bytes(s.pixelData(0, 0, W, H)) == sel_before,
+        )
+        self.check(
+            "the selection bounds are unchanged",
+            s is not None and (s.x(), s.y(), s.width(), s.height()) == bounds_before,
+        )
+        self.facts["undo_steps"] = self.history_rows() - rows_before
+        self.check(
+            "one Generate is one undo step", self.facts["undo_steps"] == 1, self.facts["undo_steps"]
+        )
+        self.screenshot(docker, cfg)
+        app.action("edit_undo").trigger()
+        yield 0.5
+        doc.waitForDone()
+        self.check(
+            "one undo removes the whole result",
+            self.names(doc.rootNode()) == tree_before,
+            self.names(doc.rootNode()),
+        )
+        app.action("edit_redo").trigger()
+        yield 0.3
+        doc.waitForDone()
+        doc.setActiveNode(source)  # redo activates the group again
+        yield 0.1
+
+        # 2. No selection, through the action (the shortcut's path): a message, nothing added.
+        app.action("deselect").trigger()
+        yield 0.3
+        doc.waitForDone()
+        tree = self.names(doc.rootNode())
+        self.check("deselect left no selection", doc.selection() is None, doc.selection())
+        action.trigger()
+        yield 0.2
+        self.check(
+            "no selection: a message",
+            "selection" in docker.status.text().lower(),
+            docker.status.text(),
+        )
+        self.check(
+            "no selection: nothing added",
+            self.names(doc.rootNode()) == tree and not docker.controller.active,
+        )
+
+        # 3. An empty selection.
+        doc.setSelection(Selection())
+        action.trigger()
+        yield 0.2
+        self.check(
+            "empty selection: a message",
+            "empty" in docker.status.text().lower(),
+            docker.status.text(),
+        )
+
+        # 4. Cancel a long job after its first step.
+        self.select(doc, *area)
+        doc.setActiveNode(source)
+        yield 0.2
+        tree = self.names(doc.rootNode())
+        self.press_generate(docker, cfg["endpoint"], cfg["prompt"], variants=1, steps=1000, skip=0)
+        yield from self.wait(
+            lambda: docker.controller.progress.step >= 1 or not docker.controller.active, 60
+        )
+        docker.cancel_button.click()
+        done = yield from self.wait(lambda: not docker.controller.active, 30)
+        self.check(
+            "cancel stops the job",
+            done and docker.controller.state == "cancelled",
+            docker.status.text(),
+        )
+        self.check(
+            "cancel adds nothing", self.names(doc.rootNode()) == tree, self.names(doc.rootNode())
+        )
+
+        # 5. The engine refuses the edit (a prompt over its limit): its message, nothing added.
+        self.press_generate(docker, cfg["endpoint"], "a red ball " * 60)
+        done = yield from self.wait(lambda: not docker.controller.active, 30)
+        text = docker.status.text()
+        self.check("engine error: shown", done and "refused" in text and "limit" in text, text)
+        self.check("engine error: nothing added", self.names(doc.rootNode()) == tree)
+
+        # 6. No engine at the endpoint: an error in the docker, within the client's timeout,
+        # with Krita's GUI thread never blocked meanwhile.
+        started = time.monotonic()
+        self.press_generate(docker, cfg["dead_endpoint"], cfg["prompt"])
+        done = yield from self.wait(lambda: not docker.controller.active, 30)
+        self.facts["dead_engine_seconds"] = round(time.monotonic() - started, 2)
+        self.facts["dead_engine_longest_gap"] = round(self.longest_gap, 3)
+        self.facts["dead_engine_message"] = docker.status.text()
+        self.check(
+            "dead engine: failed",
+            done and docker.controller.state == "failed",
+            docker.status.text(),
+        )
+        self.check(
+            "dead engine: says unreachable",
+            "unreachable" in docker.status.text(),
+            docker.status.text(),
+        )
+        self.check("dead engine: within the timeout", self.facts["dead_engine_seconds"] < 5.0 + 3.0)
+        self.check("dead engine: Krita never froze", self.longest_gap < 1.0, self.longest_gap)
+        self.check(
+            "dead engine: nothing added",
+            self.names(doc.rootNode()) == tree,
+            self.names(doc.rootNode()),
+        )
+
+        # 7. Colour models the engine cannot take.
+        for model, depth in (("CMYKA", "U8"), ("RGBA", "U16")):
+            other = self.new_document(f"bd-{model}-{depth}", model, depth)
+            yield 0.3
+            self.select(other)
+            other.setActiveNode(other.rootNode().childNodes()[0])
+            tree = self.names(other.rootNode())
+            docker.generate_button.click()
+            yield 0.2
+            text = docker.status.text()
+            self.check(f"{model}/{depth}: a message", f"{model}/{depth}" in text, text)
+            self.check(f"{model}/{depth}: nothing added", self.names(other.rootNode()) == tree)
+            other.setModified(False)
+
+    def results(self, doc, job, cfg: dict, tree_before: list[str]) -> None:
+        from blended_diffusion.job import group_name
+
+        from engine.client import layer_name
+
+        root = doc.rootNode().childNodes()
+        names = [c.name() for c in root]
+        self.facts["layers_after"] = self.names(doc.rootNode())
+        if not self.check("a group was added", len(root) == len(tree_before) + 1, names):
+            return
+        group = root[names.index("Source") + 1] if "Source" in names else None
+        self.check(
+            "the group sits right above the source",
+            group is not None and group.type() == "grouplayer",
+            names,
+        )
+        if group is None or job is None:
+            return
+        self.check("the group's name", group.name() == group_name(cfg["prompt"]), group.name())
+        layers = group.childNodes()[::-1]  # childNodes is bottom first: best first now
+        expected = [layer_name(cfg["prompt"], v, job.models) for v in job.variants]
+        self.check(
+            "one layer per variant",
+            len(layers) == cfg.get("fields", {}).get("variants", 2),
+            len(layers),
+        )
+        self.check(
+            "layer names from engine.client.layer_name",
+            [n.name() for n in layers] == expected,
+            [n.name() for n in layers],
+        )
+        self.check(
+            "only the best is visible",
+            [n.visible() for n in layers] == [True] + [False] * (len(layers) - 1),
+        )
+        mask = bytes(doc.selection().pixelData(0, 0, W, H))
+        self.facts["variants"] = []
+        for node in layers:
+            data = bytes(node.pixelData(0, 0, W, H))
+            alpha = data[3::4]
+            outside = sum(1 for a, m in zip(alpha, mask, strict=True) if m == 0 and a != 0)
+            differs = sum(1 for a, m in zip(alpha, mask, strict=True) if a != m)
+            inside = [i for i, a in enumerate(alpha) if a > 128]
+            mean = [
+                round(sum(data[4 * i + c] for i in inside) / max(1, len(inside)), 1)
+                for c in (2, 1, 0)
+            ]
+            red = sum(1 for i in inside if data[4 * i + 2] > max(data[4 * i], data[4 * i + 1]) + 60)
+            self.facts["variants"].append(
+                {
+                    "name": node.name(),
+                    "outside_opaque": outside,
+                    "alpha_differs_from_selection": differs,
+                    "opaque_pixels": len(inside),
+                    "mean_rgb_inside": mean,
+                    "red_fraction": round(red / max(1, len(inside)), 3),
+                }
+            )
+            self.check(f"{node.name()}: transparent outside the selection", outside == 0, outside)
+            self.check(f"{node.name()}: its alpha is the selection's", differs == 0, differs)
+            self.check(f"{node.name()}: has pixels", len(inside) > 0)
+
+    def screenshot(self, docker, cfg: dict) -> None:
+        out = cfg["out"]
+        docker.grab().save(os.path.join(out, "krita-docker.png"))
+        window = Krita.instance().activeWindow().qwindow()
+        window.grab().save(os.path.join(out, "krita-window.png"))
+
+
+def run_scenario() -> None:
+    config = json.load(open(os.environ["BD_DRIVER_CONFIG"]))
+    driver = Driver(config)
+    steps = driver.scenario()
+
+    def finish(error: str = "") -> None:
+        verdict = {"checks": driver.checks, "facts": driver.facts, "error": error}
+        verdict["ok"] = not error and all(c["ok"] for c in driver.checks)
+        with open(os.path.join(config["out"], "verdict.json"), "w") as f:
+            json.dump(verdict, f, indent=1)
+        app = Krita.instance()
+        for doc in app.documents():
+            doc.setModified(False)
+        app.action("file_quit").trigger()
+
+    def advance() -> None:
+        try:
+            delay = next(steps)
+        except StopIteration:
+            return finish()
+        except Exception:
+            return finish(traceback.format_exc())
+        QTimer.singleShot(int(delay * 1000), advance)
+
+    advance()
+
+
+class DriverExtension(Extension):
+    def setup(self) -> None:
+        Krita.instance().notifier().windowCreated.connect(
+            lambda: QTimer.singleShot(300, run_scenario)
+        )
+
+    def createActions(self, window) -> None:
+        pass
+
+
+Krita.instance().addExtension(DriverExtension(Krita.instance()))

@@ -1,0 +1,635 @@
+"""The Krita plug-in's own logic, fast: pixels, the document adapter on a fake `krita` module, the
+job state machine on a fake client (and the real client against a dead and a live engine), the
+zip. The fake mirrors what tests/test_krita_real.py checks in real Krita (image coordinates, BGRA,
+one undo step per `addChildNode`, none for `setChildNodes`); it never replaces that test."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import threading
+import time
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import free_port, host_picture
+
+ROOT = Path(__file__).resolve().parent.parent
+PLUGIN = ROOT / "plugin_krita"
+PACKAGE = PLUGIN / "blended_diffusion"
+
+
+# -- a fake `krita`: just what document.py uses, with Krita's observed behaviour --------------
+
+
+class FakeSelection:
+    def __init__(self, x: int, y: int, w: int, h: int, value: int = 255) -> None:
+        self.box, self.value = (x, y, w, h), value
+
+    def x(self) -> int:
+        return self.box[0]
+
+    def y(self) -> int:
+        return self.box[1]
+
+    def width(self) -> int:
+        return self.box[2]
+
+    def height(self) -> int:
+        return self.box[3]
+
+    def pixelData(self, x: int, y: int, w: int, h: int) -> bytes:
+        sx, sy, sw, sh = self.box
+        return bytes(
+            self.value if sx <= i < sx + sw and sy <= j < sy + sh else 0
+            for j in range(y, y + h)
+            for i in range(x, x + w)
+        )
+
+
+class FakeNode:
+    def __init__(self, doc: FakeDocument, name: str, kind: str, model: str = "RGBA") -> None:
+        self.doc, self._name, self.kind = doc, name, kind
+        self.model, self.depth = model, doc.depth
+        self.pixels: dict[tuple[int, int], bytes] = {}  # image coordinates -> BGRA
+        self.children: list[FakeNode] = []  # bottom first, like Krita's childNodes
+        self.parent: FakeNode | None = None
+        self._visible = True
+
+    def name(self) -> str:
+        return self._name
+
+    def type(self) -> str:
+        return self.kind
+
+    def colorModel(self) -> str:
+        return self.model
+
+    def colorDepth(self) -> str:
+        return self.depth
+
+    def visible(self) -> bool:
+        return self._visible
+
+    def setVisible(self, value: bool) -> None:
+        self._visible = value
+
+    def pixelData(self, x: int, y: int, w: int, h: int) -> bytes:
+        empty = b"\0\0\0\0"
+        return b"".join(
+            self.pixels.get((i, j), empty) for j in range(y, y + h) for i in range(x, x + w)
+        )
+
+    def setPixelData(self, data: bytes, x: int, y: int, w: int, h: int) -> bool:
+        assert len(data) == w * h * 4
+        for j in range(h):
+            for i in range(w):
+                k = 4 * (j * w + i)
+                self.pixels[(x + i, y + j)] = bytes(data[k : k + 4])
+        return True
+
+    def parentNode(self):
+        return self.parent
+
+    def childNodes(self) -> list[FakeNode]:
+        return list(self.children)
+
+    def addChildNode(self, child: FakeNode, above: FakeNode | None) -> bool:
+        self.doc.undo_steps += 1  # one undo command each, attached or not (seen in Krita 5.2)
+        index = self.children.index(above) + 1 if above is not None else len(self.children)
+        self.children.insert(index, child)
+        child.parent = self
+        return True
+
+    def setChildNodes(self, nodes: list[FakeNode]) -> None:
+        self.children = list(nodes)  # no undo command (seen in Krita 5.2)
+        for n in nodes:
+            n.parent = self
+
+
+class FakeDocument:
+    def __init__(self, w: int = 64, h: int = 48, model: str = "RGBA", depth: str = "U8") -> None:
+        self.w, self.h, self.model, self.depth = w, h, model, depth
+        self.undo_steps = 0
+        self.root = FakeNode(self, "root", "grouplayer")
+        self.active: FakeNode | None = FakeNode(self, "Background", "paintlayer", model)
+        self.root.setChildNodes([self.active])
+        self.sel: FakeSelection | None = None
+
+    def width(self) -> int:
+        return self.w
+
+    def height(self) -> int:
+        return self.h
+
+    def colorModel(self) -> str:
+        return self.model
+
+    def colorDepth(self) -> str:
+        return self.depth
+
+    def activeNode(self):
+        return self.active
+
+    def setActiveNode(self, node) -> None:
+        self.active = node
+
+    def selection(self):
+        return self.sel
+
+    def rootNode(self):
+        return self.root
+
+    def waitForDone(self) -> None:
+        pass
+
+    def refreshProjection(self) -> None:
+        pass
+
+    def createGroupLayer(self, name: str) -> FakeNode:
+        return FakeNode(self, name, "grouplayer")
+
+    def createNode(self, name: str, kind: str) -> FakeNode:
+        return FakeNode(self, name, kind, self.model)
+
+
+class FakeKrita:
+    def __init__(self) -> None:
+        self.docs: list[FakeDocument] = []
+        self.settings: dict[tuple[str, str], str] = {}
+
+    def activeDocument(self):
+        return self.docs[-1] if self.docs else None
+
+    def documents(self) -> list[FakeDocument]:
+        return list(self.docs)
+
+    def readSetting(self, group: str, key: str, default: str) -> str:
+        return self.settings.get((group, key), default)
+
+    def writeSetting(self, group: str, key: str, value: str) -> None:
+        self.settings[(group, key)] = value
+
+
+@pytest.fixture
+def krita(monkeypatch):
+    """A fresh fake Krita, and the plug-in's modules loaded against it."""
+    app = FakeKrita()
+    module = types.ModuleType("krita")
+    module.Krita = types.SimpleNamespace(instance=lambda: app)
+    module.DockWidget = module.Extension = object
+    monkeypatch.setitem(sys.modules, "krita", module)
+    monkeypatch.delitem(sys.modules, "blended_diffusion.document", raising=False)
+    return app
+
+
+def plugin_module(name: str):
+    """A module of the plug-in, loaded without its package __init__ (that one registers with
+    Krita and imports Qt, neither of which exists here)."""
+    if "blended_diffusion" not in sys.modules:
+        package = types.ModuleType("blended_diffusion")
+        package.__path__ = [str(PACKAGE)]
+        sys.modules["blended_diffusion"] = package
+    __import__(f"blended_diffusion.{name}")
+    return sys.modules[f"blended_diffusion.{name}"]
+
+
+pixels = plugin_module("pixels")
+job_mod = plugin_module("job")
+Rect = pixels.Rect
+
+
+# -- pixels ---------------------------------------------------------------------------------
+
+
+def test_selection_clamped_to_the_canvas():
+    assert pixels.clamp_selection(Rect(50, 10, 30, 20), 64, 48) == Rect(50, 10, 14, 20)
+    assert pixels.clamp_selection(Rect(-5, -6, 10, 10), 64, 48) == Rect(0, 0, 5, 4)
+    assert pixels.clamp_selection(Rect(70, 0, 10, 10), 64, 48).empty
+    assert pixels.clamp_selection(Rect(0, 0, 0, 0), 64, 48).empty
+
+
+def test_context_window_surrounds_the_selection_on_the_canvas():
+    assert pixels.context_window(Rect(20, 20, 10, 4), 100, 100) == Rect(10, 10, 30, 24)
+    assert pixels.context_window(Rect(50, 10, 14, 20), 64, 48) == Rect(30, 0, 34, 48)
+
+
+def test_context_window_capped_but_holding_the_selection():
+    sel = Rect(3000, 100, 1000, 50)
+    win = pixels.context_window(sel, 10000, 400, max_side=2048)
+    assert win.width == 2048 and win.height == 400
+    assert win.x <= sel.x and sel.x + sel.width <= win.x + win.width
+    assert win.x == 3000 + 500 - 1024  # centred on the selection
+    edge = pixels.context_window(Rect(9300, 0, 600, 10), 10000, 400, max_side=1000)
+    assert edge.x + edge.width == 10000 and edge.width == 1000
+
+
+def test_mask_is_empty():
+    assert pixels.mask_is_empty(bytes(100))
+    assert not pixels.mask_is_empty(bytes(99) + b"\x01")
+
+
+@pytest.mark.parametrize(("model", "depth"), [("CMYKA", "U8"), ("RGBA", "U16"), ("GRAYA", "U8")])
+def test_unsupported_color_says_what_and_how(model, depth):
+    text = pixels.unsupported_color(model, depth, "The layer")
+    assert f"{model}/{depth}" in text and "Convert Image Color Space" in text
+    assert pixels.unsupported_color("RGBA", "U8", "The layer") is None
+
+
+# -- the document adapter -------------------------------------------------------------------
+
+
+def opened(app: FakeKrita, **kw) -> FakeDocument:
+    doc = FakeDocument(**kw)
+    app.docs.append(doc)
+    for y in range(doc.h):
+        for x in range(doc.w):
+            doc.active.pixels[(x, y)] = bytes((x, y, 100, 255))  # B, G, R, A
+    return doc
+
+
+def test_export_reads_the_window_around_the_clamped_selection(krita):
+    document = plugin_module("document")
+    doc = opened(krita)
+    doc.sel = FakeSelection(50, 10, 30, 20)  # reaches past the right edge
+    export = document.export_active()
+    assert export.window == Rect(30, 0, 34, 48)
+    w = export.window
+    assert len(export.image) == w.width * w.height * 4 and len(export.mask) == w.width * w.height
+    assert export.image[:4] == bytes((30, 0, 100, 255))  # BGRA from image coordinates
+    row = export.mask[10 * w.width : 11 * w.width]
+    assert row == bytes(20) + b"\xff" * 14
+    request = export.request("a red ball", {"variants": 2})
+    assert (request.x, request.y, request.width, request.height) == (30, 0, 34, 48)
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda app, doc: app.docs.clear(), "Open an image"),
+        (lambda app, doc: setattr(doc.active, "kind", "grouplayer"), "paint layer"),
+        (lambda app, doc: setattr(doc, "active", None), "paint layer"),
+        (lambda app, doc: setattr(doc.active, "model", "CMYKA"), "CMYKA/U8"),
+        (lambda app, doc: setattr(doc.active, "depth", "U16"), "RGBA/U16"),
+        (lambda app, doc: setattr(doc, "sel", None), "no selection"),
+        (lambda app, doc: setattr(doc, "sel", FakeSelection(0, 0, 0, 0)), "empty"),
+        (lambda app, doc: setattr(doc, "sel", FakeSelection(100, 0, 5, 5)), "outside"),
+        (lambda app, doc: setattr(doc, "sel", FakeSelection(0, 0, 9, 9, value=0)), "empty"),
+    ],
+)
+def test_export_refuses_with_a_clear_message(krita, setup, message):
+    document = plugin_module("document")
+    doc = opened(krita)
+    doc.sel = FakeSelection(10, 10, 8, 8)
+    setup(krita, doc)
+    with pytest.raises(document.UserError, match=message):
+        document.export_active()
+
+
+def layer(name: str, x: int, y: int, visible: bool, value: int = 7):
+    return job_mod.ResultLayer(name, x, y, 2, 1, bytes((value, 0, 0, 255)) * 2, visible)
+
+
+def test_results_are_one_filled_group_above_the_source_in_one_undo_step(krita):
+    document = plugin_module("document")
+    doc = opened(krita)
+    doc.sel = FakeSelection(10, 10, 8, 8)
+    source = doc.active
+    top = FakeNode(doc, "on top", "paintlayer")
+    doc.root.setChildNodes([source, top])
+    export = document.export_active()
+    before = source.pixelData(0, 0, doc.w, doc.h)
+    layers = [layer("best", 10, 10, True, 1), layer("second", 10, 11, False, 2)]
+    summary = document.add_results(export, "Blended Diffusion: x", layers)
+    assert doc.undo_steps == 1
+    assert [n.name() for n in doc.root.children] == ["Background", "Blended Diffusion: x", "on top"]
+    group = doc.root.children[1]
+    assert [n.name() for n in group.children] == ["second", "best"]  # bottom first: best on top
+    assert [n.visible() for n in group.children] == [False, True]
+    assert group.children[1].pixelData(10, 10, 2, 1) == bytes((1, 0, 0, 255)) * 2
+    assert group.children[0].pixelData(10, 10, 2, 1) == bytes(8)  # transparent elsewhere
+    assert source.pixelData(0, 0, doc.w, doc.h) == before
+    assert "2 variant(s)" in summary
+    document.reactivate(export)
+    assert doc.active is source
+
+
+def test_results_when_the_source_or_the_image_went_away(krita):
+    document = plugin_module("document")
+    doc = opened(krita)
+    doc.sel = FakeSelection(10, 10, 8, 8)
+    export = document.export_active()
+    doc.root.setChildNodes([])
+    export.source.parent = None  # the user deleted the layer meanwhile: the result goes on top
+    document.add_results(export, "g", [layer("best", 10, 10, True)])
+    assert [n.name() for n in doc.root.children] == ["g"]
+    krita.docs.clear()
+    with pytest.raises(document.UserError, match="closed"):
+        document.add_results(export, "g", [layer("best", 10, 10, True)])
+
+
+def test_settings_go_through_kritas_store(krita):
+    document = plugin_module("document")
+    document.write_setting("steps", 10)
+    assert krita.settings[("blended_diffusion", "steps")] == "10"
+    assert document.read_setting("steps", "100") == "10"
+    assert document.read_setting("missing", "x") == "x"
+
+
+# -- naming and result layers ---------------------------------------------------------------
+
+
+def test_result_layers_named_placed_and_swapped():
+    from engine.client import Job, Variant, layer_name
+
+    job = Job("j", models="tiny random model")
+    job.variants = [
+        Variant(1, 2, 3, 1, 1, bytes((10, 20, 30, 40)), 0.5, 7),
+        Variant(2, 2, 3, 1, 1, bytes((1, 2, 3, 4)), 0.6, 8),
+    ]
+    request = job_mod.Request("a red ball", {}, b"", b"", 0, 0, x=30, y=5)
+    layers = job_mod.result_layers(request, job)
+    assert [spec.name for spec in layers] == [
+        layer_name("a red ball", v, job.models) for v in job.variants
+    ]
+    assert "[random model]" in layers[0].name
+    assert (layers[0].x, layers[0].y) == (32, 8)
+    assert layers[0].bgra == bytes((30, 20, 10, 40))
+    assert [spec.visible for spec in layers] == [True, False]
+
+
+def test_group_name_is_short():
+    assert job_mod.group_name("a red ball") == 'Blended Diffusion: "a red ball"'
+    long = job_mod.group_name("word " * 30)
+    assert len(long) < 70 and long.endswith('…"')
+
+
+# -- the job state machine --------------------------------------------------------------------
+
+
+class FakeClient:
+    """The client's interface (engine/client.py) with scripted events."""
+
+    def __init__(self, error: Exception | None = None, block: threading.Event | None = None):
+        from engine.client import Job
+
+        self.info: dict = {}
+        self.job = Job("job1")
+        self.error, self.block = error, block
+        self.events: list = []
+        self.cancelled: list = []
+        self.closed = False
+
+    def hello(self) -> dict:
+        self.info = {"models": "tiny random model"}
+        return self.info
+
+    def submit(self, image, width, height, mask, prompt, settings, *, image_format, stride=0):
+        assert image_format == "BGRA8" and len(image) == width * height * 4
+        if self.block is not None:
+            self.block.wait(5)
+        if self.error is not None:
+            raise self.error
+        return self.job
+
+    def poll(self) -> list:
+        events, self.events = self.events, []
+        return events
+
+    def cancel(self, job) -> None:
+        self.cancelled.append(job)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def event(self, kind: str, **fields):
+        from engine.client import Event
+
+        self.events.append(Event(kind, self.job.id, self.job, **fields))
+
+
+def request() -> job_mod.Request:
+    return job_mod.Request("a red ball", {"variants": 1}, bytes(16), bytes(4), 2, 2, 5, 6)
+
+
+def run_until(controller, states, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while controller.state not in states:
+        assert time.monotonic() < deadline, controller.progress
+        controller.tick()
+        time.sleep(0.005)
+
+
+def test_job_runs_through_its_states():
+    from engine.client import Variant
+
+    client = FakeClient()
+    seen, applied = [], []
+    controller = job_mod.Controller(lambda p: seen.append(p.state), connect=lambda e: client)
+    controller.start("tcp://127.0.0.1:1", request(), lambda g, ls: applied.append((g, ls)) or "ok")
+    assert controller.state == job_mod.SUBMITTING and controller.active
+    run_until(controller, [job_mod.RUNNING])
+    client.event("progress", step=3, total=8)
+    controller.tick()
+    assert (controller.progress.step, controller.progress.total) == (3, 8)
+    client.job.variants = [Variant(1, 0, 0, 1, 1, bytes((9, 8, 7, 255)), 0.4, 1234)]
+    client.job.models = "tiny random model"
+    client.event("result")
+    assert controller.tick() is False
+    assert controller.state == job_mod.DONE and controller.progress.message == "ok"
+    assert controller.progress.seed == 1234 and not controller.progress.error
+    group, layers = applied[0]
+    assert group == 'Blended Diffusion: "a red ball"' and (layers[0].x, layers[0].y) == (5, 6)
+    assert seen[0] == job_mod.SUBMITTING and seen[-1] == job_mod.DONE
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        ("unreachable", "Engine unreachable at"),
+        ("refused", "refused the edit (limit): too big"),
+        ("version", "same protocol"),
+    ],
+)
+def test_submit_errors_become_messages(error, message):
+    from engine.client import EngineError, EngineUnreachable, VersionMismatch
+
+    exc = {
+        "unreachable": EngineUnreachable("engine unreachable at tcp://x: no connection"),
+        "refused": EngineError("limit", "too big"),
+        "version": VersionMismatch("engine speaks 2"),
+    }[error]
+    client = FakeClient(error=exc)
+    controller = job_mod.Controller(connect=lambda e: client)
+    controller.start("tcp://x", request(), lambda g, ls: "")
+    run_until(controller, [job_mod.FAILED])
+    assert message in controller.progress.message and controller.progress.error
+    assert client.closed  # a fresh socket for the next try
+
+
+def test_engine_errors_and_lost_engine_while_running():
+    from engine.client import EngineError
+
+    for code, message in (("internal", "refused the edit (internal)"), ("timeout", "Lost")):
+        client = FakeClient()
+        controller = job_mod.Controller(connect=lambda e, c=client: c)
+        controller.start("tcp://x", request(), lambda g, ls: "")
+        run_until(controller, [job_mod.RUNNING])
+        client.event("error", error=EngineError(code, "boom"))
+        controller.tick()
+        assert controller.state == job_mod.FAILED and message in controller.progress.message
+
+
+def test_cancel_while_running_and_a_result_that_crosses_it():
+    client = FakeClient()
+    controller = job_mod.Controller(connect=lambda e: client)
+    controller.start("tcp://x", request(), lambda g, ls: pytest.fail("nothing to add"))
+    run_until(controller, [job_mod.RUNNING])
+    controller.cancel()
+    assert client.cancelled == [client.job] and "Cancelling" in controller.progress.message
+    client.event("result")  # the cancel crossed a finished job: still nothing is added
+    controller.tick()
+    assert controller.state == job_mod.CANCELLED
+
+
+def test_cancel_while_submitting_never_blocks():
+    gate = threading.Event()
+    client = FakeClient(block=gate)
+    controller = job_mod.Controller(connect=lambda e: client)
+    controller.start("tcp://x", request(), lambda g, ls: "")
+    started = time.monotonic()
+    for _ in range(10):
+        assert controller.tick() is True  # the submit is stuck; the UI is not
+    controller.cancel()
+    assert time.monotonic() - started < 0.5
+    gate.set()
+    run_until(controller, [job_mod.RUNNING])
+    assert client.cancelled == [client.job]  # cancelled as soon as the engine took it
+    client.event("cancelled")
+    controller.tick()
+    assert controller.state == job_mod.CANCELLED
+
+
+def test_missing_pyzmq_is_a_message():
+    def connect(endpoint):
+        raise ImportError("No module named 'zmq'")
+
+    controller = job_mod.Controller(connect=connect)
+    controller.start("tcp://x", request(), lambda g, ls: "")
+    assert controller.state == job_mod.FAILED and "install.py" in controller.progress.message
+
+
+def test_a_failing_apply_is_a_message():
+    from engine.client import Variant
+
+    client = FakeClient()
+    controller = job_mod.Controller(connect=lambda e: client)
+
+    def apply(group, layers):
+        raise RuntimeError("the image was closed")
+
+    controller.start("tcp://x", request(), apply)
+    run_until(controller, [job_mod.RUNNING])
+    client.job.variants = [Variant(1, 0, 0, 1, 1, bytes(4), 0.4, 1)]
+    client.event("result")
+    controller.tick()
+    assert controller.state == job_mod.FAILED and "closed" in controller.progress.message
+
+
+# -- with the real client ---------------------------------------------------------------------
+
+
+def test_dead_engine_fails_within_the_timeout_without_blocking(monkeypatch):
+    monkeypatch.setattr(job_mod, "TIMEOUT", 1.0)
+    controller = job_mod.Controller()
+    controller.start(f"tcp://127.0.0.1:{free_port()}", request(), lambda g, ls: "")
+    started, slowest = time.monotonic(), 0.0
+    while controller.active:
+        t = time.monotonic()
+        controller.tick()
+        slowest = max(slowest, time.monotonic() - t)
+        time.sleep(0.02)
+    assert controller.state == job_mod.FAILED
+    assert "unreachable" in controller.progress.message
+    assert time.monotonic() - started < 3.0 and slowest < 0.1
+
+
+def test_a_live_engine_edits_a_bgra_window(start_engine):
+    server = start_engine()
+    rgba, mask = host_picture(32, 32, box=(8, 8, 12, 10))
+    bgra = bytearray(rgba)
+    bgra[0::4], bgra[2::4] = rgba[2::4], rgba[0::4]
+    req = job_mod.Request(
+        "a red ball", {"variants": 2, "steps": 4, "skip": 1, "seed": 3}, bytes(bgra), mask, 32, 32
+    )
+    req.x, req.y = 100, 50  # the window's place in a larger image
+    applied = []
+    controller = job_mod.Controller()
+    controller.start(server.endpoint, req, lambda g, ls: applied.append(ls) or "ok")
+    run_until(controller, [job_mod.DONE, job_mod.FAILED], timeout=120)
+    assert controller.state == job_mod.DONE, controller.progress.message
+    layers = applied[0]
+    assert len(layers) == 2 and [spec.visible for spec in layers] == [True, False]
+    assert (layers[0].x, layers[0].y, layers[0].width, layers[0].height) == (108, 58, 12, 10)
+    assert layers[0].bgra[3::4] == b"\xff" * (12 * 10)  # the selection's alpha
+    controller.close()
+
+
+# -- packaging and structure ------------------------------------------------------------------
+
+
+def test_zip_for_kritas_importer(tmp_path):
+    sys.path.insert(0, str(PLUGIN))
+    try:
+        import build_zip
+    finally:
+        sys.path.remove(str(PLUGIN))
+    wheel = tmp_path / "pyzmq-27.0.0-cp313-cp313-manylinux_2_28_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("zmq/__init__.py", "")
+        z.writestr("pyzmq.libs/libzmq.so", "x")
+        z.writestr("pyzmq-27.0.0.dist-info/RECORD", "")
+    out = build_zip.build(tmp_path / "bd.zip", wheel)
+    names = set(zipfile.ZipFile(out).namelist())
+    for name in (
+        "blended_diffusion.desktop",
+        "blended_diffusion/",  # Krita's importer looks for the folder's own entry
+        "blended_diffusion/__init__.py",
+        "blended_diffusion/blended_diffusion.action",
+        "blended_diffusion/_lib/engine/client.py",
+        "blended_diffusion/_lib/engine/protocol.py",
+        "blended_diffusion/_lib/zmq/__init__.py",
+        "blended_diffusion/_lib/pyzmq.libs/libzmq.so",
+    ):
+        assert name in names
+    assert not any("__pycache__" in n or "dist-info" in n for n in names)
+
+
+def test_desktop_file_declares_the_python_plugin():
+    text = (PLUGIN / "blended_diffusion.desktop").read_text()
+    for line in (
+        "ServiceTypes=Krita/PythonPlugin",
+        "X-KDE-Library=blended_diffusion",
+        "X-Python-2-Compatible=false",
+    ):
+        assert line in text
+
+
+def imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_document_adapter_imports_krita_and_nothing_heavy():
+    for path in PACKAGE.glob("*.py"):
+        found = imports(path)
+        assert ("krita" in found) == (path.name == "document.py"), path.name
+        assert not found & {"numpy", "torch", "PIL"}, path.name
