@@ -64,6 +64,11 @@ class BlendedDiffusionDocker(DockWidget):
         self.guidance.setSingleStep(50)
         self.guidance.setSpecialValueText("model default")  # shown at -1: the setting is omitted
         self.guidance.setToolTip("How strongly CLIP pulls the edit towards the prompt")
+        self.fast = QCheckBox("Fast guidance", root)
+        self.fast.setToolTip(
+            "CLIP's gradient without a backward pass through the UNet: about 3x faster a step, "
+            "rougher results (the engine uses the model's own default weight for it)"
+        )
         self.random_seed = QCheckBox("random", root)
         self.seed = _spin(0, MAX_SEED, 0, "The seed used when 'random' is off")
         self.last_seed = QPushButton("last: –", root)
@@ -81,6 +86,7 @@ class BlendedDiffusionDocker(DockWidget):
         form.addRow("Steps", self.steps)
         form.addRow("Skip", self.skip)
         form.addRow("Guidance", self.guidance)
+        form.addRow("", self.fast)
         form.addRow("Engine", self.endpoint)
         layout.addLayout(form)
 
@@ -135,6 +141,7 @@ class BlendedDiffusionDocker(DockWidget):
         out["seed"] = None if self.random_seed.isChecked() else self.seed.value()
         if self.guidance.value() >= 0:
             out["guidance_weight"] = float(self.guidance.value())
+        out["guidance_mode"] = "fast" if self.fast.isChecked() else "full"
         return out
 
     def _apply(self, group_name: str, layers) -> str:
@@ -189,6 +196,7 @@ class BlendedDiffusionDocker(DockWidget):
         self.steps.setValue(_int(read("steps", "100"), 100))
         self.skip.setValue(_int(read("skip", "25"), 25))
         self.guidance.setValue(_int(read("guidance_weight", "-1"), -1))
+        self.fast.setChecked(read("guidance_mode", "full") == "fast")
         self.random_seed.setChecked(read("random_seed", "true") == "true")
         self.seed.setEnabled(not self.random_seed.isChecked())
         self.seed.setValue(_int(read("seed", "0"), 0))
@@ -200,6 +208,7 @@ class BlendedDiffusionDocker(DockWidget):
         for key, box in (("variants", self.variants), ("steps", self.steps), ("skip", self.skip)):
             write(key, box.value())
         write("guidance_weight", int(self.guidance.value()))
+        write("guidance_mode", "fast" if self.fast.isChecked() else "full")
         write("random_seed", "true" if self.random_seed.isChecked() else "false")
         write("seed", self.seed.value())
         write("endpoint", self.endpoint.text().strip())

@@ -184,6 +184,23 @@ class Driver:
         doc.setActiveNode(source)  # redo activates the group again
         yield 0.1
 
+        # 1b. Fast guidance: the checkbox reaches the engine's settings and the edit completes.
+        docker.fast.setChecked(True)
+        self.check("fast guidance is sent", docker.settings().get("guidance_mode") == "fast")
+        groups = len(doc.rootNode().childNodes())
+        self.press_generate(docker, cfg["endpoint"], cfg["prompt"])
+        done = yield from self.wait(lambda: not docker.controller.active, 120)
+        self.check(
+            "a fast-guidance Generate succeeds",
+            done and docker.controller.progress.state == "done",
+            docker.status.text(),
+        )
+        self.check("it adds one group", len(doc.rootNode().childNodes()) == groups + 1)
+        docker.fast.setChecked(False)
+        yield 0.2
+        doc.setActiveNode(source)
+        yield 0.1
+
         # 2. No selection, through the action (the shortcut's path): a message, nothing added.
         app.action("deselect").trigger()
         yield 0.3
