@@ -133,14 +133,12 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
     import numpy as np
     from tqdm import tqdm
 
-    from engine import keys, region
-    from engine.client import Client, load_keys
+    from engine import region
+    from engine.client import connect
     from engine.edit import Variant
-    from engine.protocol import is_loopback
 
-    curve = {} if is_loopback(args.engine) else load_keys(keys.default_dir())
     height, width, channels = image.shape
-    with Client(args.engine, **curve) as client:
+    with connect(args.engine) as client:
         info = client.hello()
         print(f"models: {info['models']} on {info['device']} at {args.engine}", file=sys.stderr)
         job = client.submit(

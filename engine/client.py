@@ -13,6 +13,8 @@ engine needs to tell a live client from a killed one. Blocking calls (`hello`, `
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -105,6 +107,38 @@ def load_keys(folder: str | Path, name: str = "client") -> dict[str, bytes]:
     server_key, _ = zmq.auth.load_certificate(folder / "server.key")
     public, secret = zmq.auth.load_certificate(folder / f"{name}.key_secret")
     return {"server_key": server_key, "public_key": public, "secret_key": secret}
+
+
+def default_key_dir() -> Path:
+    """Where `python -m engine keys` writes key pairs and clients look for theirs:
+    $BLENDED_DIFFUSION_KEYS, else `blended-diffusion/keys` in the user's config folder (spelled
+    out here because the hosts' Python has no platformdirs)."""
+    override = os.environ.get("BLENDED_DIFFUSION_KEYS")
+    if override:
+        return Path(override)
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "blended-diffusion" / "keys"
+
+
+def connect(
+    endpoint: str = DEFAULT_ENDPOINT,
+    *,
+    key_dir: Path | None = None,
+    key_name: str = "client",
+    curve: bool | None = None,
+    **kwargs: Any,
+) -> Client:
+    """A client for `endpoint`: plain on loopback, CURVE with the keys of `key_dir` (default:
+    `default_key_dir()`) anywhere else, since a remote engine lets in only known keys.
+    `curve=True` asks for CURVE on loopback too (an engine started with --curve)."""
+    if not (protocol.is_loopback(endpoint) if curve is None else not curve):
+        kwargs |= load_keys(key_dir or default_key_dir(), key_name)
+    return Client(endpoint, **kwargs)
 
 
 def rgba_to_bgra(data: bytes) -> bytes:

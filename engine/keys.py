@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq.auth
-from platformdirs import user_config_dir
+
+from engine.client import default_key_dir
 
 SERVER = "server"
 ALLOWED = "allowed"
@@ -26,12 +27,6 @@ class CurveKeys:
     public: bytes  # the server's key pair (Z85)
     secret: bytes
     allowed_dir: Path  # public certificates of the clients allowed to connect
-
-
-def default_dir() -> Path:
-    """$BLENDED_DIFFUSION_KEYS, else `keys` in the user config dir."""
-    override = os.environ.get("BLENDED_DIFFUSION_KEYS")
-    return Path(override) if override else Path(user_config_dir("blended-diffusion")) / "keys"
 
 
 def create(folder: Path, client: str = "client") -> list[Path]:
@@ -67,7 +62,7 @@ def load_server_keys(folder: Path) -> CurveKeys:
 
 def main(args) -> int:
     """`python -m engine keys`: create the key pairs and say where each file goes."""
-    folder = Path(args.dir).expanduser() if args.dir else default_dir()
+    folder = Path(args.dir).expanduser() if args.dir else default_key_dir()
     written = create(folder, args.client)
     for path in written:
         print(f"wrote {path}")

@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 
 from engine import __version__, protocol, region
+from engine.client import default_key_dir
 from engine.edit import EditSettings, run_edit
 from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueue
 from engine.keys import CurveKeys
@@ -373,7 +374,7 @@ def serve(args: Any) -> int:
 
     curve = None
     if args.curve or not is_loopback(args.endpoint):
-        curve = keys.load_server_keys(Path(args.keys) if args.keys else keys.default_dir())
+        curve = keys.load_server_keys(Path(args.keys) if args.keys else default_key_dir())
     check_endpoint(args.endpoint, curve)  # before minutes of model loading
     models = load_models(
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device

@@ -10,7 +10,7 @@ from conftest import free_port, host_picture
 
 from engine import keys
 from engine.__main__ import main
-from engine.client import Client, EngineUnreachable, load_keys
+from engine.client import Client, EngineUnreachable, connect, default_key_dir, load_keys
 from engine.server import BindRefused, Server
 
 
@@ -47,7 +47,8 @@ def test_curve_lets_allowed_keys_edit_and_unknown_keys_get_nothing(start_engine,
     keys.create(stranger, "mallory")  # a valid pair the engine never saw
     server = start_engine(curve=keys.load_server_keys(folder))  # CURVE forced on loopback
 
-    with Client(server.endpoint, timeout=30, keepalive=0.2, **load_keys(folder, "krita")) as c:
+    allowed = connect(server.endpoint, key_dir=folder, key_name="krita", curve=True, timeout=30)
+    with allowed as c:
         assert "tiny UNet" in c.hello()["models"]
         rgba, mask = host_picture(32, 32, (8, 8, 10, 10))
         job = c.submit(rgba, 32, 32, mask, "a red ball", {"steps": 3, "skip": 1, "variants": 1})
@@ -60,3 +61,13 @@ def test_curve_lets_allowed_keys_edit_and_unknown_keys_get_nothing(start_engine,
         with Client(server.endpoint, timeout=1.0, **options) as c:
             with pytest.raises(EngineUnreachable, match="engine unreachable at"):
                 c.hello()
+
+
+def test_clients_find_keys_where_the_keys_command_writes_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("BLENDED_DIFFUSION_KEYS", str(tmp_path / "k"))
+    assert default_key_dir() == tmp_path / "k"
+    assert main(["keys"]) == 0  # into the default folder
+    assert (tmp_path / "k" / "server.key").is_file() and (tmp_path / "k" / "client.key").is_file()
+    monkeypatch.setenv("BLENDED_DIFFUSION_KEYS", str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="server.key is missing"):  # before any traffic
+        connect("tcp://127.0.0.1:1", curve=True)

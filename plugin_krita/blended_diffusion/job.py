@@ -69,9 +69,9 @@ class Progress:
 
 def connect(endpoint: str):
     """The shared client; imported late so a missing pyzmq becomes a message, not a dead plug-in."""
-    from engine.client import Client
+    from engine import client
 
-    return Client(endpoint, timeout=TIMEOUT)
+    return client.connect(endpoint, timeout=TIMEOUT)  # with CURVE keys for a remote engine
 
 
 def group_name(prompt: str) -> str:
@@ -120,7 +120,7 @@ def describe(error: BaseException) -> str:
         return f"The engine refused the edit ({error.code}): {error.message}"
     if isinstance(error, Timeout):
         return f"The engine stopped answering: {error}"
-    if isinstance(error, ValueError):
+    if isinstance(error, ValueError | FileNotFoundError):  # bad input; a remote's missing keys
         return str(error)
     return f"Unexpected error: {type(error).__name__}: {error}"
 
