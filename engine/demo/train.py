@@ -103,6 +103,17 @@ def zero_shot(clip, n_per_caption: int = 30, seed: int = EVAL_SEED) -> dict[str,
     }
 
 
+def _previous_run(init: Path | None) -> dict:
+    """The counts of the run a new one continues, from the JSON record beside its weights."""
+    previous = {"steps": 0, "minutes": 0.0, "runs": 0, "loss_history": []}
+    record = init.with_suffix(".json") if init else None
+    if record and record.is_file():
+        old = json.loads(record.read_text())
+        previous |= {k: old[k] for k in ("steps", "minutes", "loss_history") if k in old}
+        previous["runs"] = old.get("runs", 1)
+    return previous
+
+
 def train_clip(args: argparse.Namespace) -> int:
     from engine.models import load_clip, load_state_dict_checked
 
@@ -110,17 +121,9 @@ def train_clip(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     clip = load_clip("demo", torch.device("cpu"))
-    previous = {"steps": 0, "minutes": 0.0, "runs": 0}
+    previous = _previous_run(args.init)
     if args.init:  # continue a run: its weights, and its counts for the record
         load_state_dict_checked(clip.model, args.init, "CLIP 'engine-demo'")
-        record = args.init.with_suffix(".json")
-        if record.is_file():
-            old = json.loads(record.read_text())
-            previous = {
-                "steps": old["steps"],
-                "minutes": old["minutes"],
-                "runs": old.get("runs", 1),
-            }
     model = clip.model.requires_grad_(True).train()
     # No weight decay on gains, biases, embeddings and the temperature (as CLIP's recipe).
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -196,7 +199,7 @@ def train_unet(args: argparse.Namespace) -> int:
     from guided_diffusion.resample import UniformSampler
     from guided_diffusion.script_util import create_gaussian_diffusion
 
-    from engine.models import CONFIGS, build_unet
+    from engine.models import CONFIGS, build_unet, load_state_dict_checked
 
     # One thread: the machine's other core belongs to other work.
     torch.set_num_threads(args.threads or 1)
@@ -204,6 +207,9 @@ def train_unet(args: argparse.Namespace) -> int:
     rng = np.random.default_rng(args.seed)
     config = CONFIGS["demo"]
     unet = build_unet(config).train()
+    previous = _previous_run(args.init)
+    if args.init:  # continue from a run's EMA weights (the optimiser's state starts anew)
+        load_state_dict_checked(unet, args.init, "model 'demo'")
     ema = copy.deepcopy(unet).requires_grad_(False).eval()
     diffusion = create_gaussian_diffusion(
         steps=1000,
@@ -225,11 +231,12 @@ def train_unet(args: argparse.Namespace) -> int:
         _save(ema.state_dict(), out / "demo_unet.pt")
         info = {
             "model": "demo UNet (engine.models.CONFIGS['demo']), EMA weights",
-            "steps": step,
+            "steps": previous["steps"] + step,
             "batch": args.batch or 32,
-            "minutes": round((time.monotonic() - start) / 60, 2),
+            "minutes": round(previous["minutes"] + (time.monotonic() - start) / 60, 2),
+            "runs": previous["runs"] + 1,
             "final_loss": round(float(np.mean(losses[-100:])), 4) if losses else None,
-            "loss_history": history,  # mean loss of each 100 steps
+            "loss_history": previous["loss_history"] + history,  # mean loss of each 100 steps
             "finished": final,
             "seed": args.seed,
             "machine": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads",
@@ -295,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "--init",
         type=Path,
         default=None,
-        help="clip: continue from this state dict (e.g. the last demo_clip.pt)",
+        help="continue from this state dict (the last demo_clip.pt or demo_unet.pt)",
     )
     p.add_argument("--ema", type=float, default=0.999, help="unet: EMA rate of the weights")
     p.add_argument("--save-every", type=float, default=5.0, help="unet: minutes between saves")

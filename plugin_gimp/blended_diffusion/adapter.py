@@ -1,0 +1,97 @@
+"""The only code that calls Gimp and Gegl for pixels and layers.
+
+Everything runs on the plug-in's main thread: libgimp is not thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import gi
+
+gi.require_version("Gimp", "3.0")
+gi.require_version("Gegl", "0.4")
+from flow import EditError, ResultLayer  # noqa: E402
+from geometry import Box  # noqa: E402
+from gi.repository import Gegl, Gimp  # noqa: E402
+
+PIXELS = "R'G'B'A u8"  # what the engine takes (RGBA8); babl converts from any precision
+MASK = "Y u8"  # the selection's coverage: 0 keep, 255 edit, linear like the channel itself
+MODES = {Gimp.ImageBaseType.GRAY: "grayscale", Gimp.ImageBaseType.INDEXED: "indexed"}
+
+
+class GimpHost:
+    """One layer of one image, as flow.Host."""
+
+    def __init__(self, image: Gimp.Image, drawables: Sequence[Gimp.Drawable]) -> None:
+        if len(drawables) != 1:
+            raise EditError(
+                f"Select exactly one layer to edit ({len(drawables)} are selected)."
+                if drawables
+                else "Select the layer to edit."
+            )
+        drawable = drawables[0]
+        if not isinstance(drawable, Gimp.Layer):  # a channel or a layer mask
+            raise EditError(
+                f"'{drawable.get_name()}' is a channel or a mask: select a layer to edit."
+            )
+        mode = image.get_base_type()
+        if mode != Gimp.ImageBaseType.RGB:
+            # results in a gray or indexed image would silently lose their colours
+            raise EditError(
+                f"This image is {MODES.get(mode, 'not RGB')}: Blended Diffusion edits RGB images. "
+                "Convert it with Image > Mode > RGB, then run it again."
+            )
+        self.image, self.drawable = image, drawable
+        self.name = drawable.get_name()
+        _, x, y = drawable.get_offsets()
+        self.offsets = (x, y)
+        self.size = (drawable.get_width(), drawable.get_height())
+
+    def selection_bounds(self) -> Box | None:
+        _, selected, x1, y1, x2, y2 = Gimp.Selection.bounds(self.image)
+        return Box(x1, y1, x2 - x1, y2 - y1) if selected else None
+
+    def read(self, crop: Box) -> tuple[bytes, bytes]:
+        rect = Gegl.Rectangle.new(crop.x, crop.y, crop.w, crop.h)
+        rgba = self.drawable.get_buffer().get(rect, 1.0, PIXELS, Gegl.AbyssPolicy.NONE)
+        x, y = self.offsets  # the selection lives in image coordinates
+        sel_rect = Gegl.Rectangle.new(crop.x + x, crop.y + y, crop.w, crop.h)
+        # outside the canvas the abyss reads as 0: not selected
+        selection = self.image.get_selection().get_buffer()
+        mask = selection.get(sel_rect, 1.0, MASK, Gegl.AbyssPolicy.NONE)
+        return bytes(rgba), bytes(mask)
+
+    def progress(self, fraction: float, text: str) -> None:
+        Gimp.progress_set_text(text)
+        Gimp.progress_update(fraction)
+
+    def add_layers(self, layers: Sequence[ResultLayer]) -> None:
+        """The results just above the source layer, best on top, as one undo step."""
+        parent = self.drawable.get_parent()
+        position = self.image.get_item_position(self.drawable)
+        self.image.undo_group_start()
+        try:
+            # each insert at the source's old place pushes the earlier ones down: worst first
+            # leaves the best on top, and active as the last one inserted
+            for result in reversed(layers):
+                layer = Gimp.Layer.new(
+                    self.image,
+                    result.name,
+                    result.width,
+                    result.height,
+                    Gimp.ImageType.RGBA_IMAGE,
+                    100.0,
+                    Gimp.LayerMode.NORMAL,
+                )
+                self.image.insert_layer(layer, parent, position)
+                layer.set_offsets(result.x, result.y)
+                buffer = layer.get_buffer()
+                buffer.set(Gegl.Rectangle.new(0, 0, result.width, result.height), PIXELS,
+                           result.rgba)  # fmt: skip
+                buffer.flush()
+                layer.update(0, 0, result.width, result.height)
+                layer.set_visible(result.visible)
+        finally:
+            self.image.undo_group_end()
+        Gimp.displays_flush()

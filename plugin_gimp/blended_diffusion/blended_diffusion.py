@@ -1,0 +1,120 @@
+#!/usr/bin/env python3
+"""Blended Diffusion for GIMP 3: Filters > Generic > Blended Diffusion...
+
+Sends the selected part of the active layer and a text prompt to a running engine
+(`python -m engine serve`) and adds its results as layers above the layer, the best visible,
+in one undo step. The steps live beside this file: params (arguments), geometry (coordinates),
+flow (the edit, host-independent) and adapter (the only Gimp/Gegl pixel and layer code).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# _lib first: install.py puts the shared client (engine/) and, when GIMP's Python lacks it,
+# pyzmq there; this folder next, for the modules beside this file
+sys.path[:0] = [os.path.join(HERE, "_lib"), HERE]
+
+import gi  # noqa: E402
+
+gi.require_version("Gimp", "3.0")
+gi.require_version("Gegl", "0.4")
+import params  # noqa: E402
+from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
+
+PROCEDURE = "python-fu-blended-diffusion"
+RW = GObject.ParamFlags.READWRITE
+
+
+def fail(procedure: Gimp.Procedure, message: str, status=Gimp.PDBStatusType.EXECUTION_ERROR):
+    # a returned GLib.Error is the only way the message reaches the user: an uncaught
+    # exception shows as "gimp_wire_read(): unexpected EOF"
+    return procedure.new_return_values(status, GLib.Error(message))
+
+
+def ask(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> bool:
+    """The procedure's dialog; GIMP fills in the last values and saves them after a success."""
+    gi.require_version("GimpUi", "3.0")
+    from gi.repository import GimpUi
+
+    GimpUi.init(PROCEDURE)
+    dialog = GimpUi.ProcedureDialog.new(procedure, config, "Blended Diffusion")
+    dialog.fill(None)
+    try:
+        return dialog.run()
+    finally:
+        dialog.destroy()
+
+
+def run(procedure, run_mode, image, drawables, config, _data):
+    if run_mode == Gimp.RunMode.INTERACTIVE and not ask(procedure, config):
+        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    try:
+        request = params.request({a.name: config.get_property(a.name) for a in params.ARGS})
+    except ValueError as e:
+        return fail(procedure, str(e), Gimp.PDBStatusType.CALLING_ERROR)
+    try:
+        import flow  # imports the shared client, hence pyzmq
+    except ImportError as e:
+        return fail(
+            procedure,
+            f"Blended Diffusion cannot load its engine client ({e}): it needs pyzmq and the "
+            f"shared client in {os.path.join(HERE, '_lib')}. Run `python install.py "
+            "--plugins-only` again (with --gimp-python X.Y for GIMP's own Python).",
+        )
+    from adapter import GimpHost
+
+    Gegl.init(None)
+    try:
+        host = GimpHost(image, drawables)
+        Gimp.progress_init(f"Blended Diffusion: {request.prompt}")
+        layers = flow.run_edit(host, request)
+        host.add_layers(layers)
+    except flow.EditError as e:
+        return fail(procedure, str(e))
+    except Exception as e:  # a bug: still give its message rather than GIMP's "unexpected EOF"
+        return fail(procedure, f"Blended Diffusion failed: {type(e).__name__}: {e}")
+    finally:
+        Gimp.progress_end()
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+
+
+class BlendedDiffusion(Gimp.PlugIn):
+    def do_set_i18n(self, _name):
+        return False  # no translations: also silences GIMP's locale warnings
+
+    def do_query_procedures(self):
+        return [PROCEDURE]
+
+    def do_create_procedure(self, name):
+        procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run, None)
+        procedure.set_image_types("*")  # gray and indexed get a message, not a greyed-out item
+        procedure.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
+        procedure.set_menu_label("_Blended Diffusion...")
+        procedure.add_menu_path("<Image>/Filters/Generic/")
+        procedure.set_documentation(
+            "Change the selection to match a text prompt",
+            "Blended Diffusion: the selected part of the layer is edited to match the prompt by "
+            "a running engine (python -m engine serve); each variant comes back as a layer "
+            "above it, transparent outside the selection, the best one visible.",
+            name,
+        )
+        procedure.set_attribution("Blended Diffusion plug-in", "Blended Diffusion plug-in", "2026")
+        for arg in params.ARGS:
+            if isinstance(arg.default, str):
+                procedure.add_string_argument(arg.name, arg.label, arg.blurb, arg.default, RW)
+            elif isinstance(arg.default, int):
+                procedure.add_int_argument(
+                    arg.name, arg.label, arg.blurb, arg.low, arg.high, arg.default, RW
+                )
+            else:
+                procedure.add_double_argument(
+                    arg.name, arg.label, arg.blurb, arg.low, arg.high, arg.default, RW
+                )
+        return procedure
+
+
+if __name__ == "__main__":
+    Gimp.main(BlendedDiffusion.__gtype__, sys.argv)

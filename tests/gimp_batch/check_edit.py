@@ -1,0 +1,274 @@
+"""Runs inside real GIMP 3 (python-fu-eval batch): calls the Blended Diffusion plug-in through
+the PDB the way a script would, and writes a JSON verdict for tests/test_gimp_real.py.
+
+Environment: BD_CASE (`edit`: a real edit, needs a running engine and, for the undo check, the
+GUI under Xvfb with a D-Bus session; `errors`: the failure paths; `cancel`: a long edit for the
+test to kill), BD_VERDICT (the JSON file),
+BD_ENDPOINT (a live engine), BD_DEAD_ENDPOINT (nothing listens), BD_PROMPT, BD_EXPORT (a PNG of
+the image with the best result showing), BD_EXPECT (`red`: the best result must be red).
+"""
+
+import json
+import os
+import re
+import time
+import traceback
+
+import gi
+
+gi.require_version("Gimp", "3.0")
+gi.require_version("Gegl", "0.4")
+from gi.repository import Gegl, Gimp, Gio, GLib  # noqa: E402
+
+PROCEDURE = "python-fu-blended-diffusion"
+W, H = 96, 80  # the canvas
+SOURCE = (10, 8, 64, 56)  # the edited layer: x, y (offsets), width, height
+ELLIPSE = (44, 26, 40, 30)  # reaches past the layer's right edge: results are clipped to it
+FEATHER = 8.0
+ENV = os.environ
+verdict = {"case": ENV.get("BD_CASE", "?"), "checks": [], "ok": False}
+
+
+def check(name, ok, detail=""):
+    verdict["checks"].append({"name": name, "ok": bool(ok), "detail": str(detail)})
+    return ok
+
+
+def read(drawable, fmt, rect=None):
+    if rect is None:
+        rect = (0, 0, drawable.get_width(), drawable.get_height())
+    buffer = drawable.get_buffer()
+    return bytes(buffer.get(Gegl.Rectangle.new(*rect), 1.0, fmt, Gegl.AbyssPolicy.NONE))
+
+
+def selection_bytes(image):
+    return read(image.get_selection(), "Y u8", (0, 0, W, H))
+
+
+def make_image(base=Gimp.ImageBaseType.RGB):
+    """A grey background and a gradient layer at an offset, with a feathered ellipse selected."""
+    image = Gimp.Image.new(W, H, base)
+    rgb = base == Gimp.ImageBaseType.RGB
+    kinds = (Gimp.ImageType.RGB_IMAGE, Gimp.ImageType.RGBA_IMAGE) if rgb else (
+        Gimp.ImageType.GRAY_IMAGE, Gimp.ImageType.GRAYA_IMAGE)  # fmt: skip
+    background = Gimp.Layer.new(image, "Background", W, H, kinds[0], 100, Gimp.LayerMode.NORMAL)
+    image.insert_layer(background, None, 0)
+    background.get_buffer().set(Gegl.Rectangle.new(0, 0, W, H), "R'G'B'A u8",
+                                bytes((90, 90, 90, 255)) * (W * H))  # fmt: skip
+    x, y, w, h = SOURCE
+    source = Gimp.Layer.new(image, "source", w, h, kinds[1], 100, Gimp.LayerMode.NORMAL)
+    image.insert_layer(source, None, 0)
+    source.set_offsets(x, y)
+    pixels = bytearray()
+    for j in range(h):
+        for i in range(w):
+            pixels += bytes((i * 4 % 256, j * 4 % 256, 160, 255))
+    source.get_buffer().set(Gegl.Rectangle.new(0, 0, w, h), "R'G'B'A u8", bytes(pixels))
+    source.get_buffer().flush()
+    image.select_ellipse(Gimp.ChannelOps.REPLACE, *ELLIPSE)
+    Gimp.Selection.feather(image, FEATHER)
+    return image, source
+
+
+def call(image, drawable, **args):
+    """(status, message, seconds) of a non-interactive run of the plug-in."""
+    procedure = Gimp.get_pdb().lookup_procedure(PROCEDURE)
+    if procedure is None:
+        raise RuntimeError(f"{PROCEDURE} is not registered: the plug-in did not load")
+    config = procedure.create_config()
+    config.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    config.set_property("image", image)
+    config.set_core_object_array("drawables", [drawable])
+    for name, value in args.items():
+        config.set_property(name.replace("_", "-"), value)
+    start = time.monotonic()
+    result = procedure.run(config)  # never raises: the status says
+    seconds = time.monotonic() - start
+    status = result.index(0)
+    message = result.index(1) if result.length() > 1 else ""
+    return status, message or "", seconds
+
+
+def snapshot(image, source):
+    return {
+        "layers": [layer.get_id() for layer in image.get_layers()],
+        "selection": selection_bytes(image),
+        "source": read(source, "R'G'B'A u8"),
+        "offsets": tuple(source.get_offsets()[1:]),
+    }
+
+
+def same_as(before, image, source, what, keys=("layers", "selection", "source", "offsets")):
+    now = snapshot(image, source)
+    for key in keys:
+        check(f"{what}: {key} unchanged", now[key] == before[key])
+
+
+def selected_box(selection):
+    """The exact box of the selection's non-zero pixels inside the source layer (image coords)."""
+    x0, y0, w, h = SOURCE
+    xs, ys = [], []
+    for y in range(y0, y0 + h):
+        row = selection[y * W + x0 : y * W + x0 + w]
+        stripped = row.lstrip(b"\0")
+        if stripped:
+            ys.append(y)
+            xs += [x0 + w - len(stripped), x0 + len(row.rstrip(b"\0")) - 1]
+    return (min(xs), min(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1)
+
+
+def alpha_errors(layer, selection):
+    """(pixels selected 0 but not transparent, pixels whose alpha is not the selection's)."""
+    _, ox, oy = layer.get_offsets()
+    w, h = layer.get_width(), layer.get_height()
+    rgba = read(layer, "R'G'B'A u8")
+    leaks = off = soft = 0
+    for j in range(h):
+        for i in range(w):
+            s = selection[(oy + j) * W + ox + i]
+            a = rgba[(j * w + i) * 4 + 3]
+            leaks += s == 0 and a != 0
+            off += abs(a - s) > 1
+            soft += 0 < s < 255
+    return leaks, off, soft
+
+
+def mean_colour(layer):
+    """Mean R, G, B of the result's fully selected pixels."""
+    rgba = read(layer, "R'G'B'A u8")
+    inside = [rgba[i : i + 3] for i in range(0, len(rgba), 4) if rgba[i + 3] >= 250]
+    n = max(1, len(inside))
+    return [round(sum(p[c] for p in inside) / n, 1) for c in range(3)], len(inside)
+
+
+def gui_action(name):
+    """Trigger one of GIMP's own menu actions (edit-undo...) as a user would: the GUI exports
+    its actions on D-Bus (org.gtk.Actions); plug-ins have no undo call of their own."""
+    bus = Gio.bus_get_sync(Gio.BusType.SESSION, None)
+    bus.call_sync(
+        "org.gimp.GIMP.UI", "/org/gimp/GIMP", "org.gtk.Actions", "Activate",
+        GLib.Variant("(sava{sv})", (name, [], {})), None, Gio.DBusCallFlags.NONE, 10000, None,
+    )  # fmt: skip
+
+
+def case_edit():
+    prompt = ENV.get("BD_PROMPT", "a red circle")
+    image, source = make_image()
+    display = Gimp.Display.new(image) if ENV.get("BD_UNDO") == "dbus" else None
+    before = snapshot(image, source)
+    status, message, seconds = call(
+        image, source, prompt=prompt, variants=2, steps=10, skip=2, seed=7,
+        endpoint=ENV["BD_ENDPOINT"],
+    )  # fmt: skip
+    verdict["edit_seconds"] = round(seconds, 2)
+    if not check("status success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}"):
+        return
+    layers = image.get_layers()
+    new = [layer for layer in layers if layer.get_id() not in before["layers"]]
+    verdict["layers"] = [
+        {"name": la.get_name(), "offsets": list(la.get_offsets()[1:]), "visible": la.get_visible(),
+         "size": [la.get_width(), la.get_height()]} for la in layers
+    ]  # fmt: skip
+    check("two result layers", len(new) == 2, [la.get_name() for la in new])
+    check("results right above the source, best first", layers[:3] == [*new, source])
+    quoted = re.escape(f'"{prompt}"')
+    for rank, layer in enumerate(new, 1):
+        pattern = rf"{quoted} #{rank} \(CLIP d=\d+\.\d{{3}}\)( \[(demo|random) model\])?"
+        check(f"name of #{rank}", re.fullmatch(pattern, layer.get_name()), layer.get_name())
+    check("best visible, other hidden", [la.get_visible() for la in new] == [True, False])
+    selection = before["selection"]
+    box = selected_box(selection)
+    for rank, layer in enumerate(new, 1):
+        got = (*layer.get_offsets()[1:], layer.get_width(), layer.get_height())
+        check(f"#{rank} covers the selection inside the source", got == box, f"{got} vs {box}")
+        leaks, off, soft = alpha_errors(layer, selection)
+        check(f"#{rank} transparent outside the selection", leaks == 0, f"{leaks} pixels")
+        check(f"#{rank} alpha is the soft selection", off == 0 and soft > 0, f"{off} off, {soft}")
+    same_as(before, image, source, "after the edit", ("selection", "source", "offsets"))
+    colour, count = mean_colour(new[0])
+    verdict["best_mean_rgb"], verdict["best_opaque_pixels"] = colour, count
+    if ENV.get("BD_EXPECT") == "red":
+        r, g, b = colour
+        check("best result is red", r > g + 40 and r > b + 40, colour)
+    if ENV.get("BD_EXPORT"):  # PNG export flattens what is visible: what the user sees
+        Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(
+            ENV["BD_EXPORT"]), None)  # fmt: skip
+    if display is None:
+        verdict["undo"] = "not checked: needs the GUI (BD_UNDO=dbus)"
+        return
+    gui_action("edit-undo")
+    after = snapshot(image, source)
+    check("one undo removes every result layer", after["layers"] == before["layers"],
+          [la.get_name() for la in image.get_layers()])  # fmt: skip
+    check("one undo leaves the selection (the step before ours)", after["selection"] == selection)
+    check("one undo leaves the source", after["source"] == before["source"])
+    gui_action("edit-redo")
+    check("one redo brings both back", [la.get_id() for la in image.get_layers()][:2] ==
+          [la.get_id() for la in new])  # fmt: skip
+    verdict["undo"] = "edit-undo once: results gone, selection and source kept; edit-redo: back"
+    display.delete()
+
+
+def case_errors():
+    dead, live = ENV["BD_DEAD_ENDPOINT"], ENV.get("BD_ENDPOINT", ENV["BD_DEAD_ENDPOINT"])
+    run = dict(prompt="a red circle", variants=2, steps=10, skip=2)
+    image, source = make_image()
+    before = snapshot(image, source)
+    status, message, seconds = call(image, source, endpoint=dead, **run)
+    verdict["dead_engine_seconds"] = round(seconds, 2)
+    check("no engine: execution error", status == Gimp.PDBStatusType.EXECUTION_ERROR, status)
+    check("no engine: says unreachable and where", "unreachable" in message and dead in message,
+          message)  # fmt: skip
+    check("no engine: gives up within 15 s", seconds < 15, seconds)
+    same_as(before, image, source, "no engine")
+
+    status, message, _ = call(image, source, endpoint=live, **{**run, "prompt": "  "})
+    check("no prompt: calling error", status == Gimp.PDBStatusType.CALLING_ERROR, status)
+    check("no prompt: asks for one", "prompt" in message, message)
+    status, message, _ = call(image, source, endpoint=live, **{**run, "skip": 10})
+    check("skip >= steps: says so", "Skip" in message, message)
+    same_as(before, image, source, "bad arguments")
+
+    Gimp.Selection.none(image)
+    before = snapshot(image, source)
+    status, message, _ = call(image, source, endpoint=live, **run)
+    check("no selection: says nothing is selected", "Nothing is selected" in message, message)
+    same_as(before, image, source, "no selection")
+
+    image.select_rectangle(Gimp.ChannelOps.REPLACE, 80, 66, 10, 10)  # beside the source layer
+    before = snapshot(image, source)
+    status, message, _ = call(image, source, endpoint=live, **run)
+    check("selection off the layer: says so", "does not overlap" in message, message)
+    same_as(before, image, source, "selection off the layer")
+
+    gray, gray_source = make_image(Gimp.ImageBaseType.GRAY)
+    before = snapshot(gray, gray_source)
+    status, message, _ = call(gray, gray_source, endpoint=live, **run)
+    check("grayscale image: refused with the fix", "Image > Mode > RGB" in message, message)
+    same_as(before, gray, gray_source, "grayscale image")
+    verdict["messages"] = "see checks"
+
+
+def case_cancel():
+    """A long edit whose plug-in process the test kills mid-job, as GIMP does on Cancel."""
+    image, source = make_image()
+    before = snapshot(image, source)
+    status, message, seconds = call(
+        image, source, prompt="a red circle", variants=8, steps=1000, skip=0,
+        endpoint=ENV["BD_ENDPOINT"],
+    )  # fmt: skip
+    verdict["killed_after_seconds"], verdict["message"] = round(seconds, 2), message
+    check("killed plug-in: the call fails", status != Gimp.PDBStatusType.SUCCESS, status)
+    same_as(before, image, source, "killed plug-in")
+
+
+try:
+    Gegl.init(None)
+    cases = {"edit": case_edit, "errors": case_errors, "cancel": case_cancel}
+    cases[ENV.get("BD_CASE", "edit")]()
+    verdict["ok"] = bool(verdict["checks"]) and all(c["ok"] for c in verdict["checks"])
+except Exception:
+    verdict["error"] = traceback.format_exc()
+finally:
+    with open(ENV["BD_VERDICT"], "w") as out:
+        json.dump(verdict, out, indent=1)
