@@ -136,6 +136,8 @@ def connect(
     """A client for `endpoint`: plain on loopback, CURVE with the keys of `key_dir` (default:
     `default_key_dir()`) anywhere else, since a remote engine lets in only known keys.
     `curve=True` asks for CURVE on loopback too (an engine started with --curve)."""
+    if "://" not in endpoint or endpoint.endswith("://"):  # before looking for keys for it
+        raise ValueError(f"not an engine address: {endpoint!r} (e.g. {DEFAULT_ENDPOINT})")
     if not (protocol.is_loopback(endpoint) if curve is None else not curve):
         kwargs |= load_keys(key_dir or default_key_dir(), key_name)
     return Client(endpoint, **kwargs)

@@ -36,13 +36,16 @@ def test_defaults_make_the_engines_defaults():
     req = params.request(VALUES)
     assert req.prompt == "a red circle" and req.endpoint == engine_client.DEFAULT_ENDPOINT
     # -1 seed and guidance weight leave them to the engine (random, the model's default)
-    assert req.settings == {"variants": 4, "steps": 100, "skip": 25, "padding": params.PADDING}
+    assert req.settings == {
+        "variants": 4, "steps": 100, "skip": 25, "padding": params.PADDING, "guidance_mode": "full"
+    }  # fmt: skip
 
 
 def test_arguments_reach_the_settings():
     values = VALUES | {"seed": 7, "guidance-weight": 500.0, "variants": 2, "steps": 10, "skip": 2}
     settings = params.request(values | {"prompt": "  a cat \n"}).settings
     assert settings["seed"] == 7 and settings["guidance_weight"] == 500.0
+    assert params.request(values | {"fast-guidance": True}).settings["guidance_mode"] == "fast"
     assert (settings["variants"], settings["steps"], settings["skip"]) == (2, 10, 2)
     assert params.request(values | {"prompt": "  a cat \n"}).prompt == "a cat"
 

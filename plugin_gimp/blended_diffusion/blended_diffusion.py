@@ -105,6 +105,8 @@ class BlendedDiffusion(Gimp.PlugIn):
         for arg in params.ARGS:
             if isinstance(arg.default, str):
                 procedure.add_string_argument(arg.name, arg.label, arg.blurb, arg.default, RW)
+            elif isinstance(arg.default, bool):  # before int: a bool is an int to Python
+                procedure.add_boolean_argument(arg.name, arg.label, arg.blurb, arg.default, RW)
             elif isinstance(arg.default, int):
                 procedure.add_int_argument(
                     arg.name, arg.label, arg.blurb, arg.low, arg.high, arg.default, RW

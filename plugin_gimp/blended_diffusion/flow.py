@@ -55,7 +55,7 @@ Connect = Callable[[str], "engine_client.Client"]
 
 
 def default_connect(endpoint: str) -> engine_client.Client:
-    return engine_client.Client(endpoint, timeout=CONNECT_TIMEOUT)
+    return engine_client.connect(endpoint, timeout=CONNECT_TIMEOUT)  # CURVE keys if remote
 
 
 def read_selection(host: Host) -> tuple[Box, bytes, bytes]:
@@ -85,7 +85,7 @@ def run_edit(host: Host, request: Request, connect: Connect = default_connect) -
     host.progress(0.0, f"Blended Diffusion: connecting to {request.endpoint}")
     try:
         client = connect(request.endpoint)
-    except ValueError as e:  # a malformed address
+    except (ValueError, FileNotFoundError) as e:  # a malformed address; a remote's missing keys
         raise EditError(f"Blended Diffusion: {e}") from None
     try:
         job = _submit_and_wait(client, host, request, crop, rgba, mask)

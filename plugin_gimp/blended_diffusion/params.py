@@ -23,7 +23,7 @@ class Arg:
     name: str  # GObject property name of the procedure's config
     label: str  # the dialog's label, with its mnemonic
     blurb: str  # the tooltip and the PDB description
-    default: str | int | float
+    default: str | bool | int | float
     low: int | float | None = None  # None: a string argument
     high: int | float | None = None
 
@@ -53,6 +53,13 @@ ARGS: tuple[Arg, ...] = (
         -1.0,
         -1.0,
         1e6,
+    ),
+    Arg(
+        "fast-guidance",
+        "_Fast guidance",
+        "CLIP's gradient without a backward pass through the UNet: about 3x faster a step, "
+        "rougher results (with the model's own default weight for it)",
+        False,
     ),
     Arg(
         "endpoint",
@@ -98,4 +105,5 @@ def request(values: Mapping[str, Any]) -> Request:
         settings["seed"] = int(values["seed"])
     if values["guidance-weight"] >= 0:
         settings["guidance_weight"] = float(values["guidance-weight"])
+    settings["guidance_mode"] = "fast" if values.get("fast-guidance") else "full"
     return Request(prompt, endpoint, settings)

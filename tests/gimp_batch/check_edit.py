@@ -195,7 +195,7 @@ def case_edit():
             ENV["BD_EXPORT"]), None)  # fmt: skip
     if display is None:
         verdict["undo"] = "not checked: needs the GUI (BD_UNDO=dbus)"
-        return
+        return check_fast_guidance(image, source, prompt)
     gui_action("edit-undo")
     after = snapshot(image, source)
     check("one undo removes every result layer", after["layers"] == before["layers"],
@@ -206,7 +206,21 @@ def case_edit():
     check("one redo brings both back", [la.get_id() for la in image.get_layers()][:2] ==
           [la.get_id() for la in new])  # fmt: skip
     verdict["undo"] = "edit-undo once: results gone, selection and source kept; edit-redo: back"
+    check_fast_guidance(image, source, prompt)
     display.delete()
+
+
+def check_fast_guidance(image, source, prompt):
+    """The dialog's Fast guidance choice: a second edit with it adds its own two layers."""
+    before = [la.get_id() for la in image.get_layers()]
+    status, message, seconds = call(
+        image, source, prompt=prompt, variants=2, steps=10, skip=2, seed=7, fast_guidance=True,
+        endpoint=ENV["BD_ENDPOINT"],
+    )  # fmt: skip
+    verdict["fast_edit_seconds"] = round(seconds, 2)
+    check("fast guidance: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
+    added = [la for la in image.get_layers() if la.get_id() not in before]
+    check("fast guidance: two more layers", len(added) == 2, [la.get_name() for la in added])
 
 
 def case_errors():
