@@ -129,7 +129,7 @@ def run_edit(
         )
     out = out.float().clamp(-1, 1)
     dists = guide.rank_distance(out * mask_t, prompt).tolist()
-    results = out.permute(0, 2, 3, 1).float().cpu().numpy()
+    results = out.permute(0, 2, 3, 1).cpu().numpy()
     order = sorted(range(len(seeds)), key=lambda i: dists[i])
     return [
         Variant(
