@@ -147,7 +147,11 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
             height,
             np.ascontiguousarray(mask).tobytes(),
             args.prompt,
-            dataclasses.asdict(settings),
+            {  # precision and recompute follow the engine's hardware, not the client's
+                k: v
+                for k, v in dataclasses.asdict(settings).items()
+                if v is not None and k not in ("precision", "recompute")
+            },
             image_format="RGBA8" if channels == 4 else "RGB8",
         )
         bar = tqdm(
