@@ -74,10 +74,12 @@ def judge(reader: Reader, prompt: str, variant: Variant) -> dict:
     }
 
 
-def run(models: Models, variants: int, steps: int, skip: int, seed: int) -> list[dict]:
+def run(
+    models: Models, variants: int, steps: int, skip: int, seed: int, settings: dict[str, dict]
+) -> list[dict]:
     reader, (image, mask) = Reader(models), canvas()
     rows = []
-    for name, overrides in SETTINGS.items():
+    for name, overrides in settings.items():
         start, verdicts = time.perf_counter(), []
         for i, prompt in enumerate(PROMPTS):
             settings = EditSettings(
@@ -106,10 +108,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--skip", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="MODE:W",
+        help="also measure guidance MODE (full|fast) at weight W, e.g. fast:100 (repeatable)",
+    )
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    settings = dict(SETTINGS)
+    for item in args.weight:
+        mode, _, weight = item.partition(":")
+        settings[f"{mode}, weight {weight}"] = {
+            "guidance_mode": mode,
+            "guidance_weight": float(weight),
+        }
     models = load_models("demo", device="cpu")
-    rows = run(models, args.variants, args.steps, args.skip, args.seed)
+    rows = run(models, args.variants, args.steps, args.skip, args.seed, settings)
     if args.json:
         print(json.dumps({"models": models.label, "prompts": PROMPTS, "rows": rows}))
         return 0
