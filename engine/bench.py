@@ -95,11 +95,12 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
         kwargs = (
             {"y": torch.zeros(batch, dtype=torch.long, device=dev)} if config.class_cond else None
         )
+        engine_unet = accel.in_precision(unet, dev, precision)
 
         def step(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
             guided = loss_fn if i % opts["guidance_every"] == 0 else None
             x, _ = guided_step(
-                diffusion, unet, x, t, guided, randn(g, x.shape[1:]),
+                diffusion, engine_unet, x, t, guided, randn(g, x.shape[1:]),
                 guidance_mode=opts["guidance_mode"], model_kwargs=kwargs,
             )  # fmt: skip
             return blend(diffusion, x, source, mask, t, randn(g, x.shape[1:]))
@@ -107,7 +108,8 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     x = randn(g, source.shape[1:])
     rss_models = _peak_rss_mb()
     times = []
-    with accel.autocast(dev, precision), accel.recompute(unet, recompute):
+    clip_precision = accel.clip_precision(precision, dev)
+    with accel.autocast(dev, clip_precision), accel.recompute(unet, recompute):
         for i in range(-1, steps):  # step -1 warms up (first-call allocations), untimed
             t = torch.full((batch,), SCHEDULE_STEPS - SKIP - 2 - i, device=dev, dtype=torch.long)
             elapsed = _timed(lambda t=t, i=i: x.copy_(step(x, t, max(i, 0))), dev)
@@ -115,7 +117,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
                 times.append(elapsed)
         peak = _peak_rss_mb()
         parts = (
-            _breakdown(unet, guide, mask, x, t, opts["guidance_mode"], dev)
+            _breakdown(engine_unet, guide, mask, x, t, opts["guidance_mode"], dev)
             if part == "engine" and opts["breakdown"]
             else {}
         )

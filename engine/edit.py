@@ -102,12 +102,12 @@ def run_edit(
     )
     with (
         torch.random.fork_rng(devices=devices),
-        accel.autocast(dev, precision),
+        accel.autocast(dev, accel.clip_precision(precision, dev)),
         accel.recompute(models.unet, recompute),
     ):
         torch.manual_seed(seed)
         out = blended_diffusion(
-            models.unet,
+            accel.in_precision(models.unet, dev, precision),
             models.diffusion(settings.steps),
             guide,
             source,

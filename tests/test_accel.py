@@ -59,3 +59,22 @@ def test_precision_policy():
     assert accel.resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(ValueError, match="precision"):
         accel.resolve_precision("int8", cpu)
+
+
+def test_the_unet_runs_in_16_bits_and_hands_back_fp32_clip_stays_fp32_on_a_cpu(unet):
+    x, t = _inputs()
+    cpu = torch.device("cpu")
+    seen = []
+
+    def spy(x, t):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return unet(x, t)
+
+    with torch.no_grad():
+        out = accel.in_precision(spy, cpu, "bf16")(x, t)
+        ref = unet(x, t)
+    assert seen == [True] and out.dtype == torch.float32
+    assert (out - ref).abs().max().item() < 0.1 * ref.abs().max().item()  # bf16, not garbage
+    assert accel.in_precision(unet, cpu, "fp32") is unet
+    assert accel.clip_precision("bf16", cpu) == "fp32"
+    assert accel.clip_precision("fp16", torch.device("cuda")) == "fp16"
