@@ -39,23 +39,12 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):
+    """EditSettings from the options, which are named after its fields."""
+    import dataclasses
+
     from engine.edit import EditSettings
 
-    return EditSettings(
-        variants=args.variants,
-        seed=args.seed,
-        steps=args.steps,
-        skip=args.skip,
-        guidance_weight=args.guidance_weight,
-        range_weight=args.range_weight,
-        augmentations=args.augmentations,
-        sampler=args.sampler,
-        guidance_mode=args.guidance_mode,
-        guidance_every=args.guidance_every,
-        padding=args.padding,
-        precision=args.precision,
-        recompute=args.recompute,
-    )
+    return EditSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EditSettings)})
 
 
 def _read_inputs(image_path: str, mask_path: str):
