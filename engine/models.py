@@ -89,6 +89,9 @@ CONFIGS: dict[str, UNetConfig] = {
             noise_schedule="cosine",
             weight=DEMO_DIR / "demo_unet.pt",
             default_clip=f"demo:{DEMO_DIR / 'demo_clip.pt'}",
+            # measured with `demo-ablation`: full 300 obeyed in 81% of variants (1000: 62%, and
+            # rougher); fast 100 in 56% (300 diverged into colour noise: 6%)
+            guidance_weights=(("full", 300.0), ("fast", 100.0)),
         ),
         UNetConfig(
             "tiny",
