@@ -156,8 +156,9 @@ def case_edit():
     image, source = make_image()
     display = Gimp.Display.new(image) if ENV.get("BD_UNDO") == "dbus" else None
     before = snapshot(image, source)
+    steps, skip = int(ENV.get("BD_STEPS", "10")), int(ENV.get("BD_SKIP", "2"))
     status, message, seconds = call(
-        image, source, prompt=prompt, variants=2, steps=10, skip=2, seed=7,
+        image, source, prompt=prompt, variants=2, steps=steps, skip=skip, seed=7,
         endpoint=ENV["BD_ENDPOINT"],
     )  # fmt: skip
     verdict["edit_seconds"] = round(seconds, 2)
