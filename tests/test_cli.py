@@ -84,8 +84,9 @@ def test_bench_prints_both_formulations_measured_in_one_run():
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["reference_step_s"] > 0 and result["engine_step_s"] > 0
+    # the step times are rounded to 1 ms, which is a few percent of a tiny model's step
     assert result["ratio"] == pytest.approx(
-        result["engine_step_s"] / result["reference_step_s"], abs=0.01
+        result["engine_step_s"] / result["reference_step_s"], rel=0.1
     )
     assert result["peak_rss_mb"] >= max(
         result["reference_peak_rss_mb"], result["engine_peak_rss_mb"]
