@@ -10,14 +10,17 @@ from pathlib import Path
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from engine.devices import CHOICES
+
     p.add_argument("--model", default="tiny", help="tiny | demo | adm256 | adm512 (default tiny)")
     p.add_argument("--unet-checkpoint", help="a guided-diffusion state dict for --model")
     p.add_argument("--clip", help="NAME[:PRETRAINED_OR_FILE] (default: the model's own CLIP)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=CHOICES, help="default: the first GPU found")
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
-    from engine.accel import PRECISIONS, RECOMPUTE
+    from engine.accel import RECOMPUTE
+    from engine.devices import PRECISIONS
     from engine.edit import GUIDANCE_MODES, SAMPLERS, EditSettings
 
     d = EditSettings()
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in PASSTHROUGH:
         return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
-    from engine.accel import PRECISIONS, RECOMPUTE
+    from engine.accel import RECOMPUTE
+    from engine.devices import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

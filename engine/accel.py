@@ -9,7 +9,6 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,8 @@ from guided_diffusion.unet import AttentionBlock, QKVAttentionLegacy, ResBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from engine import devices
+
 RECOMPUTE = ("auto", "on", "off")
 # Activations one variant keeps for the guided backward through the ADM-256 UNet in fp32
 # (measured by `python -m engine bench`); other models scale it by pixels x channels.
@@ -74,60 +74,16 @@ def recompute(unet: nn.Module, enabled: bool) -> Iterator[None]:
             b.recompute = False
 
 
-def cpu_has_native_bf16() -> bool:
-    flags = Path("/proc/cpuinfo")
-    if not flags.is_file():
-        return False
-    text = flags.read_text()
-    return "avx512_bf16" in text or "amx_bf16" in text
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: fp16 on CUDA (as the official code), bf16 on a CPU that computes it natively."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision: matmuls and convolutions in 16 bits, the rest in fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def clip_precision(precision: str, device: torch.device) -> str:
-    """CLIP runs in 16 bits on CUDA only: on a CPU, bf16 autocast made CLIP ViT-B/16's forward
-    and backward over 8 copies slower (22.6 s against 12.7 s in fp32, measured here)."""
-    return precision if device.type == "cuda" else "fp32"
-
-
 def in_precision(unet: Callable, device: torch.device, precision: str) -> Callable:
     """The UNet under autocast, its output back in fp32 for the diffusion's arithmetic."""
     if precision == "fp32":
         return unet
 
     def run(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
-        with autocast(device, precision):
+        with devices.autocast(device, precision):
             return unet(x, t, **kwargs).float()
 
     return run
-
-
-def available_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / 2**30
-    meminfo = Path("/proc/meminfo")
-    if meminfo.is_file():
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 2**20
-    return 8.0  # no way to tell (macOS, Windows): assume a modest machine
 
 
 def activations_gb(arch: dict, batch: int, precision: str) -> float:
@@ -143,4 +99,4 @@ def resolve_recompute(
     recomputing costs about one more UNet forward per step."""
     if setting != "auto":
         return setting == "on"
-    return activations_gb(arch, batch, precision) > 0.8 * available_memory_gb(device)
+    return activations_gb(arch, batch, precision) > 0.8 * devices.available_memory_gb(device)

@@ -21,9 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from engine import accel
+from engine import accel, devices
 from engine.guidance import Guide
-from engine.models import CONFIGS, build_unet, load_clip, make_diffusion, resolve_device
+from engine.models import CONFIGS, build_unet, load_clip, make_diffusion
 from engine.reference import official_cond_fn, official_step
 from engine.sampler import blend, clip_loss_fn, guided_step, randn
 
@@ -36,12 +36,10 @@ def _peak_rss_mb() -> float:
 
 
 def _timed(fn: Callable[[], object], dev: torch.device) -> float:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    devices.synchronize(dev)
     start = time.perf_counter()
     fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+    devices.synchronize(dev)
     return time.perf_counter() - start
 
 
@@ -65,16 +63,16 @@ def _breakdown(unet, guide, mask, x, t, mode: str, dev: torch.device) -> dict:
 
 def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     """Seconds per step of `part` ('reference' or 'engine') and the process's peak memory."""
-    dev = resolve_device(opts["device"])
+    dev = devices.resolve(opts["device"])
     config = CONFIGS[model]
-    unet = build_unet(config, use_fp16=dev.type == "cuda", seed=0)
+    unet = build_unet(config, use_fp16=devices.fp16_blocks(dev), seed=0)
     unet.requires_grad_(False).eval().to(dev)
-    if dev.type == "cuda":
+    if devices.fp16_blocks(dev):
         unet.convert_to_fp16()
     guide = Guide(load_clip(config.default_clip.partition(":")[0], dev))  # random weights
     diffusion = make_diffusion(config, SCHEDULE_STEPS)
     size = config.image_size
-    g = [torch.Generator(device=dev).manual_seed(i) for i in range(batch)]
+    g = devices.generators(list(range(batch)), dev)
     source = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)
     source = (source * 2 - 1).expand(batch, -1, -1, -1)
     mask = torch.zeros(1, 1, size, size, device=dev)
@@ -89,7 +87,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     else:
         accel.fuse_attention(unet)
         accel.allow_recompute(unet)
-        precision = accel.resolve_precision(opts["precision"], dev)
+        precision = devices.resolve_precision(opts["precision"], dev)
         recompute = accel.resolve_recompute(opts["recompute"], config.arch, batch, precision, dev)
         loss_fn = clip_loss_fn(diffusion, guide, mask, PROMPT, 1000.0, 50.0)
         kwargs = (
@@ -108,8 +106,8 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     x = randn(g, source.shape[1:])
     rss_models = _peak_rss_mb()
     times = []
-    clip_precision = accel.clip_precision(precision, dev)
-    with accel.autocast(dev, clip_precision), accel.recompute(unet, recompute):
+    clip_precision = devices.clip_precision(precision, dev)
+    with devices.autocast(dev, clip_precision), accel.recompute(unet, recompute):
         for i in range(-1, steps):  # step -1 warms up (first-call allocations), untimed
             t = torch.full((batch,), SCHEDULE_STEPS - SKIP - 2 - i, device=dev, dtype=torch.long)
             elapsed = _timed(lambda t=t, i=i: x.copy_(step(x, t, max(i, 0))), dev)
@@ -128,7 +126,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
         "step_s": step_s,
         "peak_rss_mb": peak,
         "models_rss_mb": rss_models,
-        "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None,
+        "device_peak_mb": devices.peak_memory_mb(dev),
         "precision": precision,
         "recompute": recompute,
         "breakdown": parts,
@@ -176,7 +174,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     return {
         "model": args.model,
         "weights": "random (timing only)",
-        "device": str(resolve_device(args.device)),
+        "device": str(devices.resolve(args.device)),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "steps_timed": args.steps,

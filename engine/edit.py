@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine import accel, region
+from engine import accel, devices, region
 from engine.guidance import Guide
 from engine.models import Models
 from engine.sampler import blended_diffusion
@@ -34,7 +34,7 @@ class EditSettings:
     guidance_mode: str = "full"
     guidance_every: int = 1  # guide one step in N: faster, further from the paper
     padding: float = 0.25
-    precision: str = "auto"  # engine/accel.py: bf16 on CPUs that compute it natively, fp16 on CUDA
+    precision: str = "auto"  # engine/devices.py: what the device computes natively
     recompute: str = "auto"  # drop UNet activations and recompute them when memory is short
 
     def check(self) -> None:
@@ -52,8 +52,8 @@ class EditSettings:
             raise region.RegionError(f"guidance mode must be one of {GUIDANCE_MODES}")
         if self.guidance_every < 1:
             raise region.RegionError("guidance_every must be at least 1")
-        if self.precision not in accel.PRECISIONS:
-            raise region.RegionError(f"precision must be one of {accel.PRECISIONS}")
+        if self.precision not in devices.PRECISIONS:
+            raise region.RegionError(f"precision must be one of {devices.PRECISIONS}")
         if self.recompute not in accel.RECOMPUTE:
             raise region.RegionError(f"recompute must be one of {accel.RECOMPUTE}")
 
@@ -65,10 +65,6 @@ class Variant:
     rgba: np.ndarray  # h x w x 4 uint8: the edit, alpha = the selection
     distance: float  # CLIP distance of the masked result to the prompt (lower is closer)
     seed: int
-
-
-def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
-    return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
 
 def run_edit(
@@ -95,14 +91,13 @@ def run_edit(
     mask_t = torch.from_numpy(m)[None, None].to(dev)
     seeds = [seed + i for i in range(settings.variants)]
     guide = Guide(models.clip, settings.augmentations)
-    devices = [dev] if dev.type == "cuda" else []
-    precision = accel.resolve_precision(settings.precision, dev)
+    precision = devices.resolve_precision(settings.precision, dev)
     recompute = accel.resolve_recompute(
         settings.recompute, models.config.arch, settings.variants, precision, dev
     )
     with (
-        torch.random.fork_rng(devices=devices),
-        accel.autocast(dev, accel.clip_precision(precision, dev)),
+        devices.fork_rng(dev),
+        devices.autocast(dev, devices.clip_precision(precision, dev)),
         accel.recompute(models.unet, recompute),
     ):
         torch.manual_seed(seed)
@@ -113,7 +108,7 @@ def run_edit(
             source,
             mask_t,
             prompt,
-            _generators(seeds, dev),
+            devices.generators(seeds, dev),
             skip=settings.skip,
             clip_weight=(
                 settings.guidance_weight

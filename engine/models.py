@@ -18,7 +18,7 @@ from guided_diffusion.respace import SpacedDiffusion
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model
 from guided_diffusion.unet import UNetModel
 
-from engine import accel, weights
+from engine import accel, devices, weights
 
 open_clip.add_model_config(Path(__file__).parent / "clip_configs")
 
@@ -118,14 +118,6 @@ class CheckpointError(ValueError):
     pass
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(device)
-
-
 def load_state_dict_checked(module: torch.nn.Module, path: Path, what: str) -> None:
     """Load a plain state dict into `module`, or say which file is wrong and how."""
     try:
@@ -195,7 +187,7 @@ def load_unet(
         checkpoint = w if isinstance(w, Path) else weights.locate(w)
     if checkpoint is not None and not checkpoint.is_file():
         raise weights.MissingWeights(f"weight file {checkpoint} is missing")
-    fp16 = device.type == "cuda"
+    fp16 = devices.fp16_blocks(device)
     unet = build_unet(config, use_fp16=fp16, seed=0 if checkpoint is None else None)
     if checkpoint is None:
         label = config.label
@@ -310,7 +302,7 @@ def load_models(
     if model not in CONFIGS:
         raise ValueError(f"unknown model '{model}': choose one of {', '.join(CONFIGS)}")
     config = CONFIGS[model]
-    dev = resolve_device(device)
+    dev = devices.resolve(device)
     ckpt = Path(unet_checkpoint).expanduser() if unet_checkpoint else None
     unet, unet_label = load_unet(config, ckpt, dev)
     return Models(config, unet, load_clip(clip or config.default_clip, dev), dev, unet_label)

@@ -50,18 +50,7 @@ def test_recomputed_activations_give_the_same_gradient(unet):
     assert not any(getattr(m, "recompute", False) for m in patched.modules())
 
 
-def test_precision_policy():
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert accel.resolve_precision("auto", cuda) == "fp16"
-    assert accel.resolve_precision("auto", cpu) == (
-        "bf16" if accel.cpu_has_native_bf16() else "fp32"
-    )
-    assert accel.resolve_precision("fp32", cpu) == "fp32"
-    with pytest.raises(ValueError, match="precision"):
-        accel.resolve_precision("int8", cpu)
-
-
-def test_the_unet_runs_in_16_bits_and_hands_back_fp32_clip_stays_fp32_on_a_cpu(unet):
+def test_the_unet_runs_in_16_bits_and_hands_back_fp32(unet):
     x, t = _inputs()
     cpu = torch.device("cpu")
     seen = []
@@ -76,5 +65,3 @@ def test_the_unet_runs_in_16_bits_and_hands_back_fp32_clip_stays_fp32_on_a_cpu(u
     assert seen == [True] and out.dtype == torch.float32
     assert (out - ref).abs().max().item() < 0.1 * ref.abs().max().item()  # bf16, not garbage
     assert accel.in_precision(unet, cpu, "fp32") is unet
-    assert accel.clip_precision("bf16", cpu) == "fp32"
-    assert accel.clip_precision("fp16", torch.device("cuda")) == "fp16"
