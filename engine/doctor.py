@@ -79,19 +79,46 @@ def versions(report: Report) -> None:
 
 
 def device(report: Report) -> None:
+    """The device the engine will use, why each other kind is not used, and the GPUs install.py
+    finds in the machine: a GPU the engine cannot use is a problem, with the command that fixes
+    it."""
     report.section("device")
     try:
-        import torch
+        from engine import devices
     except ImportError:
         report.line("device", "unknown: torch is not installed", problem=True)
         return
-    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
-    if torch.cuda.is_available():
-        names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
-        report.line("device", f"CUDA: {', '.join(sorted(names))} (torch {build})")
-    else:
-        why = "no usable NVIDIA GPU" if torch.version.cuda else "no CUDA in this torch"
-        report.line("device", f"CPU (torch {build}, {why})")
+    import torch
+
+    chosen = devices.resolve("auto")
+    gpus = ", ".join(devices.names(chosen))
+    report.line(
+        "device",
+        f"{devices.LABELS[chosen.type]}{f': {gpus}' if gpus else ''} (torch {devices.build()})",
+    )
+    order = devices.KINDS.index(chosen.type)
+    for kind, ok, why in devices.explain():
+        if kind in ("cpu", chosen.type):
+            continue
+        if not ok:
+            text = why
+        elif devices.KINDS.index(kind) > order:
+            text = f"available; {chosen.type} comes first"
+        else:
+            text = "available, but it lacks an operation the engine needs (said above)"
+        report.line(f"  {kind}", text)
+    installer = load_installer()
+    found = installer.find_gpus() if installer else []
+    if found:
+        plan = installer.plan_torch(installer.current_layout(), found)
+        names = "; ".join(g.describe() for g in found)
+        if chosen.type == "cpu" and plan.kind != "cpu":
+            fix = f"fix with `python install.py --device-kind {plan.kind}`"
+            report.line("GPUs", f"{names}: the engine cannot use it; {fix}", problem=True)
+        else:
+            report.line("GPUs", f"{names}{f' ({plan.warning})' if plan.warning else ''}")
+    elif installer:
+        report.line("GPUs", "none found (" + ", ".join(installer.GPU_PROBES) + ")")
     report.line("threads", f"torch uses {torch.get_num_threads()} of {os.cpu_count()} CPU threads")
 
 

@@ -240,7 +240,7 @@ def test_missing_plugin_sources_fail_with_the_reason(tmp_path):
     assert r.returncode == 1 and "the GIMP plug-in is missing" in r.stderr
 
 
-def test_layouts_wheel_tags_and_torch_messages():
+def test_layouts_and_wheel_tags():
     home = Path("/h")
     assert install.layout_for("windows", home, {"APPDATA": "/r", "LOCALAPPDATA": "/l"}) == (
         install.Layout(Path("/r/krita/pykrita"), Path("/r/GIMP/3.0/plug-ins"), Path("/l/kritarc"))
@@ -252,13 +252,6 @@ def test_layouts_wheel_tags_and_torch_messages():
     assert not install.wheel_fits("pyzmq-27.3.0-cp310-cp310-win_amd64.whl", "3.11")
     assert install.wheel_fits("pyzmq-27.3.0-cp312-abi3-macosx_10_15_universal2.whl", "3.13")
     assert not install.wheel_fits("pyzmq-27.3.0-cp312-abi3-win_amd64.whl", "3.10")
-    assert (
-        install.torch_message(False, False, None) == "no GPU found: the engine will run on the CPU"
-    )
-    assert install.torch_message(True, True, "13.0").startswith(
-        "NVIDIA GPU found (nvidia-smi): torch's CUDA build"
-    )
-    assert "CPU-only build" in install.torch_message(True, False, None)
 
 
 def test_kritarc_edits_undo_exactly():
