@@ -70,7 +70,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     if devices.fp16_blocks(dev):
         unet.convert_to_fp16()
     guide = Guide(load_clip(config.default_clip.partition(":")[0], dev))  # random weights
-    diffusion = make_diffusion(config, SCHEDULE_STEPS)
+    diffusion = make_diffusion(config, SCHEDULE_STEPS, dev)
     size = config.image_size
     g = devices.generators(list(range(batch)), dev)
     source = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(dev)

@@ -109,12 +109,7 @@ def resolve(name: str = "auto", check: bool = True) -> torch.device:
             missing = missing_ops(dev) if check else []
             if not missing:
                 return dev
-            print(
-                f"engine: {LABELS[kind]} lacks {'; '.join(missing)}: running on the next device "
-                "instead",
-                file=sys.stderr,
-                flush=True,
-            )
+            fallback(dev, "; ".join(missing), "running on the next device instead")
         return torch.device("cpu")
     try:
         dev = torch.device(name)
@@ -174,13 +169,23 @@ def missing_ops(dev: torch.device) -> list[str]:
     for name, op in _probe_ops().items():
         try:
             got = op(dev).float().cpu()
-        except (NotImplementedError, RuntimeError) as e:
+        except (NotImplementedError, RuntimeError, TypeError) as e:
             problems.append(f"{name} ({str(e).splitlines()[0][:120]})")
             continue
         ref = op(torch.device("cpu")).float()
         if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-3, atol=1e-3):
             problems.append(f"{name} (a wrong result)")
     return problems
+
+
+def has_float64(device: torch.device) -> bool:
+    """Metal computes no float64: MPS refuses such tensors."""
+    return device.type != "mps"
+
+
+def fallback(device: torch.device, missing: str, instead: str) -> None:
+    """Say, where the engine's messages go, that the device lacks something and what is done."""
+    print(f"engine: {LABELS[device.type]} lacks {missing}: {instead}", file=sys.stderr, flush=True)
 
 
 # -- precision ----------------------------------------------------------------------------------

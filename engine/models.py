@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
 from guided_diffusion.respace import SpacedDiffusion
@@ -167,15 +168,24 @@ def build_unet(config: UNetConfig, *, use_fp16: bool = False, seed: int | None =
     return unet
 
 
-def make_diffusion(config: UNetConfig, steps: int) -> SpacedDiffusion:
-    """The model's 1000-step training schedule respaced to `steps` sampling steps."""
-    return create_gaussian_diffusion(
+def make_diffusion(
+    config: UNetConfig, steps: int, device: torch.device | None = None
+) -> SpacedDiffusion:
+    """The model's 1000-step training schedule respaced to `steps` sampling steps. guided_diffusion
+    keeps it in float64, which `device` may lack (MPS): then it is float32, and said so."""
+    diffusion = create_gaussian_diffusion(
         steps=1000,
         learn_sigma=config.arch.get("learn_sigma", False),
         noise_schedule=config.noise_schedule,
         rescale_timesteps=True,
         timestep_respacing=str(steps),
     )
+    if device is not None and not devices.has_float64(device):
+        devices.fallback(device, "float64", "the diffusion schedule runs in float32")
+        for name, value in vars(diffusion).items():
+            if isinstance(value, np.ndarray) and value.dtype == np.float64:
+                setattr(diffusion, name, value.astype(np.float32))
+    return diffusion
 
 
 def load_unet(
@@ -288,7 +298,7 @@ class Models:
 
     def diffusion(self, steps: int) -> SpacedDiffusion:
         if steps not in self._diffusions:
-            self._diffusions[steps] = make_diffusion(self.config, steps)
+            self._diffusions[steps] = make_diffusion(self.config, steps, self.device)
         return self._diffusions[steps]
 
 

@@ -139,3 +139,21 @@ def test_only_the_devices_module_names_a_device_kind():
             if KIND.search(code):
                 offenders.append(f"{path.relative_to(ENGINE.parent)}:{n}: {line.strip()}")
     assert offenders == []
+
+
+def test_without_float64_the_schedule_runs_in_float32_and_it_is_said(capsys):
+    import numpy as np
+
+    from engine.models import CONFIGS, make_diffusion
+
+    ref = make_diffusion(CONFIGS["tiny"], 10)
+    f32 = make_diffusion(CONFIGS["tiny"], 10, torch.device("mps"))  # built, never run on MPS
+    assert "Apple MPS lacks float64: the diffusion schedule runs in float32" in (
+        capsys.readouterr().err
+    )
+    assert ref.sqrt_alphas_cumprod.dtype == np.float64
+    assert f32.sqrt_alphas_cumprod.dtype == np.float32
+    x, noise = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    t = torch.tensor([9, 3])
+    assert torch.allclose(ref.q_sample(x, t, noise), f32.q_sample(x, t, noise), atol=1e-5)
+    assert make_diffusion(CONFIGS["tiny"], 10, torch.device("cpu")).betas.dtype == np.float64
