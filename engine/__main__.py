@@ -38,6 +38,9 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-every", type=int, default=d.guidance_every, help="guide 1 step in N")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     p.add_argument("--recompute", default=d.recompute, choices=RECOMPUTE, help="UNet activations")
+    p.add_argument(
+        "--batch", type=int, default=d.batch, help="variants through the models together"
+    )
     p.add_argument("--padding", type=float, default=d.padding, help="context around the selection")
 
 
@@ -142,7 +145,7 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
             {  # precision and recompute follow the engine's hardware, not the client's
                 k: v
                 for k, v in dataclasses.asdict(settings).items()
-                if v is not None and k not in ("precision", "recompute")
+                if v is not None and k not in ("precision", "recompute", "batch")
             },
             image_format="RGBA8" if channels == 4 else "RGB8",
         )

@@ -1,6 +1,6 @@
 """Everything that depends on the kind of device, in one place: which device `auto` picks and why
-the others were not picked, the precision each kind computes natively, autocast, generators, the
-random state to fork, synchronisation and memory queries.
+the others were not picked, the precision each kind computes natively, autocast, generators,
+synchronisation and memory queries.
 
 Kinds, in the order `auto` tries them: `cuda` (NVIDIA, and AMD through torch's ROCm build, which
 answers to the same name), `mps` (Apple Silicon), `xpu` (Intel GPUs), `cpu`. No other engine
@@ -235,14 +235,6 @@ def clip_precision(precision: str, device: torch.device) -> str:
 def generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
     """One generator a seed, on the device, so noise is drawn where it is used."""
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
-
-
-def fork_rng(device: torch.device) -> contextlib.AbstractContextManager:
-    """Fork the global random state of the CPU and of `device` (augmentations draw from it)."""
-    if device.type == "cpu":
-        return torch.random.fork_rng(devices=[])
-    index = device.index if device.index is not None else 0
-    return torch.random.fork_rng(devices=[index], device_type=device.type)
 
 
 def _module(device: torch.device):

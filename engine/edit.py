@@ -36,6 +36,9 @@ class EditSettings:
     padding: float = 0.25
     precision: str = "auto"  # engine/devices.py: what the device computes natively
     recompute: str = "auto"  # drop UNet activations and recompute them when memory is short
+    # variants through the models together: 1 makes a variant's seed reproduce it alone, needs
+    # one variant's memory and costs nothing on a CPU (a batch of 1 already fills its cores)
+    batch: int = 1
 
     def check(self) -> None:
         if not 1 <= self.variants <= 64:
@@ -50,6 +53,8 @@ class EditSettings:
             raise region.RegionError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.guidance_mode not in GUIDANCE_MODES:
             raise region.RegionError(f"guidance mode must be one of {GUIDANCE_MODES}")
+        if self.batch < 1:
+            raise region.RegionError("batch must be at least 1")
         if self.guidance_every < 1:
             raise region.RegionError("guidance_every must be at least 1")
         if self.precision not in devices.PRECISIONS:
@@ -77,8 +82,9 @@ def run_edit(
 ) -> list[Variant]:
     """Edit `image` (HxWx3|4 uint8) inside `mask` (HxW uint8, soft edges allowed).
 
-    Variant i uses seed + i for its noise; augmentations draw from seed, so (seed, variants)
-    reproduces a run. `on_step(done, total)` follows the denoising; raising in it aborts.
+    Variant i draws its noise and augmentations from seed + i alone: at batch 1 that seed,
+    with variants 1, reproduces the variant's pixels. `on_step(done, total)` follows the
+    denoising; raising in it aborts.
     """
     settings.check()
     region.check_inputs(image, mask)
@@ -87,20 +93,19 @@ def run_edit(
     box = region.context_box(mask, settings.padding)
     size, dev = models.config.image_size, models.device
     rgb, m = region.to_model(image, mask, box, size)
-    source = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(dev)
+    source = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().to(dev)
     mask_t = torch.from_numpy(m)[None, None].to(dev)
     seeds = [seed + i for i in range(settings.variants)]
     guide = Guide(models.clip, settings.augmentations)
     precision = devices.resolve_precision(settings.precision, dev)
+    batch = min(settings.batch, settings.variants)
     recompute = accel.resolve_recompute(
-        settings.recompute, models.config.arch, settings.variants, precision, dev
+        settings.recompute, models.config.arch, batch, precision, dev
     )
     with (
-        devices.fork_rng(dev),
         devices.autocast(dev, devices.clip_precision(precision, dev)),
         accel.recompute(models.unet, recompute),
     ):
-        torch.manual_seed(seed)
         out = blended_diffusion(
             accel.in_precision(models.unet, dev, precision),
             models.diffusion(settings.steps),
@@ -120,6 +125,7 @@ def run_edit(
             guidance_mode=settings.guidance_mode,
             guidance_every=settings.guidance_every,
             class_cond=models.config.class_cond,
+            batch=batch,
             callback=(lambda done, total, _x0: on_step(done, total)) if on_step else None,
         )
     out = out.float().clamp(-1, 1)

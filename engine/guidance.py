@@ -7,6 +7,8 @@ summed over the batch, as in the official code (so each image's gradient is its 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
@@ -40,11 +42,23 @@ class Augment(nn.Module):
             K.RandomPerspective(0.7, p=p),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, streams: Sequence[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """Copy-major: rows [i * n, (i + 1) * n) are copy i of the n images. With `streams`
+        (CPU generators, one per image), image j's warps come from streams[j] alone, so they
+        do not depend on the rest of the batch."""
         x = F.adaptive_avg_pool2d(x, self.size)
         if self.copies == 1:
             return x
-        return torch.cat([x, self.warp(x.repeat(self.copies - 1, 1, 1, 1))])
+        if streams is None:
+            return torch.cat([x, self.warp(x.repeat(self.copies - 1, 1, 1, 1))])
+        warped = []
+        for image, stream in zip(x, streams, strict=True):
+            with torch.random.fork_rng(devices=[]):  # kornia draws from the global CPU generator
+                torch.manual_seed(int(torch.randint(2**62, (), generator=stream)))
+                warped.append(self.warp(image[None].repeat(self.copies - 1, 1, 1, 1)))
+        return torch.cat([x, torch.stack(warped, 1).flatten(0, 1)])
 
 
 class Guide:
@@ -69,10 +83,13 @@ class Guide:
         """Image embeddings of images in [-1, 1] already at CLIP's input size."""
         return self.clip.model.encode_image((images.add(1).div(2) - self.mean) / self.std).float()
 
-    def loss(self, masked: torch.Tensor, prompt: str) -> torch.Tensor:
-        """Sum over the batch of each image's mean distance over its augmented copies."""
+    def loss(
+        self, masked: torch.Tensor, prompt: str, streams: Sequence[torch.Generator] | None = None
+    ) -> torch.Tensor:
+        """Sum over the batch of each image's mean distance over its augmented copies
+        (`streams`: each image's own augmentation generator, see Augment)."""
         n = masked.shape[0]
-        dists = spherical_distance(self.embed(self.augment(masked)), self.text(prompt))
+        dists = spherical_distance(self.embed(self.augment(masked, streams)), self.text(prompt))
         return dists.view(-1, n).mean(dim=0).sum()
 
     @torch.no_grad()

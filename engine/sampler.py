@@ -87,14 +87,17 @@ def clip_loss_fn(
     prompt: str,
     clip_weight: float,
     range_weight: float,
+    streams: Sequence[torch.Generator] | None = None,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The guidance loss of x_t and x0_hat at step t, as the official cond_fn computes it."""
+    """The guidance loss of x_t and x0_hat at step t, as the official cond_fn computes it
+    (`streams`: each image's augmentation generator)."""
 
     def loss(x: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         total = x.new_zeros(())
         if clip_weight:
             fac = _extract_into_tensor(diffusion.sqrt_one_minus_alphas_cumprod, t, x.shape)
-            total = total + clip_weight * guide.loss((x0 * fac + x * (1 - fac)) * mask, prompt)
+            mixed = (x0 * fac + x * (1 - fac)) * mask
+            total = total + clip_weight * guide.loss(mixed, prompt, streams)
         if range_weight:
             total = total + range_weight * range_loss(x0).sum()
         return total
@@ -131,29 +134,48 @@ def blended_diffusion(
     guidance_mode: str = "full",
     guidance_every: int = 1,
     class_cond: bool = False,
+    batch: int = 1,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Edit `source` (1x3xHxW in [-1, 1]) inside `mask` (1x1xHxW in [0, 1]): one variant per
-    generator, all in one batch. Returns the variants (Nx3xHxW), source pasted outside the mask.
-    `guidance_every` N > 1 guides one step in N (a speed trade; the paper guides every step)."""
+    generator. Returns the variants (Nx3xHxW), source pasted outside the mask.
+    `guidance_every` N > 1 guides one step in N (a speed trade; the paper guides every step).
+    `batch` variants go through the models together. With 1, each variant's pixels depend on
+    its own generator alone (batched kernels round differently, and chaos amplifies it), so a
+    variant's seed reproduces it in a run of its own; larger batches may pay on a GPU."""
     n, shape = len(generators), source.shape[1:]
     source = source.expand(n, *shape)
-    loss_fn = clip_loss_fn(diffusion, guide, mask, prompt, clip_weight, range_weight)
+    chunks = [slice(i, i + batch) for i in range(0, n, batch)]
+    # each variant's augmentations from a stream of its own, seeded by its generator
+    streams = [
+        torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g, device=g.device)))
+        for g in generators
+    ]
+    loss_fns = [
+        clip_loss_fn(diffusion, guide, mask, prompt, clip_weight, range_weight, streams[c])
+        for c in chunks
+    ]
     steps = list(range(diffusion.num_timesteps - skip))[::-1]
     full = torch.full((n,), steps[0], device=source.device, dtype=torch.long)
     x = diffusion.q_sample(source, full, noise=randn(generators, shape))
     x0 = source
     for done, step in enumerate(steps, 1):
         t = torch.full((n,), step, device=source.device, dtype=torch.long)
-        kwargs = None
+        y = None
         if class_cond:  # the official code draws a random ImageNet class at every step
             y = [torch.randint(NUM_CLASSES, (1,), generator=g, device=g.device) for g in generators]
-            kwargs = {"y": torch.cat(y)}
-        guided = loss_fn if (done - 1) % guidance_every == 0 else None
-        x, x0 = guided_step(
-            diffusion, unet, x, t, guided, randn(generators, shape),
-            sampler=sampler, eta=eta, guidance_mode=guidance_mode, model_kwargs=kwargs,
-        )  # fmt: skip
+            y = torch.cat(y)
+        guided = (done - 1) % guidance_every == 0
+        noise = randn(generators, shape)
+        parts = [
+            guided_step(
+                diffusion, unet, x[c], t[c], loss_fn if guided else None, noise[c],
+                sampler=sampler, eta=eta, guidance_mode=guidance_mode,
+                model_kwargs=None if y is None else {"y": y[c]},
+            )  # fmt: skip
+            for c, loss_fn in zip(chunks, loss_fns, strict=True)
+        ]
+        x, x0 = (torch.cat(p) for p in zip(*parts, strict=True))
         x = blend(diffusion, x, source, mask, t, randn(generators, shape))
         if callback:
             callback(done, len(steps), x0)
