@@ -2,7 +2,8 @@
 
 The socket thread owns the queue and every state change; the worker thread only reads a running
 job's inputs, counts its steps and watches its `cancel` event, which is how a cancel stops it
-within one step.
+within one UNet forward. Waiting jobs are served round-robin across clients, so one client's
+full queue never starves another's job.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class Job:
     step: int = 0
     total: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
-    cancel_reason: str = ""  # client | keepalive | shutdown
+    cancel_reason: str = ""  # client | disconnected | keepalive | shutdown
     submitted: float = field(default_factory=time.monotonic)
+    held: int = 0  # bytes this job holds while it waits (its image and mask)
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -50,14 +52,22 @@ class Job:
 
 
 class JobQueue:
-    """Waiting jobs in submission order, plus the one running job."""
+    """Waiting jobs, one line per client, served round-robin; plus the one running job."""
 
     def __init__(self) -> None:
-        self.waiting: deque[Job] = deque()
+        self.lines: dict[bytes, deque[Job]] = {}  # client -> its waiting jobs, in order
+        self.turns: deque[bytes] = deque()  # clients with waiting jobs, next to serve first
         self.running: Job | None = None
 
     def __len__(self) -> int:
-        return len(self.waiting) + (self.running is not None)
+        return sum(map(len, self.lines.values())) + (self.running is not None)
+
+    @property
+    def waiting(self) -> list[Job]:
+        """Waiting jobs in the order they will run: one of each client in turn."""
+        lines = [list(self.lines[c]) for c in self.turns]
+        rounds = max(map(len, lines), default=0)
+        return [line[r] for r in range(rounds) for line in lines if r < len(line)]
 
     def find(self, client: bytes, job_id: str) -> Job | None:
         for job in self.active():
@@ -66,25 +76,43 @@ class JobQueue:
         return None
 
     def active(self) -> list[Job]:
-        return ([self.running] if self.running else []) + list(self.waiting)
+        return ([self.running] if self.running else []) + self.waiting
+
+    def count(self, client: bytes) -> int:
+        """The client's active jobs, running or waiting."""
+        running = self.running is not None and self.running.client == client
+        return len(self.lines.get(client, ())) + running
 
     def position(self, job: Job) -> int:
         """How many jobs run before this one (0: running or next)."""
         if job is self.running:
             return 0
-        return list(self.waiting).index(job) + (self.running is not None)
+        return self.waiting.index(job) + (self.running is not None)
 
     def add(self, job: Job) -> int:
-        self.waiting.append(job)
+        if job.client not in self.lines:
+            self.lines[job.client] = deque()
+            self.turns.append(job.client)
+        self.lines[job.client].append(job)
         return self.position(job)
 
     def remove(self, job: Job) -> None:
-        self.waiting.remove(job)
+        line = self.lines[job.client]
+        line.remove(job)
+        if not line:
+            del self.lines[job.client]
+            self.turns.remove(job.client)
 
     def start_next(self) -> Job | None:
-        if self.running is not None or not self.waiting:
+        if self.running is not None or not self.turns:
             return None
-        self.running = self.waiting.popleft()
+        client = self.turns.popleft()
+        line = self.lines[client]
+        self.running = line.popleft()
+        if line:
+            self.turns.append(client)  # its next job waits for every other client's turn
+        else:
+            del self.lines[client]
         self.running.state = RUNNING
         return self.running
 
