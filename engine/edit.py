@@ -5,8 +5,10 @@ Used by the command line and the server alike; knows nothing of files or sockets
 
 from __future__ import annotations
 
+import contextlib
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +69,41 @@ class Variant:
     seed: int
 
 
+class Diverged(ValueError):
+    """The edit produced NaN or infinite values; the message names the likely setting."""
+
+
+def _diverged(settings: EditSettings, default_weight: float, where: str) -> Diverged:
+    """Name the settings far above their defaults: what made the guidance blow up."""
+    weights = {
+        "guidance_weight": (settings.guidance_weight, default_weight),
+        "range_weight": (settings.range_weight, EditSettings.range_weight),
+    }
+    high = sorted(
+        ((v / max(d, 1e-9), k, v, d) for k, (v, d) in weights.items() if v and v > 10 * d),
+        reverse=True,
+    )
+    if high:
+        blame = " and ".join(f"{k} {v:g} (default {d:g})" for _, k, v, d in high)
+        advice = f"lower {blame}"
+    else:
+        advice = "lower guidance_weight or range_weight, or use more steps"
+    return Diverged(f"the edit diverged (NaN or infinite values {where}): {advice}")
+
+
+@contextlib.contextmanager
+def _checked_forwards(unet: torch.nn.Module, check: Callable[[], None] | None) -> Iterator[None]:
+    """Call `check` before every UNet forward, so a cancel stops within one forward."""
+    if check is None:
+        yield
+        return
+    hook = unet.register_forward_pre_hook(lambda *_: check())
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
 def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(s) for s in seeds]
 
@@ -78,14 +115,20 @@ def run_edit(
     prompt: str,
     settings: EditSettings,
     on_step: Callable[[int, int], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> list[Variant]:
     """Edit `image` (HxWx3|4 uint8) inside `mask` (HxW uint8, soft edges allowed).
 
-    Variant i uses seed + i for its noise; augmentations draw from seed, so (seed, variants)
-    reproduces a run. `on_step(done, total)` follows the denoising; raising in it aborts.
+    Variant i uses seed + i for its noise; augmentations and the class draws follow seed for
+    the whole batch, so only (seed, variants, every other setting) together reproduce a run.
+    `on_step(done, total)` follows the denoising; `check()` is called before every UNet
+    forward and between the other phases; raising in either aborts. Raises Diverged when the
+    sample turns NaN or infinite.
     """
+    check = check or (lambda: None)
     settings.check()
     region.check_inputs(image, mask)
+    check()
     seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     sel = region.selection_bounds(mask)
     box = region.context_box(mask, settings.padding)
@@ -100,7 +143,22 @@ def run_edit(
     recompute = accel.resolve_recompute(
         settings.recompute, models.config.arch, settings.variants, precision, dev
     )
+    clip_weight = (
+        settings.guidance_weight
+        if settings.guidance_weight is not None
+        else models.config.guidance_weight(settings.guidance_mode)
+    )
+    default_weight = models.config.guidance_weight(settings.guidance_mode)
+
+    def step(done: int, total: int, x0: torch.Tensor) -> None:
+        if not torch.isfinite(x0).all():
+            raise _diverged(settings, default_weight, f"at step {done} of {total}")
+        if on_step:
+            on_step(done, total)
+
+    check()
     with (
+        _checked_forwards(models.unet, check),
         torch.random.fork_rng(devices=devices),
         accel.autocast(dev, accel.clip_precision(precision, dev)),
         accel.recompute(models.unet, recompute),
@@ -115,29 +173,29 @@ def run_edit(
             prompt,
             _generators(seeds, dev),
             skip=settings.skip,
-            clip_weight=(
-                settings.guidance_weight
-                if settings.guidance_weight is not None
-                else models.config.guidance_weight(settings.guidance_mode)
-            ),
+            clip_weight=clip_weight,
             range_weight=settings.range_weight,
             sampler=settings.sampler,
             guidance_mode=settings.guidance_mode,
             guidance_every=settings.guidance_every,
             class_cond=models.config.class_cond,
-            callback=(lambda done, total, _x0: on_step(done, total)) if on_step else None,
+            callback=step,
         )
-    out = out.float().clamp(-1, 1)
-    dists = guide.rank_distance(out * mask_t, prompt).tolist()
+    out = out.float()
+    if not torch.isfinite(out).all():
+        raise _diverged(settings, default_weight, "in the result")
+    out = out.clamp(-1, 1)
+    dists = []
+    for one in out * mask_t:  # one variant at a time, so a cancel is seen during ranking
+        check()
+        dists += guide.rank_distance(one[None], prompt).tolist()
+    if not all(map(math.isfinite, dists)):
+        raise _diverged(settings, default_weight, "in the CLIP distances")
     results = out.permute(0, 2, 3, 1).cpu().numpy()
     order = sorted(range(len(seeds)), key=lambda i: dists[i])
-    return [
-        Variant(
-            rank=r,
-            box=sel,
-            rgba=region.layer_pixels(region.from_model(results[i], box, sel), mask, sel),
-            distance=dists[i],
-            seed=seeds[i],
-        )
-        for r, i in enumerate(order, 1)
-    ]
+    variants = []
+    for r, i in enumerate(order, 1):
+        check()
+        rgba = region.layer_pixels(region.from_model(results[i], box, sel), mask, sel)
+        variants.append(Variant(rank=r, box=sel, rgba=rgba, distance=dists[i], seed=seeds[i]))
+    return variants
