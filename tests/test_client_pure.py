@@ -61,11 +61,15 @@ def test_rgba_to_bgra():
     assert rgba_to_bgra(bytes([1, 2, 3, 4, 5, 6, 7, 8])) == bytes([3, 2, 1, 4, 7, 6, 5, 8])
 
 
-class FakeEngine:
-    """A ROUTER answering each request with `script(header) -> [frames lists]`."""
+HELLO = {"instance": "fake", "limits": protocol.Limits().to_json()}
 
-    def __init__(self, script) -> None:
-        self.script, self.requests = script, []
+
+class FakeEngine:
+    """A ROUTER answering each request with `script(header) -> [frames lists]`; `hello` with
+    `hello` (the default limits) unless it is None."""
+
+    def __init__(self, script, hello: dict | None = HELLO) -> None:
+        self.script, self.requests, self.hello = script, [], hello
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.bind("tcp://127.0.0.1:*")
@@ -81,6 +85,9 @@ class FakeEngine:
             client, head, *_ = self.sock.recv_multipart()
             header = json.loads(head)
             self.requests.append(header["type"])
+            if header["type"] == "hello" and self.hello is not None:
+                self.sock.send_multipart([client, *encode("hello", self.hello)])
+                continue
             for reply in self.script(header):
                 self.sock.send_multipart([client, *reply])
 
@@ -95,8 +102,8 @@ class FakeEngine:
 def fake_engine():
     engines = []
 
-    def make(script) -> FakeEngine:
-        engines.append(FakeEngine(script))
+    def make(script, **options) -> FakeEngine:
+        engines.append(FakeEngine(script, **options))
         return engines[-1]
 
     yield make
@@ -164,7 +171,7 @@ def test_engine_of_another_version_raises_version_mismatch(fake_engine):
         head = json.dumps({"v": 99, "type": "hello"}).encode()
         return [[head]]
 
-    with Client(fake_engine(script).endpoint, timeout=5) as client:
+    with Client(fake_engine(script, hello=None).endpoint, timeout=5) as client:
         with pytest.raises(VersionMismatch, match="engine speaks 99, this client speaks 1"):
             client.hello()
 
