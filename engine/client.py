@@ -345,9 +345,17 @@ class Client:
     def _next_events(self) -> list[Event]:
         """The events of the next message; an unreadable one fails only the job it is about."""
         try:
-            return self._handle(self._receive())
+            return self._handle_safely(self._receive())
         except EngineError as e:
             return self._unreadable(e)
+
+    def _handle_safely(self, msg: protocol.Message) -> list[Event]:
+        """`_handle`, where a reply with fields of the wrong shape fails only its job."""
+        try:
+            return self._handle(msg)
+        except (KeyError, TypeError, ValueError) as e:
+            text = f"unreadable reply from the engine: {msg.type} {e}"
+            return self._unreadable(EngineError(protocol.BAD_MESSAGE, text, msg.job))
 
     def _unreadable(self, e: EngineError) -> list[Event]:
         job = self._jobs.pop(e.job, None) if e.job else None
@@ -374,7 +382,7 @@ class Client:
                 return msg
             if msg.type == "error" and msg.job == job:
                 raise self._engine_error(msg)
-            self._pending += self._handle(msg)
+            self._pending += self._handle_safely(msg)
         if not self._heard:
             raise EngineUnreachable(
                 f"engine unreachable at {self.endpoint}: no answer within {self.timeout:g} s "

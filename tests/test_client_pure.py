@@ -190,3 +190,49 @@ def test_keepalive_is_sent_while_a_job_is_active_and_a_silent_engine_fails_it(fa
     (event,) = events
     assert event.type == "error" and event.job is job and job.state == "failed"
     assert event.error.code == "timeout" and "engine unreachable at" in event.error.message
+
+
+def test_one_unreadable_message_fails_only_its_job_and_loses_no_other_event(fake_engine):
+    jobs: list[str] = []
+    variant = {"rank": 1, "x": 0, "y": 0, "width": 1, "height": 1, "distance": 0.5, "seed": 1}
+
+    def script(h):
+        if h["type"] == "submit":
+            jobs.append(h["job"])
+            return [encode("accepted", {"job": h["job"], "position": 0})]
+        if h["type"] != "ping" or len(jobs) < 2:
+            return []
+        a, b = jobs
+        broken = encode("result", {"job": a, "models": "fake", "variants": [variant]}, [])
+        good = encode("result", {"job": b, "models": "fake", "variants": [variant]},
+                      [Pixels(1, 1, "RGBA8", bytes(4))])  # fmt: skip
+        jobs.clear()
+        return [encode("progress", {"job": b, "step": 1, "total": 1}), broken, good]
+
+    engine = fake_engine(script)
+    with Client(engine.endpoint, timeout=5, keepalive=0.05) as client:
+        a, b = client.submit(*_job_args()), client.submit(*_job_args())
+        events = []
+        deadline = time.monotonic() + 10
+        while not (a.done and b.done):
+            assert time.monotonic() < deadline
+            events += client.poll(0.05)
+    assert [(e.type, e.job) for e in events] == [("progress", b), ("error", a), ("result", b)]
+    assert a.state == "failed" and "unreadable reply" in a.error.message
+    assert b.state == "done" and len(b.variants) == 1
+
+
+def test_a_pong_naming_an_active_job_fails_it_as_lost(fake_engine):
+    def script(h):
+        if h["type"] == "submit":
+            return [encode("accepted", {"job": h["job"], "position": 0})]
+        return [encode("pong", {"instance": "other", "unknown": h.get("jobs", [])})]
+
+    with Client(fake_engine(script).endpoint, timeout=5, keepalive=0.05) as client:
+        job = client.submit(*_job_args())
+        events = []
+        while not events:
+            events = client.poll(0.05)
+    (event,) = events
+    assert event.job is job and job.state == "failed" and event.error.code == protocol.LOST
+    assert "engine was restarted" in event.error.message
