@@ -52,11 +52,14 @@ class Job:
 
 
 class JobQueue:
-    """Waiting jobs, one line per client, served round-robin; plus the one running job."""
+    """Waiting jobs, one line per client, plus the one running job. The next job is the first of
+    the client served least recently (a client not served yet first, in order of its oldest job):
+    round-robin, where a client that just arrived waits for no client that was just served."""
 
     def __init__(self) -> None:
         self.lines: dict[bytes, deque[Job]] = {}  # client -> its waiting jobs, in order
-        self.turns: deque[bytes] = deque()  # clients with waiting jobs, next to serve first
+        self.served: dict[bytes, int] = {}  # client -> when it last started a job (a counter)
+        self.starts = 0
         self.running: Job | None = None
 
     def __len__(self) -> int:
@@ -64,10 +67,17 @@ class JobQueue:
 
     @property
     def waiting(self) -> list[Job]:
-        """Waiting jobs in the order they will run: one of each client in turn."""
-        lines = [list(self.lines[c]) for c in self.turns]
-        rounds = max(map(len, lines), default=0)
-        return [line[r] for r in range(rounds) for line in lines if r < len(line)]
+        """Waiting jobs in the order they will run."""
+        lines = {c: list(line) for c, line in self.lines.items()}
+        served, starts, order = dict(self.served), self.starts, []
+        while lines:
+            client = min(lines, key=lambda c: (served.get(c, -1), lines[c][0].submitted))
+            order.append(lines[client].pop(0))
+            starts += 1
+            served[client] = starts
+            if not lines[client]:
+                del lines[client]
+        return order
 
     def find(self, client: bytes, job_id: str) -> Job | None:
         for job in self.active():
@@ -90,10 +100,7 @@ class JobQueue:
         return self.waiting.index(job) + (self.running is not None)
 
     def add(self, job: Job) -> int:
-        if job.client not in self.lines:
-            self.lines[job.client] = deque()
-            self.turns.append(job.client)
-        self.lines[job.client].append(job)
+        self.lines.setdefault(job.client, deque()).append(job)
         return self.position(job)
 
     def remove(self, job: Job) -> None:
@@ -101,20 +108,19 @@ class JobQueue:
         line.remove(job)
         if not line:
             del self.lines[job.client]
-            self.turns.remove(job.client)
 
     def start_next(self) -> Job | None:
-        if self.running is not None or not self.turns:
+        if self.running is not None or not self.lines:
             return None
-        client = self.turns.popleft()
-        line = self.lines[client]
-        self.running = line.popleft()
-        if line:
-            self.turns.append(client)  # its next job waits for every other client's turn
-        else:
-            del self.lines[client]
-        self.running.state = RUNNING
-        return self.running
+        job = self.waiting[0]
+        self.remove(job)
+        self.starts += 1
+        self.served[job.client] = self.starts
+        # a client with nothing waiting starts afresh when it comes back
+        self.served = {c: n for c, n in self.served.items() if c in self.lines or c == job.client}
+        self.running = job
+        job.state = RUNNING
+        return job
 
     def finish(self, state: str) -> Job | None:
         job, self.running = self.running, None
