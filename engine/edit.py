@@ -42,6 +42,8 @@ class EditSettings:
     def check(self) -> None:
         if not 1 <= self.variants <= 64:
             raise region.RegionError(f"variants must be 1 to 64, got {self.variants}")
+        if self.steps < 2:  # guided_diffusion's posterior variance needs two timesteps
+            raise region.RegionError(f"steps must be at least 2, got {self.steps}")
         if not 0 <= self.skip < self.steps:
             raise region.RegionError(
                 f"skip must be 0 to steps - 1 ({self.steps - 1}), got {self.skip}"

@@ -268,7 +268,8 @@ def check_settings(settings: Any, limits: Limits) -> dict[str, Any]:
     checks = {
         "variants": lambda v, n: _int(v, n, 1, limits.max_variants, LIMIT),
         "seed": lambda v, n: None if v is None else _int(v, n, 0, 2**32 - 1),
-        "steps": lambda v, n: _int(v, n, 1, limits.max_steps, LIMIT),
+        # guided_diffusion's schedule needs two timesteps (its posterior variance reads t = 1)
+        "steps": lambda v, n: _int(v, n, 2, limits.max_steps, LIMIT),
         "skip": lambda v, n: _int(v, n, 0, limits.max_steps - 1),
         "guidance_weight": lambda v, n: _number(v, n, 0, 1e6),
         "range_weight": lambda v, n: _number(v, n, 0, 1e6),

@@ -101,6 +101,7 @@ class Server:
         self._stop = threading.Event()
         self._deadline: float | None = None  # set when a stop begins
         self._probe_until = 0.0  # clients with jobs are probed until then (after a disconnect)
+        self._probed = 0.0  # when they last were
         self._ctx: zmq.Context | None = None
 
     # -- life cycle --------------------------------------------------------------------------
@@ -357,8 +358,10 @@ class Server:
 
     def _probe_clients(self) -> None:
         """After a disconnect: a client with jobs that a pong cannot reach is gone."""
-        if time.monotonic() > self._probe_until:
+        now = time.monotonic()
+        if now > self._probe_until or now - self._probed < _TICK_MS / 2000:
             return
+        self._probed = now
         for client in {j.client for j in self._queue.active()}:
             if not self._send(client, self._pong()):
                 for job in self._queue.active():
@@ -499,6 +502,19 @@ class Server:
         return protocol.encode("result", fields, frames)
 
 
+def handle_signals(server: Server) -> None:
+    """SIGINT and SIGTERM stop the engine (every job answered); a second one exits at once."""
+
+    def on_signal(*_: object) -> None:
+        if server.stopping:  # the second Ctrl+C: the user means it
+            os.write(2, b"second signal: exiting now\n")
+            os._exit(1)
+        server.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+
 def serve(args: Any) -> int:
     """`python -m engine serve`: load the models, bind, answer until SIGINT or SIGTERM."""
     from engine import keys
@@ -523,15 +539,7 @@ def serve(args: Any) -> int:
         curve=curve,
     )
     endpoint = server.bind()
-
-    def on_signal(*_: object) -> None:
-        if server.stopping:  # the second Ctrl+C: the user means it
-            os.write(2, b"second signal: exiting now\n")
-            os._exit(1)
-        server.stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    handle_signals(server)
     secured = ", CURVE" if curve else ""
     print(f"engine ready at {endpoint} ({models.label} on {models.device}{secured})", flush=True)
     server.log(f"memory budget {server.memory_budget / 2**30:.1f} GiB, instance {server.instance}")

@@ -91,12 +91,12 @@ def extreme(rng: random.Random) -> tuple[tuple, dict]:
     rgba, mask = host_picture(w, h, box)
     if rng.random() < 0.3:  # soft
         mask = bytes(rng.randrange(1, 256) if m else rng.randrange(0, 40) for m in mask)
-    steps = rng.choice([1, 2, 1000])
+    steps = rng.choice([2, 3, 1000])
     settings = {
         "variants": rng.choice([1, 1, 2, 8]),
         "seed": rng.choice([None, 0, 2**32 - 1]),
         "steps": steps,
-        "skip": steps - rng.choice([1, 1, 2]) if steps > 1 else 0,
+        "skip": steps - rng.choice([1, 1, 2]),
         "guidance_weight": rng.choice([0, 1, 1000, 1e6]),
         "range_weight": rng.choice([0, 50, 1e6]),
         "augmentations": rng.choice([1, 1, 2, 64]),
