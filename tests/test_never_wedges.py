@@ -323,7 +323,7 @@ def test_cancel_latency(start_engine, capsys):
     times = []
     with client(server.endpoint) as c:
         for _ in range(5):
-            job = submit(c, settings={**LONG, "augmentations": 8, "variants": 2})
+            job = submit(c, settings={**LONG, "augmentations": 8, "guidance_weight": 1000})
             first_progress(c, job)
             start = time.monotonic()
             c.cancel(job)
