@@ -94,16 +94,17 @@ def _diverged(settings: EditSettings, default_weight: float, where: str) -> Dive
 
 
 @contextlib.contextmanager
-def _checked_forwards(unet: torch.nn.Module, check: Callable[[], None] | None) -> Iterator[None]:
-    """Call `check` before every UNet forward, so a cancel stops within one forward."""
-    if check is None:
-        yield
-        return
-    hook = unet.register_forward_pre_hook(lambda *_: check())
+def _checked_forwards(models: Models, check: Callable[[], None]) -> Iterator[None]:
+    """Call `check` before every UNet and CLIP image forward, so a cancel stops within one."""
+    hooks = [
+        m.register_forward_pre_hook(lambda *_: check())
+        for m in (models.unet, models.clip.model.visual)
+    ]
     try:
         yield
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 def _generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
@@ -123,9 +124,9 @@ def run_edit(
 
     Variant i uses seed + i for its noise; augmentations and the class draws follow seed for
     the whole batch, so only (seed, variants, every other setting) together reproduce a run.
-    `on_step(done, total)` follows the denoising; `check()` is called before every UNet
-    forward and between the other phases; raising in either aborts. Raises Diverged when the
-    sample turns NaN or infinite.
+    `on_step(done, total)` follows the denoising; `check()` is called before every UNet and
+    CLIP image forward and between the other phases; raising in either aborts. Raises Diverged
+    when the sample turns NaN or infinite.
     """
     check = check or (lambda: None)
     settings.check()
@@ -160,7 +161,7 @@ def run_edit(
 
     check()
     with (
-        _checked_forwards(models.unet, check),
+        _checked_forwards(models, check),
         torch.random.fork_rng(devices=devices),
         accel.autocast(dev, accel.clip_precision(precision, dev)),
         accel.recompute(models.unet, recompute),

@@ -232,6 +232,7 @@ def test_stopping_during_a_slow_step_answers_everyone_in_bounded_time(
         assert took < 5
     finally:
         gate.set()
+        server._worker.join(60)  # its edit's cancel hooks are on the shared tiny UNet
 
 
 def test_a_second_signal_exits_at_once(start_engine, monkeypatch):

@@ -152,12 +152,13 @@ def test_soak(tmp_path, capsys):
 
     # 3. extreme jobs from three clients, each keeping up to 4 in flight; the engine is killed
     # and restarted half-way under them, and a fourth client waits on a long job through it
-    clients = [Client(endpoint, timeout=30, keepalive=0.5, engine_timeout=60) for _ in range(3)]
+    # engine_timeout: only the pong can report the lost jobs, however slow the restart
+    clients = [Client(endpoint, timeout=30, keepalive=0.5, engine_timeout=900) for _ in range(3)]
     fates: dict[str, list[str]] = {}  # accepted job -> its terminal events
     active: list[list[Job]] = [[] for _ in clients]
     submitted = refused = 0
     outcomes: dict[str, int] = {}
-    waiter = Client(endpoint, timeout=30, keepalive=0.5, engine_timeout=60)
+    waiter = Client(endpoint, timeout=30, keepalive=0.5, engine_timeout=900)
     long_job: Job | None = None
     restarted_at = lost_after = None
     deadline = time.monotonic() + 600
