@@ -178,9 +178,10 @@ class Client:
         self._socket = zmq.Context.instance().socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)  # a closing host must never wait on the engine
         self._socket.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
-        # queue nothing for an engine that is not connected: a request made while it is down
-        # fails now instead of running whenever it comes back
-        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        # No ZMQ_IMMEDIATE: with it, libzmq drops the replies not yet read when the engine's
+        # connection closes, so an engine that answered `cancelled (shutdown)` and exited lost
+        # that answer whenever the host polled a little late. A request made while the engine
+        # is down waits in the queue instead; a submit that got no answer is cancelled (below).
         self._socket.setsockopt(zmq.ROUTING_ID, b"c" + uuid.uuid4().bytes)  # kept on reconnect
         if server_key is not None:
             if public_key is None or secret_key is None:
@@ -253,6 +254,7 @@ class Client:
             reply = self._request("submit", fields, [pixels, sel], job=job.id)
         except ClientError:
             self._jobs.pop(job.id, None)
+            self._send("cancel", {"job": job.id}, wait=False)  # if it arrives late: drop it
             raise
         job.position = reply.header.get("position", 0)
         return job
