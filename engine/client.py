@@ -252,9 +252,10 @@ class Client:
         self._jobs[job.id] = job
         try:
             reply = self._request("submit", fields, [pixels, sel], job=job.id)
-        except ClientError:
+        except ClientError as e:
             self._jobs.pop(job.id, None)
-            self._send("cancel", {"job": job.id}, wait=False)  # if it arrives late: drop it
+            if isinstance(e, Timeout | EngineUnreachable):  # unanswered: if it arrives late,
+                self._send("cancel", {"job": job.id}, wait=False)  # drop it there
             raise
         job.position = reply.header.get("position", 0)
         return job
