@@ -230,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-side", type=int, default=4096, help="largest image side accepted")
     p.add_argument("--max-queue", type=int, default=32, help="most jobs queued at once")
+    p.add_argument(
+        "--max-client-queue", type=int, default=4, help="most jobs queued at once per client"
+    )
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        help="GiB a job may use at its peak (default: 80%% of the free memory at start)",
+    )
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("keys", help="create CURVE key pairs for a remote engine")

@@ -2,8 +2,11 @@
 
 Hosts are not thread-safe, so nothing here runs in the background: a UI timer calls `poll()`
 every ~20 ms, which never blocks, returns the events that arrived and sends the keep-alive the
-engine needs to tell a live client from a killed one. Blocking calls (`hello`, `submit`,
-`status`) give up after `timeout` seconds with EngineUnreachable or Timeout.
+engine needs to tell a live client from a killed one. The keep-alive names the active jobs; a
+job the engine no longer knows (it restarted, crashed or lost it) fails with code `lost` at the
+next pong. Blocking calls (`hello`, `submit`, `status`) give up after `timeout` seconds with
+EngineUnreachable or Timeout. `submit` applies the limits the engine announced in `hello`
+before sending anything.
 
     client = Client("tcp://127.0.0.1:5557")
     client.hello()
@@ -13,6 +16,7 @@ engine needs to tell a live client from a killed one. Blocking calls (`hello`, `
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -24,7 +28,7 @@ from typing import Any
 import zmq
 
 from engine import protocol
-from engine.protocol import Pixels, ProtocolError
+from engine.protocol import Limits, Pixels, ProtocolError
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 ACTIVE = ("queued", "running")
@@ -166,6 +170,7 @@ class Client:
         self.endpoint, self.timeout = endpoint, timeout
         self.keepalive, self.engine_timeout = keepalive, engine_timeout
         self.info: dict[str, Any] = {}  # the engine's hello
+        self.limits = Limits()  # the engine's, once `hello` answered
         self._jobs: dict[str, Job] = {}  # active jobs by id
         self._pending: list[Event] = []  # events that arrived while a blocking call waited
         self._heard = False  # anything ever received: tells Unreachable from Timeout
@@ -173,9 +178,10 @@ class Client:
         self._socket = zmq.Context.instance().socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 0)  # a closing host must never wait on the engine
         self._socket.setsockopt(zmq.SNDTIMEO, int(timeout * 1000))
-        # queue nothing for an engine that is not connected: a request made while it is down
-        # fails now instead of running whenever it comes back
-        self._socket.setsockopt(zmq.IMMEDIATE, 1)
+        # No ZMQ_IMMEDIATE: with it, libzmq drops the replies not yet read when the engine's
+        # connection closes, so an engine that answered `cancelled (shutdown)` and exited lost
+        # that answer whenever the host polled a little late. A request made while the engine
+        # is down waits in the queue instead; a submit that got no answer is cancelled (below).
         self._socket.setsockopt(zmq.ROUTING_ID, b"c" + uuid.uuid4().bytes)  # kept on reconnect
         if server_key is not None:
             if public_key is None or secret_key is None:
@@ -205,6 +211,7 @@ class Client:
     def hello(self) -> dict[str, Any]:
         """The engine's protocol version, models label, device and limits."""
         self.info = self._request("hello", {"client": "engine.client"}).header
+        self.limits = Limits.from_json(self.info.get("limits"))
         return self.info
 
     def status(self) -> dict[str, Any]:
@@ -225,7 +232,8 @@ class Client:
     ) -> Job:
         """Queue an edit: `image` rows of `stride` bytes (packed RGBA8 by default), `mask` one
         byte a pixel (0 keep, 255 edit). Returns once the engine accepted it; raises
-        EngineError when it refused."""
+        EngineError when it refused, or (code `limit`, nothing sent) when the request is over
+        a limit the engine announced in `hello` (asked first if not yet)."""
         if image_format not in ("RGBA8", "BGRA8", "RGB8"):
             raise ValueError(f"image_format must be RGBA8, BGRA8 or RGB8, not {image_format!r}")
         pixels = Pixels(width, height, image_format, image, stride, "image")
@@ -236,16 +244,46 @@ class Client:
                     f"{p.name}: {width}x{height} {p.format} with stride {p.stride} needs "
                     f"{p.stride * p.height} bytes, got {len(p.data)}"
                 )
+        if not self.info:
+            self.hello()
+        self._check_limits(pixels, sel, prompt, settings or {})
         job = Job(uuid.uuid4().hex[:16])
         fields = {"job": job.id, "prompt": prompt, "settings": settings or {}}
         self._jobs[job.id] = job
         try:
             reply = self._request("submit", fields, [pixels, sel], job=job.id)
-        except ClientError:
+        except ClientError as e:
             self._jobs.pop(job.id, None)
+            if isinstance(e, Timeout | EngineUnreachable):  # unanswered: if it arrives late,
+                self._send("cancel", {"job": job.id}, wait=False)  # drop it there
             raise
         job.position = reply.header.get("position", 0)
         return job
+
+    def _check_limits(
+        self, image: Pixels, mask: Pixels, prompt: str, settings: dict[str, Any]
+    ) -> None:
+        limits, side = self.limits, max(image.width, image.height)
+        problem = None
+        if side > limits.max_side:
+            problem = (
+                f"the image is {image.width}x{image.height} px, over this engine's limit of "
+                f"{limits.max_side} px a side: select a smaller region, or start the engine "
+                "with a larger `serve --max-side`"
+            )
+        elif len(image.data) + len(mask.data) > limits.max_message - limits.max_header:
+            problem = (
+                f"the image and mask are {len(image.data) + len(mask.data)} bytes, over this "
+                f"engine's message limit of {limits.max_message}"
+            )
+        elif len(prompt) > limits.max_prompt:
+            problem = f"the prompt is {len(prompt)} characters, over {limits.max_prompt}"
+        elif isinstance(settings.get("variants"), int) and settings["variants"] > (
+            limits.max_variants
+        ):
+            problem = f"variants is {settings['variants']}, over {limits.max_variants}"
+        if problem:
+            raise EngineError(protocol.LIMIT, problem)
 
     # -- non-blocking, for a host's UI timer ------------------------------------------------
 
@@ -257,7 +295,7 @@ class Client:
             left = 0.0 if events else max(0.0, deadline - time.monotonic())
             if not self._socket.poll(int(left * 1000)):
                 break
-            events += self._handle(self._receive())
+            events += self._next_events()
         self._keep_alive()
         return events + self._lost_jobs()
 
@@ -300,11 +338,33 @@ class Client:
         frames = self._socket.recv_multipart(zmq.NOBLOCK)
         self._heard, self._last_heard = True, time.monotonic()
         try:
-            return protocol.decode_reply(frames)
+            return protocol.decode_reply(frames, self.limits)
         except ProtocolError as e:
             if e.code == protocol.VERSION_MISMATCH:
                 raise VersionMismatch(str(e)) from None
-            raise EngineError(e.code, f"unreadable reply from the engine: {e}") from None
+            text = f"unreadable reply from the engine: {e}"
+            raise EngineError(e.code, text, _job_of(frames)) from None
+
+    def _next_events(self) -> list[Event]:
+        """The events of the next message; an unreadable one fails only the job it is about."""
+        try:
+            return self._handle_safely(self._receive())
+        except EngineError as e:
+            return self._unreadable(e)
+
+    def _handle_safely(self, msg: protocol.Message) -> list[Event]:
+        """`_handle`, where a reply with fields of the wrong shape fails only its job."""
+        try:
+            return self._handle(msg)
+        except (KeyError, TypeError, ValueError) as e:
+            text = f"unreadable reply from the engine: {msg.type} {e}"
+            return self._unreadable(EngineError(protocol.BAD_MESSAGE, text, msg.job))
+
+    def _unreadable(self, e: EngineError) -> list[Event]:
+        job = self._jobs.pop(e.job, None) if e.job else None
+        if job is not None:
+            job.error, job.state = e, "failed"
+        return [Event("error", e.job, job, error=e)]
 
     def _request(self, kind: str, fields=None, frames=(), job: str | None = None):
         """Send a request and wait for its reply, keeping other messages as events."""
@@ -314,12 +374,18 @@ class Client:
         while (left := deadline - time.monotonic()) > 0:
             if not self._socket.poll(int(left * 1000) + 1):
                 continue
-            msg = self._receive()
+            try:
+                msg = self._receive()
+            except EngineError as e:
+                if e.job is None or e.job == job:
+                    raise
+                self._pending += self._unreadable(e)  # about another job: that job's event
+                continue
             if msg.type == answers and msg.job == job:
                 return msg
             if msg.type == "error" and msg.job == job:
                 raise self._engine_error(msg)
-            self._pending += self._handle(msg)
+            self._pending += self._handle_safely(msg)
         if not self._heard:
             raise EngineUnreachable(
                 f"engine unreachable at {self.endpoint}: no answer within {self.timeout:g} s "
@@ -337,8 +403,10 @@ class Client:
     def _handle(self, msg: protocol.Message) -> list[Event]:
         """Update the job a message is about; the events it makes for the caller."""
         kind, job_id = msg.type, msg.job
+        if kind == "pong":
+            return self._lost(msg.header)
         if kind not in ("progress", "result", "error", "cancelled"):
-            return []  # pong, or a late answer to a request that timed out
+            return []  # a late answer to a request that timed out
         job = self._jobs.get(job_id) if job_id else None
         event = Event(kind, job_id, job)
         if kind == "progress":
@@ -374,7 +442,21 @@ class Client:
 
     def _keep_alive(self) -> None:
         if self._jobs and time.monotonic() - self._last_sent >= self.keepalive:
-            self._send("ping", wait=False)
+            self._send("ping", {"jobs": list(self._jobs)}, wait=False)
+
+    def _lost(self, pong: dict[str, Any]) -> list[Event]:
+        """Fail the jobs a pong says the engine does not know. Replies come in order, so a job
+        that ended before the pong was already removed by its own terminal message."""
+        unknown = pong.get("unknown")
+        lost = [self._jobs.pop(j) for j in unknown or [] if isinstance(j, str) and j in self._jobs]
+        restarted = pong.get("instance") != self.info.get("instance", pong.get("instance"))
+        why = "the engine was restarted" if restarted else "the engine no longer has it"
+        for job in lost:
+            job.error = EngineError(
+                protocol.LOST, f"the job was lost ({why} at {self.endpoint}): generate again"
+            )
+            job.state = "failed"
+        return [Event("error", job.id, job, error=job.error) for job in lost]
 
     def _lost_jobs(self) -> list[Event]:
         """Fail the active jobs once the engine has been silent too long (it answers pings)."""
@@ -390,6 +472,15 @@ class Client:
             events.append(Event("error", job.id, job, error=job.error))
         self._jobs.clear()
         return events
+
+
+def _job_of(frames: list) -> str | None:
+    """The job id of an unreadable reply, when its header still says it."""
+    try:
+        job = json.loads(bytes(frames[0])).get("job")
+    except (ValueError, AttributeError, IndexError):
+        return None
+    return job if isinstance(job, str) else None
 
 
 def layer_name(prompt: str, variant: Variant, models: str = "") -> str:

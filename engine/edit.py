@@ -5,8 +5,10 @@ Used by the command line and the server alike; knows nothing of files or sockets
 
 from __future__ import annotations
 
+import contextlib
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +45,8 @@ class EditSettings:
     def check(self) -> None:
         if not 1 <= self.variants <= 64:
             raise region.RegionError(f"variants must be 1 to 64, got {self.variants}")
+        if self.steps < 2:  # guided_diffusion's posterior variance needs two timesteps
+            raise region.RegionError(f"steps must be at least 2, got {self.steps}")
         if not 0 <= self.skip < self.steps:
             raise region.RegionError(
                 f"skip must be 0 to steps - 1 ({self.steps - 1}), got {self.skip}"
@@ -72,6 +76,42 @@ class Variant:
     seed: int
 
 
+class Diverged(ValueError):
+    """The edit produced NaN or infinite values; the message names the likely setting."""
+
+
+def _diverged(settings: EditSettings, default_weight: float, where: str) -> Diverged:
+    """Name the settings far above their defaults: what made the guidance blow up."""
+    weights = {
+        "guidance_weight": (settings.guidance_weight, default_weight),
+        "range_weight": (settings.range_weight, EditSettings.range_weight),
+    }
+    high = sorted(
+        ((v / max(d, 1e-9), k, v, d) for k, (v, d) in weights.items() if v and v > 10 * d),
+        reverse=True,
+    )
+    if high:
+        blame = " and ".join(f"{k} {v:g} (default {d:g})" for _, k, v, d in high)
+        advice = f"lower {blame}"
+    else:
+        advice = "lower guidance_weight or range_weight, or use more steps"
+    return Diverged(f"the edit diverged (NaN or infinite values {where}): {advice}")
+
+
+@contextlib.contextmanager
+def _checked_forwards(models: Models, check: Callable[[], None]) -> Iterator[None]:
+    """Call `check` before every UNet and CLIP image forward, so a cancel stops within one."""
+    hooks = [
+        m.register_forward_pre_hook(lambda *_: check())
+        for m in (models.unet, models.clip.model.visual)
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def run_edit(
     models: Models,
     image: np.ndarray,
@@ -79,15 +119,20 @@ def run_edit(
     prompt: str,
     settings: EditSettings,
     on_step: Callable[[int, int], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> list[Variant]:
     """Edit `image` (HxWx3|4 uint8) inside `mask` (HxW uint8, soft edges allowed).
 
     Variant i draws its noise and augmentations from seed + i alone: at batch 1 that seed,
     with variants 1, reproduces the variant's pixels. `on_step(done, total)` follows the
-    denoising; raising in it aborts.
+    denoising; `check()` is called before every UNet and CLIP image forward and between the
+    other phases; raising in either aborts. Raises Diverged when the sample turns NaN or
+    infinite.
     """
+    check = check or (lambda: None)
     settings.check()
     region.check_inputs(image, mask)
+    check()
     seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     sel = region.selection_bounds(mask)
     box = region.context_box(mask, settings.padding)
@@ -102,7 +147,22 @@ def run_edit(
     recompute = accel.resolve_recompute(
         settings.recompute, models.config.arch, batch, precision, dev
     )
+    clip_weight = (
+        settings.guidance_weight
+        if settings.guidance_weight is not None
+        else models.config.guidance_weight(settings.guidance_mode)
+    )
+    default_weight = models.config.guidance_weight(settings.guidance_mode)
+
+    def step(done: int, total: int, x0: torch.Tensor) -> None:
+        if not torch.isfinite(x0).all():
+            raise _diverged(settings, default_weight, f"at step {done} of {total}")
+        if on_step:
+            on_step(done, total)
+
+    check()
     with (
+        _checked_forwards(models, check),
         devices.autocast(dev, devices.clip_precision(precision, dev)),
         accel.recompute(models.unet, recompute),
     ):
@@ -115,30 +175,30 @@ def run_edit(
             prompt,
             devices.generators(seeds, dev),
             skip=settings.skip,
-            clip_weight=(
-                settings.guidance_weight
-                if settings.guidance_weight is not None
-                else models.config.guidance_weight(settings.guidance_mode)
-            ),
+            clip_weight=clip_weight,
             range_weight=settings.range_weight,
             sampler=settings.sampler,
             guidance_mode=settings.guidance_mode,
             guidance_every=settings.guidance_every,
             class_cond=models.config.class_cond,
             batch=batch,
-            callback=(lambda done, total, _x0: on_step(done, total)) if on_step else None,
+            callback=step,
         )
-    out = out.float().clamp(-1, 1)
-    dists = guide.rank_distance(out * mask_t, prompt).tolist()
+    out = out.float()
+    if not torch.isfinite(out).all():
+        raise _diverged(settings, default_weight, "in the result")
+    out = out.clamp(-1, 1)
+    dists = []
+    for one in out * mask_t:  # one variant at a time, so a cancel is seen during ranking
+        check()
+        dists += guide.rank_distance(one[None], prompt).tolist()
+    if not all(map(math.isfinite, dists)):
+        raise _diverged(settings, default_weight, "in the CLIP distances")
     results = out.permute(0, 2, 3, 1).cpu().numpy()
     order = sorted(range(len(seeds)), key=lambda i: dists[i])
-    return [
-        Variant(
-            rank=r,
-            box=sel,
-            rgba=region.layer_pixels(region.from_model(results[i], box, sel), mask, sel),
-            distance=dists[i],
-            seed=seeds[i],
-        )
-        for r, i in enumerate(order, 1)
-    ]
+    variants = []
+    for r, i in enumerate(order, 1):
+        check()
+        rgba = region.layer_pixels(region.from_model(results[i], box, sel), mask, sel)
+        variants.append(Variant(rank=r, box=sel, rgba=rgba, distance=dists[i], seed=seeds[i]))
+    return variants

@@ -2,7 +2,8 @@
 
 The socket thread owns the queue and every state change; the worker thread only reads a running
 job's inputs, counts its steps and watches its `cancel` event, which is how a cancel stops it
-within one step.
+within one UNet forward. Waiting jobs are served round-robin across clients, so one client's
+full queue never starves another's job.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class Job:
     step: int = 0
     total: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
-    cancel_reason: str = ""  # client | keepalive | shutdown
+    cancel_reason: str = ""  # client | disconnected | keepalive | shutdown
     submitted: float = field(default_factory=time.monotonic)
+    held: int = 0  # bytes this job holds while it waits (its image and mask)
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -50,14 +52,32 @@ class Job:
 
 
 class JobQueue:
-    """Waiting jobs in submission order, plus the one running job."""
+    """Waiting jobs, one line per client, plus the one running job. The next job is the first of
+    the client served least recently (a client not served yet first, in order of its oldest job):
+    round-robin, where a client that just arrived waits for no client that was just served."""
 
     def __init__(self) -> None:
-        self.waiting: deque[Job] = deque()
+        self.lines: dict[bytes, deque[Job]] = {}  # client -> its waiting jobs, in order
+        self.served: dict[bytes, int] = {}  # client -> when it last started a job (a counter)
+        self.starts = 0
         self.running: Job | None = None
 
     def __len__(self) -> int:
-        return len(self.waiting) + (self.running is not None)
+        return sum(map(len, self.lines.values())) + (self.running is not None)
+
+    @property
+    def waiting(self) -> list[Job]:
+        """Waiting jobs in the order they will run."""
+        lines = {c: list(line) for c, line in self.lines.items()}
+        served, starts, order = dict(self.served), self.starts, []
+        while lines:
+            client = min(lines, key=lambda c: (served.get(c, -1), lines[c][0].submitted))
+            order.append(lines[client].pop(0))
+            starts += 1
+            served[client] = starts
+            if not lines[client]:
+                del lines[client]
+        return order
 
     def find(self, client: bytes, job_id: str) -> Job | None:
         for job in self.active():
@@ -66,27 +86,41 @@ class JobQueue:
         return None
 
     def active(self) -> list[Job]:
-        return ([self.running] if self.running else []) + list(self.waiting)
+        return ([self.running] if self.running else []) + self.waiting
+
+    def count(self, client: bytes) -> int:
+        """The client's active jobs, running or waiting."""
+        running = self.running is not None and self.running.client == client
+        return len(self.lines.get(client, ())) + running
 
     def position(self, job: Job) -> int:
         """How many jobs run before this one (0: running or next)."""
         if job is self.running:
             return 0
-        return list(self.waiting).index(job) + (self.running is not None)
+        return self.waiting.index(job) + (self.running is not None)
 
     def add(self, job: Job) -> int:
-        self.waiting.append(job)
+        self.lines.setdefault(job.client, deque()).append(job)
         return self.position(job)
 
     def remove(self, job: Job) -> None:
-        self.waiting.remove(job)
+        line = self.lines[job.client]
+        line.remove(job)
+        if not line:
+            del self.lines[job.client]
 
     def start_next(self) -> Job | None:
-        if self.running is not None or not self.waiting:
+        if self.running is not None or not self.lines:
             return None
-        self.running = self.waiting.popleft()
-        self.running.state = RUNNING
-        return self.running
+        job = self.waiting[0]
+        self.remove(job)
+        self.starts += 1
+        self.served[job.client] = self.starts
+        # a client with nothing waiting starts afresh when it comes back
+        self.served = {c: n for c, n in self.served.items() if c in self.lines or c == job.client}
+        self.running = job
+        job.state = RUNNING
+        return job
 
     def finish(self, state: str) -> Job | None:
         job, self.running = self.running, None

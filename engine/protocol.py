@@ -26,6 +26,8 @@ SAMPLERS = ("ddpm", "ddim")
 GUIDANCE_MODES = ("full", "fast")
 
 REQUESTS = ("hello", "submit", "cancel", "status", "ping")
+MAX_FRAMES = 3  # a header and at most two pixel frames (a submit's image and mask)
+MAX_PING_JOBS = 256
 REPLIES = ("hello", "accepted", "progress", "result", "error", "cancelled", "status", "pong")
 
 # Error codes (docs/protocol.md explains each).
@@ -34,8 +36,11 @@ VERSION_MISMATCH = "version_mismatch"
 UNKNOWN_TYPE = "unknown_type"
 BAD_FIELD = "bad_field"  # a field is missing or has the wrong type or value
 BAD_FRAME = "bad_frame"  # a pixel frame does not match its description
-LIMIT = "limit"  # over a limit: image side, prompt length, variants, steps, queue
+LIMIT = "limit"  # over a limit: image side, message size, prompt, variants, queue, memory
 BAD_INPUT = "bad_input"  # the engine rejected the edit itself (e.g. empty selection)
+NON_FINITE = "non_finite"  # the edit diverged (NaN/inf); the message names the setting to lower
+OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory during the edit
+LOST = "lost"  # (client side) the engine no longer knows the job: restarted, crashed, lost it
 UNKNOWN_JOB = "unknown_job"
 DUPLICATE_JOB = "duplicate_job"
 SHUTTING_DOWN = "shutting_down"
@@ -61,6 +66,7 @@ class Limits:
     max_steps: int = 1000
     max_augmentations: int = 64
     max_queue: int = 32  # jobs waiting or running, all clients together
+    max_client_queue: int = 4  # jobs waiting or running, per client
     max_header: int = 65536  # bytes of JSON
 
     @property
@@ -68,8 +74,22 @@ class Limits:
         """The largest frame accepted, in bytes (the engine's ZMQ_MAXMSGSIZE)."""
         return max(self.max_side * self.max_side * 4, self.max_header)
 
+    @property
+    def max_message(self) -> int:
+        """The largest message accepted, all frames together: a header, an RGBA8 image and a Y8
+        mask at the largest side, with up to 64 bytes of row padding each."""
+        return self.max_header + (self.max_side * 5 + 128) * self.max_side
+
     def to_json(self) -> dict[str, int]:
-        return asdict(self)
+        return {**asdict(self), "max_frame": self.max_frame, "max_message": self.max_message}
+
+    @classmethod
+    def from_json(cls, fields: Any) -> Limits:
+        """The limits an engine announced (unknown fields ignored, absent ones the defaults)."""
+        if not isinstance(fields, dict):
+            return cls()
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in fields.items() if k in names and type(v) is int})
 
 
 @dataclass
@@ -248,7 +268,8 @@ def check_settings(settings: Any, limits: Limits) -> dict[str, Any]:
     checks = {
         "variants": lambda v, n: _int(v, n, 1, limits.max_variants, LIMIT),
         "seed": lambda v, n: None if v is None else _int(v, n, 0, 2**32 - 1),
-        "steps": lambda v, n: _int(v, n, 1, limits.max_steps, LIMIT),
+        # guided_diffusion's schedule needs two timesteps (its posterior variance reads t = 1)
+        "steps": lambda v, n: _int(v, n, 2, limits.max_steps, LIMIT),
         "skip": lambda v, n: _int(v, n, 0, limits.max_steps - 1),
         "guidance_weight": lambda v, n: _number(v, n, 0, 1e6),
         "range_weight": lambda v, n: _number(v, n, 0, 1e6),
@@ -295,9 +316,22 @@ def _check_submit(header: dict[str, Any], frames: list[Pixels], limits: Limits) 
         )
 
 
+def _check_ping(header: dict[str, Any]) -> None:
+    jobs = header.get("jobs", [])
+    if not isinstance(jobs, list) or len(jobs) > MAX_PING_JOBS:
+        raise ProtocolError(BAD_FIELD, f"jobs must be a list of at most {MAX_PING_JOBS} job ids")
+    for job in jobs:
+        job_id({"job": job})
+
+
 def decode_request(frames: list, limits: Limits | None = None) -> Message:
     """A client's request, fully validated; raises ProtocolError (with the job id when known)."""
     limits = limits or Limits()
+    if len(frames) > MAX_FRAMES:
+        raise ProtocolError(BAD_MESSAGE, f"{len(frames)} frames, over the limit of {MAX_FRAMES}")
+    size = sum(len(f) for f in frames)
+    if size > limits.max_message:
+        raise ProtocolError(LIMIT, f"message is {size} bytes, over {limits.max_message}")
     header = read_header(frames, limits)
     kind = header["type"]
     if kind not in REQUESTS:
@@ -312,6 +346,8 @@ def decode_request(frames: list, limits: Limits | None = None) -> Message:
             _check_submit(header, pixels, limits)
         elif pixels:
             raise ProtocolError(BAD_MESSAGE, f"{kind} carries no pixel frames")
+        if kind == "ping":
+            _check_ping(header)
     except ProtocolError as e:
         e.job = job
         raise

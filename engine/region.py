@@ -3,7 +3,9 @@
 A square context box around the selection (padded by a fraction of the selection's size, kept
 inside the image where it fits, edge-extended where it cannot) is resized to the model's size.
 The edited box is resized back and composited through the mask's own alpha, so every pixel the
-mask leaves at 0 keeps its exact bytes.
+mask leaves at 0 keeps its exact bytes. Neither way materialises the box at image scale where it
+overhangs the image: the overhang is edge-extended at model scale, and only the selection's part
+of the result is resized back, so image-scale memory stays bounded by the image.
 """
 
 from __future__ import annotations
@@ -66,36 +68,43 @@ def context_box(mask: np.ndarray, padding: float = 0.25) -> Box:
     return Box(place(sel.x, sel.w, width), place(sel.y, sel.h, height), side, side)
 
 
-def crop(array: np.ndarray, box: Box) -> np.ndarray:
-    """The box's pixels; where the box overhangs the image, the image's edge is repeated."""
-    height, width = array.shape[:2]
-    pad = [
-        (max(0, -box.y), max(0, box.y + box.h - height)),
-        (max(0, -box.x), max(0, box.x + box.w - width)),
-    ]
-    pad += [(0, 0)] * (array.ndim - 2)
-    padded = np.pad(array, pad, mode="edge")
-    y0, x0 = box.y + pad[0][0], box.x + pad[1][0]
-    return padded[y0 : y0 + box.h, x0 : x0 + box.w]
+def _inside(box: Box, height: int, width: int) -> Box:
+    """The part of `box` inside a `width` x `height` image."""
+    x0, y0 = max(box.x, 0), max(box.y, 0)
+    return Box(x0, y0, min(box.x + box.w, width) - x0, min(box.y + box.h, height) - y0)
 
 
 def to_model(
     image: np.ndarray, mask: np.ndarray, box: Box, size: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The context box as the model sees it: RGB float in [-1, 1] (HxWx3), mask in [0, 1] (HxW)."""
-    rgb = Image.fromarray(np.ascontiguousarray(crop(image[..., :3], box)))
-    m = Image.fromarray(np.ascontiguousarray(crop(mask, box)))
-    rgb = np.asarray(rgb.resize((size, size), Image.Resampling.LANCZOS), np.float32)
-    m = np.asarray(m.resize((size, size), Image.Resampling.BILINEAR), np.float32)
+    """The context box as the model sees it: RGB float in [-1, 1] (HxWx3), mask in [0, 1] (HxW).
+    Only the box's part inside the image is read; an overhang repeats the edge at model scale."""
+    part = _inside(box, *mask.shape)
+    scale = size / box.w
+    x0, y0 = round((part.x - box.x) * scale), round((part.y - box.y) * scale)
+    x1 = max(round((part.x + part.w - box.x) * scale), x0 + 1)
+    y1 = max(round((part.y + part.h - box.y) * scale), y0 + 1)
+    pad = ((y0, size - y1), (x0, size - x1))
+
+    def model_scale(a: np.ndarray, resample: Image.Resampling) -> np.ndarray:
+        a = np.ascontiguousarray(a[part.y : part.y + part.h, part.x : part.x + part.w])
+        a = np.asarray(Image.fromarray(a).resize((x1 - x0, y1 - y0), resample), np.float32)
+        return np.pad(a, pad + ((0, 0),) * (a.ndim - 2), mode="edge")
+
+    rgb = model_scale(image[..., :3], Image.Resampling.LANCZOS)
+    m = model_scale(mask, Image.Resampling.BILINEAR)
     return rgb / 127.5 - 1.0, m / 255.0
 
 
 def from_model(result: np.ndarray, box: Box, sel: Box) -> np.ndarray:
-    """An edited model-size result (HxWx3 in [-1, 1]) back at image scale, cut to `sel` (uint8)."""
+    """An edited model-size result (HxWx3 in [-1, 1]) back at image scale, cut to `sel` (uint8):
+    only `sel`'s part of the box is resampled, never the whole box."""
     rgb = np.clip((result + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    back = np.asarray(Image.fromarray(rgb).resize((box.w, box.h), Image.Resampling.LANCZOS))
-    y, x = sel.y - box.y, sel.x - box.x
-    return back[y : y + sel.h, x : x + sel.w]
+    scale = rgb.shape[1] / box.w
+    x, y = (sel.x - box.x) * scale, (sel.y - box.y) * scale
+    source = (x, y, x + sel.w * scale, y + sel.h * scale)
+    resized = Image.fromarray(rgb).resize((sel.w, sel.h), Image.Resampling.LANCZOS, box=source)
+    return np.asarray(resized)
 
 
 def layer_pixels(edited: np.ndarray, mask: np.ndarray, sel: Box) -> np.ndarray:

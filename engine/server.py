@@ -1,31 +1,41 @@
 """The engine as a service: one ROUTER socket, a job queue, one worker thread.
 
-The socket thread is the only one touching the ROUTER: it answers hello/status/cancel/ping at
-once, queues submits, forwards the worker's progress to the submitting client only, and cancels
-the jobs of clients that stopped sending keep-alives (GIMP kills a cancelled plug-in; hosts
-crash). The worker runs one edit at a time in submission order and reports through a queue plus
-an inproc PAIR wake-up, so the socket thread sleeps in one zmq poll.
+The socket thread is the only one touching ZeroMQ: it answers hello/status/cancel/ping at once,
+checks each submit against the limits and the memory budget before queueing it, forwards the
+worker's progress to the submitting client only, and cancels the jobs of clients that are gone:
+at once when the ROUTER's monitor reports a disconnect and a probe finds the client unreachable
+(GIMP kills a cancelled plug-in), else when their keep-alives stop (a host that hangs). The worker
+runs one edit at a time, round-robin across clients, and reports through a queue plus a
+socketpair wake-up, so the socket thread sleeps in one poll and the worker owns no socket that
+could stop the context from closing. Every job the engine accepts gets exactly one terminal
+message (result, error or cancelled), whatever fails, and the worker lives on.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from engine import __version__, protocol, region
+from engine import __version__, budget, protocol, region
 from engine.client import default_key_dir
-from engine.edit import EditSettings, run_edit
+from engine.edit import Diverged, EditSettings, run_edit
 from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueue
 from engine.keys import CurveKeys
 from engine.models import Models
@@ -34,6 +44,7 @@ from engine.protocol import Limits, Pixels, ProtocolError, is_loopback
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 KEEPALIVE_INTERVAL = 1.0  # what the engine asks clients for, in seconds
 _TICK_MS = 100  # the socket loop's longest sleep: bounds stop and keep-alive latency
+_PROBE_S = 1.0  # after a disconnect, how long clients with jobs are probed for reachability
 
 
 class BindRefused(ValueError):
@@ -66,13 +77,21 @@ class Server:
         *,
         limits: Limits | None = None,
         keepalive_timeout: float = 5.0,
+        memory_budget: int | None = None,
+        shutdown_grace: float = 10.0,
         curve: CurveKeys | None = None,
         log: Callable[[str], None] | None = None,
     ) -> None:
+        """`memory_budget`: bytes one job may use at its peak plus what waiting jobs hold
+        (default: 80% of the device's free memory when the engine binds). `shutdown_grace`:
+        how long a stop waits for the running job to reach its next cancel check."""
         check_endpoint(endpoint, curve)
         self.models, self.endpoint, self.curve = models, endpoint, curve
         self.limits = limits or Limits()
         self.keepalive_timeout = keepalive_timeout
+        self.memory_budget = memory_budget
+        self.shutdown_grace = shutdown_grace
+        self.instance = uuid.uuid4().hex[:16]  # tells a client this engine from a restarted one
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)  # job events, for tests
         self._queue = JobQueue()
@@ -80,6 +99,9 @@ class Server:
         self._events: queue.SimpleQueue = queue.SimpleQueue()  # worker -> socket thread
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # socket thread -> worker
         self._stop = threading.Event()
+        self._deadline: float | None = None  # set when a stop begins
+        self._probe_until = 0.0  # clients with jobs are probed until then (after a disconnect)
+        self._probed = 0.0  # when they last were
         self._ctx: zmq.Context | None = None
 
     # -- life cycle --------------------------------------------------------------------------
@@ -91,6 +113,7 @@ class Server:
         self._router = ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.MAXMSGSIZE, self.limits.max_frame)
         self._router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client keeps its jobs
+        self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send tells a vanished client
         self._router.setsockopt(zmq.LINGER, 2000)  # last replies (cancelled) on shutdown
         if self.curve:
             from zmq.auth.thread import ThreadAuthenticator
@@ -109,53 +132,97 @@ class Server:
             self._close()
             raise OSError(f"cannot bind {self.endpoint}: {e}") from None
         self.endpoint = self._router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._wake_addr = f"inproc://engine-wake-{id(self)}"
-        self._wake = ctx.socket(zmq.PAIR)
-        self._wake.bind(self._wake_addr)
-        self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
-        self._worker.start()
+        # ZMQ_ROUTER_NOTIFY would name the peer but is a draft API missing from released pyzmq:
+        # the monitor says that some peer left, a probe (ROUTER_MANDATORY) says which
+        self._monitor = self._router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._wake, self._wake_send = socket.socketpair()
+        self._wake.setblocking(False)
+        self._wake_send.setblocking(False)
+        if self.memory_budget is None:
+            self.memory_budget = int(0.8 * budget.available_bytes(self.models))
+        self._start_worker()
         return self.endpoint
 
+    def _start_worker(self) -> None:
+        self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
+        self._worker.start()
+
     def stop(self) -> None:
-        """Ask `run` to return (any thread, or a signal handler)."""
+        """Ask `run` to return (any thread, or a signal handler): the running job is cancelled
+        at its next check, every client told, and `run` returns within `shutdown_grace`."""
         self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         poller.register(self._wake, zmq.POLLIN)
         try:
-            while not self._stop.is_set():
+            while self._deadline is None or self._queue.running is not None:
+                if self._stop.is_set() and self._deadline is None:
+                    self._begin_shutdown()
+                if self._deadline is not None and time.monotonic() > self._deadline:
+                    self._abandon_running_job()
+                    break
                 for sock, _ in poller.poll(_TICK_MS):
                     if sock is self._router:
                         self._read_requests()
+                    elif sock is self._monitor:
+                        self._read_disconnects()
                     else:
                         self._read_events()
+                self._probe_clients()
                 self._expire_silent_clients()
+                self._watch_worker()
                 self._dispatch()
         finally:
-            self._shutdown()
+            self._close()
 
-    def _shutdown(self) -> None:
+    def _begin_shutdown(self) -> None:
+        """Cancel every job; the loop keeps answering until the running one has stopped."""
+        self._deadline = time.monotonic() + self.shutdown_grace
+        self.log("stopping: cancelling every job")
         for job in self._queue.active():
             self._cancel(job, "shutdown")
-        self._inbox.put(None)
-        self._worker.join(timeout=60)
-        self._read_events()
-        self._close()
+
+    def _abandon_running_job(self) -> None:
+        """The running step did not reach a cancel check in time: answer for it and leave."""
+        job = self._queue.finish(CANCELLED)
+        if job is not None:
+            self.log(f"job {job.id}: its step did not stop within {self.shutdown_grace:g} s")
+            self._finished(job, CANCELLED, self._cancelled(job))
 
     def _close(self) -> None:
-        for name in ("_wake", "_router"):
-            if hasattr(self, name):
-                getattr(self, name).close()
+        self._inbox.put(None)
+        if hasattr(self, "_monitor"):
+            self._router.disable_monitor()
+            self._monitor.close(linger=0)
+        if hasattr(self, "_router"):
+            self._router.close()  # LINGER: the last replies still go out
+        for end in ("_wake", "_wake_send"):
+            if hasattr(self, end):
+                getattr(self, end).close()
         if self._auth:
             self._auth.stop()
         self._ctx.term()
 
     # -- socket thread -----------------------------------------------------------------------
 
-    def _send(self, client: bytes, frames: list) -> None:
-        self._router.send_multipart([client, *frames], copy=False)
+    def _send(self, client: bytes, frames: list) -> bool:
+        """False when the client is gone (or its pipe is full): the message is dropped."""
+        try:
+            self._router.send_multipart([client, *frames], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
+        return True
 
     def _read_requests(self) -> None:
         for _ in range(100):  # then let the worker's events through
@@ -179,8 +246,9 @@ class Server:
         kind, job_id = msg.type, msg.job
         if kind == "hello":
             self._send(client, protocol.encode("hello", self._hello()))
-        elif kind == "ping":
-            self._send(client, protocol.encode("pong"))
+        elif kind == "ping":  # answers which of the named jobs this engine does not know
+            unknown = [j for j in msg.header.get("jobs", []) if not self._queue.find(client, j)]
+            self._send(client, self._pong(unknown))
         elif kind == "status":
             jobs = [
                 j.summary(self._queue.position(j))
@@ -197,9 +265,13 @@ class Server:
         elif kind == "submit":
             self._submit(client, msg)
 
+    def _pong(self, unknown: list[str] | None = None) -> list:
+        return protocol.encode("pong", {"instance": self.instance, "unknown": unknown or []})
+
     def _hello(self) -> dict[str, Any]:
         return {
             "engine": __version__,
+            "instance": self.instance,
             "models": self.models.label,
             "device": str(self.models.device),
             "image_size": self.models.config.image_size,
@@ -214,6 +286,13 @@ class Server:
             raise ProtocolError(protocol.SHUTTING_DOWN, "the engine is shutting down", job_id)
         if self._queue.find(client, job_id):
             raise ProtocolError(protocol.DUPLICATE_JOB, f"job {job_id!r} is already active", job_id)
+        if self._queue.count(client) >= self.limits.max_client_queue:
+            raise ProtocolError(
+                protocol.LIMIT,
+                f"this client already has {self.limits.max_client_queue} jobs queued or running "
+                "(max_client_queue): wait for one to finish",
+                job_id,
+            )
         if len(self._queue) >= self.limits.max_queue:
             raise ProtocolError(
                 protocol.LIMIT,
@@ -230,14 +309,25 @@ class Server:
             region.check_inputs(image, mask)  # now, not after the queue
         except region.RegionError as e:
             raise ProtocolError(protocol.BAD_INPUT, str(e), job_id) from None
-        job = Job(client, job_id, msg.header["prompt"], image, mask, settings)
+        cost = budget.estimate(self.models, image.shape, mask, settings)
+        held = sum(j.held for j in self._queue.waiting)
+        if cost.total + held > self.memory_budget:
+            raise ProtocolError(
+                protocol.LIMIT,
+                f"this edit needs about {cost.total / 2**30:.1f} GiB, over the engine's memory "
+                f"budget ({(self.memory_budget - held) / 2**30:.1f} GiB free of "
+                f"{self.memory_budget / 2**30:.1f}): lower {budget.advice(cost, settings)}",
+                job_id,
+            )
+        job = Job(client, job_id, msg.header["prompt"], image, mask, settings, held=cost.held)
         job.total = settings.steps - settings.skip
         position = self._queue.add(job)
         self._send(client, protocol.encode("accepted", {"job": job_id, "position": position}))
         self.log(f"job {job_id}: queued at {position}, {image.shape[1]}x{image.shape[0]}")
 
     def _record(self, event: str, job: Job, **details: Any) -> None:
-        self.history.append({"event": event, "job": job.id, "step": job.step, **details})
+        entry = {"event": event, "job": job.id, "step": job.step, "t": time.monotonic()}
+        self.history.append({**entry, **details})
 
     def _cancel(self, job: Job, reason: str) -> None:
         if job.cancel.is_set():
@@ -261,6 +351,23 @@ class Server:
         self.log(f"job {job.id}: {state} at step {job.step}/{job.total}{why}")
         self._send(job.client, reply)
 
+    def _read_disconnects(self) -> None:
+        while self._monitor.poll(0):
+            recv_monitor_message(self._monitor)
+            self._probe_until = time.monotonic() + _PROBE_S
+
+    def _probe_clients(self) -> None:
+        """After a disconnect: a client with jobs that a pong cannot reach is gone."""
+        now = time.monotonic()
+        if now > self._probe_until or now - self._probed < _TICK_MS / 2000:
+            return
+        self._probed = now
+        for client in {j.client for j in self._queue.active()}:
+            if not self._send(client, self._pong()):
+                for job in self._queue.active():
+                    if job.client == client:
+                        self._cancel(job, "disconnected")
+
     def _expire_silent_clients(self) -> None:
         now = time.monotonic()
         for job in self._queue.active():
@@ -271,18 +378,30 @@ class Server:
             c: t for c, t in self._seen.items() if c in clients or now - t < self.keepalive_timeout
         }
 
+    def _watch_worker(self) -> None:
+        """A worker that died (it never should) fails its job and is replaced."""
+        if self._worker.is_alive():
+            return
+        job = self._queue.finish(FAILED)
+        if job is not None:
+            self._finished(job, FAILED, protocol.error(protocol.INTERNAL, "worker died", job.id))
+        self.log("the worker thread died: starting another")
+        self._start_worker()
+
     def _dispatch(self) -> None:
+        if self._deadline is not None:  # stopping: nothing new starts
+            return
         job = self._queue.start_next()
         if job is not None:
             self._record("start", job)
             self._inbox.put(job)
 
     def _read_events(self) -> None:
-        while True:
-            try:
-                self._wake.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        try:
+            while self._wake.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
         while True:
             try:
                 kind, job, reply = self._events.get_nowait()
@@ -296,49 +415,65 @@ class Server:
 
     # -- worker thread -----------------------------------------------------------------------
 
+    def _notify(self, kind: str, job: Job, reply: list | None) -> None:
+        self._events.put((kind, job, reply))
+        try:
+            self._wake_send.send(b"!")
+        except (BlockingIOError, OSError):  # wake-ups pending (or closing): all get drained
+            pass
+
     def _work(self) -> None:
         if hasattr(signal, "pthread_sigmask"):  # SIGINT/SIGTERM go to the socket thread only
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        wake = self._ctx.socket(zmq.PAIR)
-        wake.connect(self._wake_addr)
-
-        def notify(kind: str, job: Job, reply: list | None) -> None:
-            self._events.put((kind, job, reply))
+        while (job := self._inbox.get()) is not None:
             try:
-                wake.send(b"", zmq.NOBLOCK)
-            except zmq.Again:  # wake-ups already pending: the socket thread will drain all
-                pass
+                kind, reply = self._run(job)
+            except Exception as e:  # a bug: still the job's one answer, and the worker lives
+                self.log(f"job {job.id} failed: {traceback.format_exc()}")
+                reply = protocol.error(protocol.INTERNAL, f"engine error: {e}", job.id)
+                kind = FAILED
+            self._notify(kind, job, reply)
 
-        try:
-            while (job := self._inbox.get()) is not None:
-                kind, reply = self._run(job, notify)
-                notify(kind, job, reply)
-        finally:
-            wake.close(linger=0)
+    def _run(self, job: Job) -> tuple[str, list | None]:
+        """The job's terminal message, whatever happens in preparing, sampling, ranking or
+        encoding; a cancel is seen before every UNet forward and between the other phases."""
 
-    def _run(self, job: Job, notify: Callable) -> tuple[str, list | None]:
-        def on_step(done: int, total: int) -> None:
-            job.step, job.total = done, total
+        def check() -> None:
             if job.cancel.is_set():
                 raise Cancelled
-            notify(
-                "progress",
-                job,
-                protocol.encode("progress", {"job": job.id, "step": done, "total": total}),
-            )
 
-        if job.cancel.is_set():
-            return CANCELLED, None
+        def on_step(done: int, total: int) -> None:
+            job.step, job.total = done, total
+            check()
+            progress = {"job": job.id, "step": done, "total": total}
+            self._notify("progress", job, protocol.encode("progress", progress))
+
+        s = job.settings
         try:
-            variants = run_edit(self.models, job.image, job.mask, job.prompt, job.settings, on_step)
+            check()
+            variants = run_edit(self.models, job.image, job.mask, job.prompt, s, on_step, check)
+            check()
+            return DONE, self._result(job, variants)
         except Cancelled:
             return CANCELLED, None
         except region.RegionError as e:
             return FAILED, protocol.error(protocol.BAD_INPUT, str(e), job.id)
+        except Diverged as e:
+            self.log(f"job {job.id}: {e}")
+            return FAILED, protocol.error(protocol.NON_FINITE, str(e), job.id)
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            gc.collect()
+            if self.models.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.log(f"job {job.id}: out of memory")
+            message = (
+                f"out of memory during the edit: lower variants ({s.variants}) or augmentations "
+                f"({s.augmentations}), or free memory on the engine's machine"
+            )
+            return FAILED, protocol.error(protocol.OUT_OF_MEMORY, message, job.id)
         except Exception as e:
             self.log(f"job {job.id} failed: {traceback.format_exc()}")
             return FAILED, protocol.error(protocol.INTERNAL, f"the edit failed: {e}", job.id)
-        return DONE, self._result(job, variants)
 
     def _result(self, job: Job, variants: list) -> list:
         frames = [
@@ -367,6 +502,19 @@ class Server:
         return protocol.encode("result", fields, frames)
 
 
+def handle_signals(server: Server) -> None:
+    """SIGINT and SIGTERM stop the engine (every job answered); a second one exits at once."""
+
+    def on_signal(*_: object) -> None:
+        if server.stopping:  # the second Ctrl+C: the user means it
+            os.write(2, b"second signal: exiting now\n")
+            os._exit(1)
+        server.stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+
+
 def serve(args: Any) -> int:
     """`python -m engine serve`: load the models, bind, answer until SIGINT or SIGTERM."""
     from engine import keys
@@ -379,18 +527,22 @@ def serve(args: Any) -> int:
     models = load_models(
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
     )
+    limits = Limits(
+        max_side=args.max_side, max_queue=args.max_queue, max_client_queue=args.max_client_queue
+    )
     server = Server(
         models,
         args.endpoint,
-        limits=Limits(max_side=args.max_side, max_queue=args.max_queue),
+        limits=limits,
         keepalive_timeout=args.keepalive_timeout,
+        memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None,
         curve=curve,
     )
     endpoint = server.bind()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: server.stop())
+    handle_signals(server)
     secured = ", CURVE" if curve else ""
     print(f"engine ready at {endpoint} ({models.label} on {models.device}{secured})", flush=True)
+    server.log(f"memory budget {server.memory_budget / 2**30:.1f} GiB, instance {server.instance}")
     server.run()
     print("engine stopped", flush=True)
     return 0

@@ -61,11 +61,15 @@ def test_rgba_to_bgra():
     assert rgba_to_bgra(bytes([1, 2, 3, 4, 5, 6, 7, 8])) == bytes([3, 2, 1, 4, 7, 6, 5, 8])
 
 
-class FakeEngine:
-    """A ROUTER answering each request with `script(header) -> [frames lists]`."""
+HELLO = {"instance": "fake", "limits": protocol.Limits().to_json()}
 
-    def __init__(self, script) -> None:
-        self.script, self.requests = script, []
+
+class FakeEngine:
+    """A ROUTER answering each request with `script(header) -> [frames lists]`; `hello` with
+    `hello` (the default limits) unless it is None."""
+
+    def __init__(self, script, hello: dict | None = HELLO) -> None:
+        self.script, self.requests, self.hello = script, [], hello
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.bind("tcp://127.0.0.1:*")
@@ -81,6 +85,9 @@ class FakeEngine:
             client, head, *_ = self.sock.recv_multipart()
             header = json.loads(head)
             self.requests.append(header["type"])
+            if header["type"] == "hello" and self.hello is not None:
+                self.sock.send_multipart([client, *encode("hello", self.hello)])
+                continue
             for reply in self.script(header):
                 self.sock.send_multipart([client, *reply])
 
@@ -95,8 +102,8 @@ class FakeEngine:
 def fake_engine():
     engines = []
 
-    def make(script) -> FakeEngine:
-        engines.append(FakeEngine(script))
+    def make(script, **options) -> FakeEngine:
+        engines.append(FakeEngine(script, **options))
         return engines[-1]
 
     yield make
@@ -164,7 +171,7 @@ def test_engine_of_another_version_raises_version_mismatch(fake_engine):
         head = json.dumps({"v": 99, "type": "hello"}).encode()
         return [[head]]
 
-    with Client(fake_engine(script).endpoint, timeout=5) as client:
+    with Client(fake_engine(script, hello=None).endpoint, timeout=5) as client:
         with pytest.raises(VersionMismatch, match="engine speaks 99, this client speaks 1"):
             client.hello()
 
@@ -183,3 +190,50 @@ def test_keepalive_is_sent_while_a_job_is_active_and_a_silent_engine_fails_it(fa
     (event,) = events
     assert event.type == "error" and event.job is job and job.state == "failed"
     assert event.error.code == "timeout" and "engine unreachable at" in event.error.message
+
+
+def test_one_unreadable_message_fails_only_its_job_and_loses_no_other_event(fake_engine):
+    jobs: list[str] = []
+    variant = {"rank": 1, "x": 0, "y": 0, "width": 1, "height": 1, "distance": 0.5, "seed": 1}
+
+    def script(h):
+        if h["type"] == "submit":
+            jobs.append(h["job"])
+            return [encode("accepted", {"job": h["job"], "position": 0})]
+        if h["type"] != "ping" or len(jobs) < 2:
+            return []
+        a, b = jobs
+        broken = encode("result", {"job": a, "models": "fake", "variants": [variant]}, [])
+        good = encode("result", {"job": b, "models": "fake", "variants": [variant]},
+                      [Pixels(1, 1, "RGBA8", bytes(4))])  # fmt: skip
+        jobs.clear()
+        return [encode("progress", {"job": b, "step": 1, "total": 1}), broken, good]
+
+    engine = fake_engine(script)
+    with Client(engine.endpoint, timeout=5, keepalive=0.05) as client:
+        a, b = client.submit(*_job_args()), client.submit(*_job_args())
+        events = []
+        deadline = time.monotonic() + 10
+        while not (a.done and b.done):
+            assert time.monotonic() < deadline
+            events += client.poll(0.05)
+    assert [(e.type, e.job) for e in events] == [("progress", b), ("error", a), ("result", b)]
+    assert a.state == "failed" and "unreadable reply" in a.error.message
+    assert b.state == "done" and len(b.variants) == 1
+
+
+def test_a_pong_naming_an_active_job_fails_it_as_lost(fake_engine):
+    def script(h):
+        if h["type"] == "submit":
+            return [encode("accepted", {"job": h["job"], "position": 0})]
+        return [encode("pong", {"instance": "other", "unknown": h.get("jobs", [])})]
+
+    with Client(fake_engine(script).endpoint, timeout=5, keepalive=0.05) as client:
+        job = client.submit(*_job_args())
+        events = []
+        deadline = time.monotonic() + 5  # a lost job is reported at the first pong
+        while not events and time.monotonic() < deadline:
+            events = client.poll(0.05)
+    (event,) = events
+    assert event.job is job and job.state == "failed" and event.error.code == protocol.LOST
+    assert "engine was restarted" in event.error.message

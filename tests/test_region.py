@@ -28,14 +28,32 @@ def test_context_box_near_a_corner_is_shifted_inside():
     assert (box.x, box.y, box.w) == (0, 0, 20)
 
 
-def test_box_larger_than_the_image_is_edge_extended():
-    image = np.arange(6 * 4 * 3, dtype=np.uint8).reshape(4, 6, 3)
+def test_box_larger_than_the_image_is_edge_extended_at_model_scale():
+    image = np.zeros((4, 6, 3), np.uint8)
+    image[0] = 200  # the first row bright: the rows above the image repeat it
     box = region.context_box(np.full((4, 6), 255, np.uint8), padding=0.25)
     assert box.w == 6 + 2 * 2 and box.y < 0
-    patch = region.crop(image, box)
-    assert patch.shape == (box.h, box.w, 3)
-    # the rows above the image repeat its first row
-    assert (patch[0, -box.x : -box.x + 6] == image[0]).all()
+    rgb, m = region.to_model(image, np.full((4, 6), 255, np.uint8), box, 20)
+    assert rgb.shape == (20, 20, 3) and m.shape == (20, 20)
+    assert (rgb[0] == rgb[1]).all() and rgb[0, 10, 0] > 0.5  # overhang: the edge repeated
+    assert m.min() == 1.0
+
+
+def test_a_huge_padded_box_never_materialises_at_image_scale():
+    # padding 4 around a 1000 px selection: a 9000 px box (243 MB at image scale) is never built
+    import tracemalloc
+
+    image = np.zeros((1000, 1000, 3), np.uint8)
+    mask = np.full((1000, 1000), 255, np.uint8)
+    box = region.context_box(mask, padding=4)
+    assert box.w == 9000
+    tracemalloc.start()
+    rgb, _ = region.to_model(image, mask, box, 64)
+    back = region.from_model(rgb, box, region.selection_bounds(mask))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert back.shape == (1000, 1000, 3)
+    assert peak < 8 * image.nbytes  # a few copies of the image, never the box (243 MB)
 
 
 def test_composite_keeps_exact_bytes_where_alpha_is_zero_and_takes_the_edit_at_full_alpha():

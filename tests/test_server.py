@@ -27,7 +27,10 @@ from engine.server import to_array
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = {"steps": 4, "skip": 1, "variants": 2, "augmentations": 2}  # 3 steps
-LONG = {"steps": 200, "skip": 0, "variants": 1, "augmentations": 1}  # cancelled long before
+# cancelled long before its end; unguided, since the tiny random model's guided sample turns
+# NaN after about a dozen steps (and the job then ends with a non_finite error)
+LONG = {"steps": 200, "skip": 0, "variants": 1, "augmentations": 1}
+LONG |= {"guidance_weight": 0, "range_weight": 0}
 BOX_A, BOX_B = (20, 16, 30, 24), (4, 40, 20, 10)
 
 
@@ -136,8 +139,10 @@ while True:
 """.replace("{LONG}", repr(LONG))
 
 
-def test_a_killed_client_loses_its_job_and_the_next_client_is_served(start_engine):
-    server = start_engine(keepalive_timeout=1.0)
+def test_a_killed_client_loses_its_job_within_a_second_and_the_next_client_is_served(
+    start_engine, capsys
+):
+    server = start_engine(keepalive_timeout=30.0)  # the disconnect, not the keep-alive
     proc = subprocess.Popen(
         [sys.executable, "-c", ORPHAN, server.endpoint],
         cwd=ROOT,
@@ -148,15 +153,22 @@ def test_a_killed_client_loses_its_job_and_the_next_client_is_served(start_engin
         orphan = proc.stdout.readline().split()[1]
         assert proc.stdout.readline().startswith("progress")
     finally:
+        killed = time.monotonic()
         proc.kill()  # SIGKILL: no cancel, no goodbye, like GIMP killing a cancelled plug-in
         proc.wait()
+    deadline = time.monotonic() + 10
+    while not [e for e in events_of(server, orphan) if e["event"] == "cancelled"]:
+        assert time.monotonic() < deadline, "the orphan was never dropped"
+        time.sleep(0.01)
+    (dropped,) = [e for e in events_of(server, orphan) if e["event"] == "cancelled"]
+    assert dropped["reason"] == "disconnected"
+    with capsys.disabled():
+        print(f"\norphan (SIGKILLed client) dropped {dropped['t'] - killed:.3f} s after the kill")
+    assert dropped["t"] - killed < 1.0
     with client(server.endpoint) as c:
         job = submit(c, settings={**QUICK, "variants": 1})
         run_all([c], [job])
     assert job.state == "done"
-    events = [(e["event"], e["job"], e.get("reason")) for e in list(server.history)]
-    assert ("cancelled", orphan, "keepalive") in events
-    assert events.index(("cancelled", orphan, "keepalive")) < events.index(("start", job.id, None))
 
 
 def test_a_socket_closed_without_cancel_frees_the_worker(start_engine):
@@ -170,7 +182,23 @@ def test_a_socket_closed_without_cancel_frees_the_worker(start_engine):
         while other.status()["busy"]:
             assert time.monotonic() < deadline
             time.sleep(0.2)
-    assert events_of(server, job.id)[-1]["reason"] == "keepalive"
+    assert events_of(server, job.id)[-1]["reason"] == "disconnected"
+
+
+def test_a_client_that_stops_pinging_loses_its_job_on_keepalive(start_engine):
+    server = start_engine(keepalive_timeout=1.0)
+    with raw_socket(server.endpoint) as sock:  # connected but silent: a hung host
+        rgba, mask = host_picture(16, 16, (2, 2, 4, 4))
+        frames = [Pixels(16, 16, "RGBA8", rgba), Pixels(16, 16, "Y8", mask)]
+        reply = exchange(
+            sock, encode("submit", {"job": "hung", "prompt": "x", "settings": LONG}, frames)
+        )
+        assert reply.type == "accepted"
+        deadline = time.monotonic() + 30
+        while not [e for e in events_of(server, "hung") if e["event"] == "cancelled"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert events_of(server, "hung")[-1]["reason"] == "keepalive"
 
 
 def test_refusals_come_back_as_engine_errors(start_engine):
@@ -182,7 +210,7 @@ def test_refusals_come_back_as_engine_errors(start_engine):
         with pytest.raises(EngineError, match="skip must be") as e:
             submit(c, settings={"steps": 5, "skip": 5})
         assert e.value.code == protocol.BAD_FIELD
-        with pytest.raises(EngineError, match="variants must be 1 to 8") as e:
+        with pytest.raises(EngineError, match="variants is 9, over 8") as e:  # client-side
             submit(c, settings={"variants": 9})
         assert e.value.code == protocol.LIMIT
         running = submit(c, settings=LONG)

@@ -1,0 +1,105 @@
+"""What a job will cost before it is queued: its peak memory, against the engine's budget.
+
+One estimate, from the same context box the edit will use (`region.context_box`), so it stays
+true when the box changes. The parts: the pixels at image scale (the image and mask the job holds
+while it waits, the box's part inside the image, one result layer per variant), the batch at
+model scale, the UNet activations the guided backward keeps (accel's measured figure, or a tenth
+of it when recomputed) and CLIP's augmented copies with the activations their backward keeps.
+A refusal names the setting that costs the most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine import accel, devices, region
+from engine.edit import EditSettings
+from engine.models import Models
+
+_GB = 2**30
+# Tensors of model-scale size a guided step keeps per variant besides the UNet's activations
+# (x_t, x0_hat, mean, variance, noise, gradients, the blend, the source).
+_STEP_TENSORS = 24
+# Activations a ViT keeps per token per layer for the backward, in floats (q, k, v, the MLP's
+# 4x hidden, norms, residuals), measured order of magnitude for open_clip's VisionTransformer.
+_VIT_FLOATS_PER_TOKEN_LAYER = 16
+
+
+@dataclass(frozen=True)
+class Estimate:
+    parts: dict[str, int]  # bytes by part
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def held(self) -> int:
+        """What the job holds while it waits in the queue."""
+        return self.parts["input"]
+
+
+def _clip_copy_bytes(models: Models) -> int:
+    """Activation bytes one augmented copy costs CLIP's forward + backward."""
+    visual = models.clip.model.visual
+    transformer = getattr(visual, "transformer", None)
+    if transformer is not None and hasattr(transformer, "width"):
+        tokens = int(np.prod(getattr(visual, "grid_size", (14, 14)))) + 1
+        per = tokens * transformer.width * transformer.layers * _VIT_FLOATS_PER_TOKEN_LAYER
+        return 4 * per
+    params = sum(p.numel() for p in visual.parameters())  # a ResNet: about its weights again
+    return 4 * params
+
+
+def estimate(
+    models: Models, image_shape: tuple[int, ...], mask: np.ndarray, settings: EditSettings
+) -> Estimate:
+    """The peak memory of the edit of an image of `image_shape` inside `mask` with `settings`."""
+    height, width = mask.shape
+    channels = image_shape[2] if len(image_shape) > 2 else 4
+    sel = region.selection_bounds(mask)
+    box = region.context_box(mask, settings.padding)
+    inside = min(box.w, width) * min(box.h, height)  # only the box's part inside is read
+    n = settings.variants
+    batch = min(settings.batch, n)  # variants through the models together
+    size = models.config.image_size
+    precision = devices.resolve_precision(settings.precision, models.device)
+    unet = 0
+    if settings.guidance_mode == "full":
+        unet = int(accel.activations_gb(models.config.arch, batch, precision) * _GB)
+        if accel.resolve_recompute(
+            settings.recompute, models.config.arch, batch, precision, models.device
+        ):
+            unet //= 10
+    copies = batch * settings.augmentations
+    clip_size = models.clip.image_size
+    return Estimate(
+        {
+            "input": height * width * (channels + 1),
+            "image_scale": inside * 3 * 2 + sel.w * sel.h * 4 * n * 2,
+            "model_scale": n * _STEP_TENSORS * 3 * size * size * 4,
+            "unet_activations": unet,
+            "clip_copies": copies * (3 * clip_size * clip_size * 4 + _clip_copy_bytes(models)),
+        }
+    )
+
+
+def advice(cost: Estimate, settings: EditSettings) -> str:
+    """Which setting to lower, by the part that costs the most."""
+    part = max(cost.parts, key=cost.parts.get)
+    return {
+        "input": "the image size (send a smaller crop around the selection)",
+        "image_scale": f"the selection's size or variants ({settings.variants})",
+        "model_scale": f"variants ({settings.variants})",
+        "unet_activations": f"variants ({settings.variants}), or use guidance_mode fast",
+        "clip_copies": (
+            f"augmentations ({settings.augmentations}) or variants ({settings.variants})"
+        ),
+    }[part]
+
+
+def available_bytes(models: Models) -> int:
+    """What the device has free now."""
+    return int(devices.available_memory_gb(models.device) * _GB)

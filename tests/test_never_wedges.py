@@ -1,0 +1,406 @@
+"""The engine never wedges: the seven cases of issue 13, each a regression test, and a
+property test over the whole range the protocol accepts (tiny model): every accepted job ends
+with exactly one terminal event, and the engine then completes an ordinary job."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+from conftest import free_port, host_picture
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_server import LONG, QUICK, ROOT, client, events_of, first_progress, run_all, submit
+
+from engine import protocol
+from engine.client import Client, EngineError, Job
+from engine.edit import EditSettings, run_edit
+from engine.jobs import Cancelled
+from engine.protocol import Limits, Pixels, encode
+
+TERMINAL = ("result", "error", "cancelled")
+
+
+def terminal(events: list, job: Job) -> list:
+    return [e for e in events if e.job_id == job.id and e.type in TERMINAL]
+
+
+def ordinary_job_completes(endpoint: str) -> None:
+    with client(endpoint) as c:
+        job = submit(c, settings={**QUICK, "variants": 1})
+        run_all([c], [job])
+    assert job.state == "done"
+
+
+# -- 1: one valid setting, or a failure in the result path, never stops the engine -------------
+
+
+def test_a_diverging_setting_fails_its_job_naming_the_setting_and_the_engine_serves_on(
+    start_engine,
+):
+    server = start_engine()
+    with client(server.endpoint) as c:
+        diverging = {**QUICK, "steps": 20, "skip": 0, "variants": 1, "range_weight": 1e6}
+        job = submit(c, settings=diverging)
+        events = run_all([c], [job])[0]
+        (end,) = terminal(events, job)
+        assert end.type == "error" and end.error.code == protocol.NON_FINITE
+        assert "range_weight 1e+06" in end.error.message and "lower" in end.error.message
+        assert c.status()["busy"] is False
+    ordinary_job_completes(server.endpoint)
+
+
+def test_an_exception_in_the_result_path_fails_only_its_job(start_engine, monkeypatch):
+    from engine.server import Server
+
+    real = Server._result
+    calls = []
+
+    def failing_once(self, job, variants):
+        calls.append(job.id)
+        if len(calls) == 1:
+            raise MemoryError  # as .tobytes() of a huge result would
+        return real(self, job, variants)
+
+    monkeypatch.setattr(Server, "_result", failing_once)
+    server = start_engine()
+    with client(server.endpoint) as c:
+        job = submit(c, settings={**QUICK, "variants": 1})
+        events = run_all([c], [job], timeout=60)[0]
+    (end,) = terminal(events, job)
+    assert end.type == "error" and end.error.code == protocol.OUT_OF_MEMORY
+    assert "lower variants" in end.error.message
+    ordinary_job_completes(server.endpoint)
+
+
+# -- 2: memory is budgeted before a job is queued ----------------------------------------------
+
+
+def test_a_job_over_the_memory_budget_is_refused_naming_the_setting(start_engine):
+    server = start_engine(memory_budget=16 * 2**20)
+    fast = {**QUICK, "guidance_mode": "fast"}  # no UNet backward: CLIP's copies cost the most
+    with client(server.endpoint) as c:
+        with pytest.raises(EngineError) as e:
+            submit(c, settings={**fast, "variants": 8, "augmentations": 64})
+        assert e.value.code == protocol.LIMIT
+        assert "memory budget" in e.value.message
+        assert "lower augmentations (64)" in e.value.message
+        with pytest.raises(EngineError, match="lower variants"):  # the UNet's backward
+            submit(c, settings={**QUICK, "variants": 8, "augmentations": 1})
+        job = submit(c, settings={**fast, "variants": 1, "augmentations": 2})  # fits
+        run_all([c], [job])
+    assert job.state == "done"
+
+
+# -- 3: a job the engine lost is reported within the keep-alive timeout ------------------------
+
+
+def serve_tiny(endpoint: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--endpoint", endpoint]
+        + ["--model", "tiny", "--device", "cpu"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert proc.stdout.readline().startswith("engine ready"), "engine did not start"
+    return proc
+
+
+def test_an_engine_restarted_mid_job_is_reported_as_lost_within_the_keepalive(
+    start_engine, capsys
+):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    proc = serve_tiny(endpoint)
+    try:
+        with Client(endpoint, timeout=30, keepalive=1.0) as c:
+            info = c.hello()
+            job = submit(c, settings=LONG)
+            first_progress(c, job)
+            proc.kill()  # SIGKILL mid-job: the job is gone with the process
+            proc.wait()
+            start_engine(endpoint)  # restarted on the same port, answering pings
+            restarted = time.monotonic()
+            events = run_all([c], [job], timeout=info["keepalive"]["timeout"])[0]
+            lost = time.monotonic() - restarted
+    finally:
+        proc.kill()
+        proc.wait()
+    (end,) = terminal(events, job)
+    assert end.type == "error" and end.error.code == protocol.LOST
+    assert "restarted" in end.error.message
+    with capsys.disabled():
+        print(f"\nlost job reported {lost:.2f} s after the engine came back (keep-alive 1 s)")
+
+
+# -- 4: the client applies the engine's hello limits --------------------------------------------
+
+
+def test_the_client_takes_results_as_wide_as_the_engine_allows(start_engine):
+    server = start_engine(limits=Limits(max_side=8192))
+    width, height = 4200, 6
+    rgba, mask = host_picture(width, height, (0, 1, width, 4))
+    with client(server.endpoint) as c:
+        job = c.submit(rgba, width, height, mask, "a red ball", {**QUICK, "variants": 1})
+        run_all([c], [job])
+    assert job.state == "done" and job.variants[0].width == width
+
+
+def test_an_image_over_the_engine_limit_is_refused_before_sending(start_engine):
+    server = start_engine(limits=Limits(max_side=16))
+    with client(server.endpoint) as c:
+        rgba, mask = host_picture(200, 200, (10, 10, 20, 20))  # 160 kB: ZeroMQ would drop it
+        start = time.monotonic()
+        with pytest.raises(EngineError) as e:
+            c.submit(rgba, 200, 200, mask, "a red ball", QUICK)
+        assert time.monotonic() - start < 2
+    assert e.value.code == protocol.LIMIT
+    assert "200x200" in e.value.message and "16 px" in e.value.message
+
+
+# -- 5: one client cannot starve the others ------------------------------------------------------
+
+
+def test_jobs_are_served_round_robin_with_a_cap_per_client(start_engine):
+    server = start_engine(limits=Limits(max_client_queue=3))
+    with client(server.endpoint) as a, client(server.endpoint) as b:
+        greedy = [submit(a, settings=QUICK) for _ in range(3)]
+        with pytest.raises(EngineError, match="max_client_queue") as e:
+            submit(a, settings=QUICK)
+        assert e.value.code == protocol.LIMIT
+        polite = submit(b, settings=QUICK)
+        assert polite.position == 1  # right after a's running job, not after all of a's
+        run_all([a, b], [*greedy, polite])
+    starts = [e["job"] for e in list(server.history) if e["event"] == "start"]
+    assert starts.index(polite.id) == 1
+
+
+def test_a_message_over_the_total_size_limit_is_refused():
+    limits = Limits(max_side=64)
+    image = Pixels(64, 64, "RGBA8", bytes(64 * 1024), stride=1024)  # each frame within limits
+    mask = Pixels(64, 64, "Y8", bytes(64 * 1024), stride=1024)
+    frames = encode("submit", {"job": "j", "prompt": "p"}, [image, mask])
+    assert all(len(f) <= limits.max_frame for f in frames)
+    with pytest.raises(protocol.ProtocolError, match="over") as e:
+        protocol.decode_request(frames, limits)
+    assert e.value.code == protocol.LIMIT
+
+
+# -- 6: shutdown during a slow step --------------------------------------------------------------
+
+
+def test_stopping_during_a_slow_step_answers_everyone_in_bounded_time(
+    start_engine, tiny_models, monkeypatch
+):
+    gate = threading.Event()
+    real = type(tiny_models.unet).forward
+    slow = {"on": False}
+
+    def forward(self, *args, **kwargs):
+        if slow["on"]:
+            gate.wait(60)  # a step that takes far longer than the shutdown grace
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_models.unet), "forward", forward)
+    server = start_engine(shutdown_grace=1.0)
+    loop = [t for t in threading.enumerate() if t.name == "engine-socket"][-1]
+    try:
+        with client(server.endpoint) as c, client(server.endpoint) as other:
+            job = submit(c, settings=LONG)
+            waiting = submit(other, settings=LONG)
+            first_progress(c, job)
+            slow["on"] = True
+            time.sleep(0.3)  # now inside the slow forward
+            stopped = time.monotonic()
+            server.stop()
+            assert other.status()["busy"]  # still answering while it stops
+            events = run_all([c, other], [job, waiting], timeout=10)
+            loop.join(5)
+            took = time.monotonic() - stopped
+        assert not loop.is_alive(), "run() did not return"
+        for evs, j in zip(events, [job, waiting], strict=True):
+            (end,) = terminal(evs, j)
+            assert (end.type, j.cancel_reason) == ("cancelled", "shutdown")
+        assert took < 5
+    finally:
+        gate.set()
+        server._worker.join(60)  # its edit's cancel hooks are on the shared tiny UNet
+
+
+def test_a_second_signal_exits_at_once(start_engine, monkeypatch):
+    from engine.server import handle_signals
+
+    server = start_engine()
+    exits: list[int] = []
+    monkeypatch.setattr("os._exit", exits.append)  # instead of ending pytest
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        handle_signals(server)
+        signal.raise_signal(signal.SIGTERM)
+        assert server.stopping and exits == []  # the first stops, answering every job
+        signal.raise_signal(signal.SIGINT)
+        assert exits == [1]  # the second exits at once, whatever the engine is doing
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+# -- 7: cancel within one UNet forward, before the first step and during ranking -----------------
+
+
+class Counter:
+    def __init__(self, unet) -> None:
+        self.forwards = 0
+        self.cancel_at: int | None = None  # cancel requested once this many forwards ran
+        self.hook = unet.register_forward_hook(self.count)
+
+    def count(self, *_) -> None:
+        self.forwards += 1
+
+    def check(self) -> None:
+        if self.cancel_at is not None and self.forwards >= self.cancel_at:
+            raise Cancelled
+
+
+def edit(models, counter: Counter, on_step=None, options=LONG) -> None:
+    rgba, mask = host_picture(32, 32, (8, 8, 12, 12))
+    image = np.frombuffer(rgba, np.uint8).reshape(32, 32, 4).copy()
+    m = np.frombuffer(mask, np.uint8).reshape(32, 32).copy()
+    run_edit(models, image, m, "x", EditSettings(**options, seed=1), on_step, counter.check)
+
+
+@pytest.mark.parametrize("cancel_at", [0, 3], ids=["before the first step", "mid-sampling"])
+def test_cancel_runs_no_further_unet_forward(tiny_models, cancel_at):
+    counter = Counter(tiny_models.unet)
+    counter.cancel_at = cancel_at
+    try:
+        with pytest.raises(Cancelled):
+            edit(tiny_models, counter)
+    finally:
+        counter.hook.remove()
+    assert counter.forwards == cancel_at
+
+
+def test_cancel_after_the_last_step_is_seen_before_ranking(tiny_models, monkeypatch):
+    from engine.guidance import Guide
+
+    ranked = []
+    real = Guide.rank_distance
+    monkeypatch.setattr(Guide, "rank_distance", lambda *a: ranked.append(1) or real(*a))
+    counter = Counter(tiny_models.unet)
+
+    def on_step(done: int, total: int) -> None:
+        if done == total:
+            counter.cancel_at = 0
+
+    try:
+        with pytest.raises(Cancelled):
+            edit(tiny_models, counter, on_step, QUICK)
+    finally:
+        counter.hook.remove()
+    assert ranked == []
+
+
+def test_cancel_latency(start_engine, capsys):
+    server = start_engine()
+    times = []
+    with client(server.endpoint) as c:
+        for _ in range(5):
+            job = submit(c, settings={**LONG, "augmentations": 8, "guidance_weight": 1000})
+            first_progress(c, job)
+            start = time.monotonic()
+            c.cancel(job)
+            run_all([c], [job])
+            times.append(time.monotonic() - start)
+            assert job.state == "cancelled"
+    with capsys.disabled():
+        print(f"\ncancel -> cancelled, warm tiny engine: max {max(times) * 1000:.0f} ms of 5")
+
+
+# -- the whole accepted range -------------------------------------------------------------------
+
+weights = st.sampled_from([0, 1e-6, 1, 50, 1000, 1e6]) | st.floats(0, 1e6)
+
+
+@st.composite
+def requests(draw):
+    width, height = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    steps = draw(st.sampled_from([2, 3, 1000]))
+    settings = {
+        "variants": draw(st.integers(1, 8)),
+        "seed": draw(st.none() | st.integers(0, 2**32 - 1)),
+        "steps": steps,
+        "skip": draw(st.integers(max(0, steps - 3), steps - 1)),  # at most 3 sampled steps
+        "guidance_weight": draw(weights),
+        "range_weight": draw(weights),
+        "augmentations": draw(st.sampled_from([1, 2, 64]) | st.integers(1, 64)),
+        "sampler": draw(st.sampled_from(protocol.SAMPLERS)),
+        "guidance_mode": draw(st.sampled_from(protocol.GUIDANCE_MODES)),
+        "guidance_every": draw(st.integers(1, 100)),
+        "padding": draw(st.sampled_from([0, 4]) | st.floats(0, 4)),
+    }
+    kind = draw(st.sampled_from(["pixel", "soft", "full", "box"]))
+    mask = np.zeros((height, width), np.uint8)
+    if kind == "pixel":
+        mask[draw(st.integers(0, height - 1)), draw(st.integers(0, width - 1))] = 255
+    elif kind == "soft":
+        mask[:] = np.random.default_rng(draw(st.integers(0, 99))).integers(0, 256, mask.shape)
+        mask[height // 2, width // 2] = draw(st.integers(1, 255))
+    elif kind == "full":
+        mask[:] = 255
+    else:
+        mask[height // 4 : height // 2 + 1, width // 3 : width // 2 + 1] = 255
+    fmt = draw(st.sampled_from(["RGBA8", "BGRA8", "RGB8"]))
+    channels = protocol.FORMATS[fmt]
+    image = np.random.default_rng(width * height).integers(0, 256, (height, width, channels))
+    prompt = draw(st.text(min_size=1, max_size=500).filter(str.strip))
+    return image.astype(np.uint8).tobytes(), width, height, mask.tobytes(), prompt, settings, fmt
+
+
+def test_every_accepted_job_ends_with_exactly_one_terminal_event(start_engine):
+    server = start_engine()
+    counts: dict[str, int] = {}
+    with client(server.endpoint) as c:
+
+        @settings(
+            max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        @given(requests())
+        def one_job(request) -> None:
+            image, width, height, mask, prompt, options, fmt = request
+            try:
+                job = c.submit(image, width, height, mask, prompt, options, image_format=fmt)
+            except EngineError as e:  # refused before it was accepted: over the budget
+                assert e.code == protocol.LIMIT, e
+                counts["refused"] = counts.get("refused", 0) + 1
+                return
+            events = run_all([c], [job], timeout=120)[0]
+            (end,) = terminal(events, job)
+            assert not (end.type == "error" and end.error.code == protocol.INTERNAL), end.error
+            outcome = end.error.code if end.error else end.type
+            counts[outcome] = counts.get(outcome, 0) + 1
+            ends = [e for e in events_of(server, job.id) if e["event"] != "start"]
+            assert [e["event"] for e in ends] in (["done"], ["failed"], ["cancelled"])
+
+        one_job()
+    print(f"outcomes: {counts}")
+    ordinary_job_completes(server.endpoint)
+
+
+def test_a_ping_names_jobs_and_the_pong_says_which_are_unknown(start_engine):
+    server = start_engine()
+    with zmq.Context.instance().socket(zmq.DEALER) as sock:
+        sock.connect(server.endpoint)
+        sock.send_multipart(encode("ping", {"jobs": ["a", "b"]}))
+        assert sock.poll(5000)
+        pong = json.loads(sock.recv_multipart()[0])
+    assert pong["type"] == "pong" and pong["unknown"] == ["a", "b"]
+    assert pong["instance"] == server.instance
