@@ -26,7 +26,7 @@ ADM256_ACTIVATIONS_GB = 9.0
 
 class FusedLegacyAttention(nn.Module):
     """QKVAttentionLegacy's math (heads split before q, k, v) through torch's fused
-    scaled_dot_product_attention, which never materialises the T x T weights in fp32."""
+    scaled_dot_product_attention, which never materialises the T x T weights."""
 
     def __init__(self, n_heads: int):
         super().__init__()
@@ -35,7 +35,11 @@ class FusedLegacyAttention(nn.Module):
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).transpose(1, 2).split(ch, dim=2)
+        # Fused kernels need each head's channels contiguous (stride 1 in the last dimension);
+        # the conv's (channels, tokens) layout would send SDPA to its unfused math kernel. One
+        # copy of qkv (3 x C x T) is far smaller than the T x T weights it saves.
+        qkv = qkv.reshape(bs * self.n_heads, ch * 3, length).transpose(1, 2).contiguous()
+        q, k, v = qkv.split(ch, dim=2)
         a = F.scaled_dot_product_attention(q, k, v, scale=1 / math.sqrt(ch))
         return a.transpose(1, 2).reshape(bs, -1, length)
 
