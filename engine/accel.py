@@ -50,6 +50,15 @@ def fuse_attention(unet: nn.Module) -> None:
             block.attention = FusedLegacyAttention(block.attention.n_heads)
 
 
+def prepare(unet: nn.Module) -> None:
+    """The engine's UNet: fused attention, recompute available, convolutions in channels-last
+    (oneDNN's preferred layout on a CPU, tensor cores' on CUDA; measured on ADM-256's ResBlocks
+    in fp32 here: 5-10% less time forward + backward)."""
+    fuse_attention(unet)
+    allow_recompute(unet)
+    unet.to(memory_format=torch.channels_last)
+
+
 def _maybe_checkpointed(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     if block.recompute and torch.is_grad_enabled():
         return checkpoint(block._forward, *args, use_reentrant=False)

@@ -87,8 +87,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
         def step(x: torch.Tensor, t: torch.Tensor, _i: int) -> torch.Tensor:
             return official_step(diffusion, unet, cond_fn, source, mask, x, t)
     else:
-        accel.fuse_attention(unet)
-        accel.allow_recompute(unet)
+        accel.prepare(unet)
         precision = accel.resolve_precision(opts["precision"], dev)
         recompute = accel.resolve_recompute(opts["recompute"], config.arch, batch, precision, dev)
         loss_fn = clip_loss_fn(diffusion, guide, mask, PROMPT, 1000.0, 50.0)

@@ -205,8 +205,7 @@ def load_unet(
     if fp16:
         unet.convert_to_fp16()
     unet.requires_grad_(False).eval().to(device)
-    accel.fuse_attention(unet)
-    accel.allow_recompute(unet)
+    accel.prepare(unet)
     return unet, label
 
 

@@ -31,6 +31,16 @@ def test_fused_attention_matches_the_legacy_attention(unet):
     assert (out - ref).abs().max().item() < 1e-5
 
 
+def test_the_prepared_unet_computes_the_same_step_in_channels_last(unet):
+    x, t = _inputs()
+    prepared = copy.deepcopy(unet)
+    accel.prepare(prepared)
+    convs = [m for m in prepared.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    ref, out = _input_grad(unet, x, t), _input_grad(prepared, x, t)
+    assert (out - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
 def test_the_attention_runs_a_fused_kernel_at_the_engines_shapes():
     """With only the fused backends allowed, PyTorch raises "No available kernel" when the
     inputs would send it to the math kernel (as q, k, v strided over tokens did)."""
