@@ -65,9 +65,10 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     """Seconds per step of `part` ('reference' or 'engine') and the process's peak memory."""
     dev = devices.resolve(opts["device"])
     config = CONFIGS[model]
-    unet = build_unet(config, use_fp16=devices.fp16_blocks(dev), seed=0)
+    official_fp16 = part == "reference" and devices.fp16_blocks(dev)  # as the official code
+    unet = build_unet(config, use_fp16=official_fp16, seed=0)
     unet.requires_grad_(False).eval().to(dev)
-    if devices.fp16_blocks(dev):
+    if official_fp16:
         unet.convert_to_fp16()
     guide = Guide(load_clip(config.default_clip.partition(":")[0], dev))  # random weights
     diffusion = make_diffusion(config, SCHEDULE_STEPS, dev)
@@ -78,15 +79,14 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     mask = torch.zeros(1, 1, size, size, device=dev)
     mask[..., size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
     guide.text(PROMPT)  # cached per prompt in both formulations
-    precision, recompute = "fp32", False
+    precision, recompute = ("fp16" if official_fp16 else "fp32"), False
     if part == "reference":
         cond_fn = official_cond_fn(diffusion, unet, guide, mask, PROMPT, 1000.0, 50.0)
 
         def step(x: torch.Tensor, t: torch.Tensor, _i: int) -> torch.Tensor:
             return official_step(diffusion, unet, cond_fn, source, mask, x, t)
     else:
-        accel.fuse_attention(unet)
-        accel.allow_recompute(unet)
+        accel.prepare(unet)
         precision = devices.resolve_precision(opts["precision"], dev)
         recompute = accel.resolve_recompute(opts["recompute"], config.arch, batch, precision, dev)
         loss_fn = clip_loss_fn(diffusion, guide, mask, PROMPT, 1000.0, 50.0)
@@ -133,6 +133,17 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     }
 
 
+def cpu_flags() -> list[str]:
+    """What decides a CPU's precision and speed, from torch's own CPU detection (every OS)."""
+    checks = {
+        "avx2": torch.cpu._is_avx2_supported,
+        "avx512f": torch.cpu._is_avx512_supported,
+        "avx512_bf16": torch.cpu._is_avx512_bf16_supported,
+        "amx": torch.cpu._is_amx_tile_supported,
+    }
+    return [flag for flag, present in checks.items() if present()]
+
+
 def _child(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     cmd = [
         sys.executable,
@@ -176,11 +187,13 @@ def run_bench(args: argparse.Namespace) -> dict:
         "weights": "random (timing only)",
         "device": str(devices.resolve(args.device)),
         "cores": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
         "threads": torch.get_num_threads(),
         "steps_timed": args.steps,
         "guidance_mode": args.guidance_mode,
         "guidance_every": args.guidance_every,
         "precision": eng["precision"],
+        "reference_precision": ref["precision"],
         "reference_step_s": round(ref["step_s"], 3),
         "engine_step_s": round(eng["step_s"], 3),
         "ratio": round(eng["step_s"] / ref["step_s"], 3),
@@ -192,6 +205,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "engine_by_batch": [
             {
                 "batch": b,
+                "precision": r["precision"],
                 "recompute": r["recompute"],
                 "step_s": round(r["step_s"], 3),
                 "step_per_variant_s": round(r["step_s"] / b, 3),
@@ -207,16 +221,19 @@ def run_bench(args: argparse.Namespace) -> dict:
 def table(result: dict) -> str:
     """The bench as a person reads it."""
     lines = [
-        f"{result['model']} ({result['weights']}), {result['device']}, {result['cores']} cores, "
-        f"precision {result['precision']}, guidance {result['guidance_mode']}"
-        f" every {result['guidance_every']}",
-        f"{'':28}{'s/step':>9}{'peak MB':>9}{'edit s':>8}",
-        f"{'official, batch 1':28}{result['reference_step_s']:>9.2f}"
+        f"{result['model']} ({result['weights']}), {result['device']}, {result['cores']} cores"
+        f" (CPU flags: {' '.join(result['cpu_flags']) or 'none of avx2/avx512f/avx512_bf16/amx'})"
+        f", guidance {result['guidance_mode']} every {result['guidance_every']}",
+        f"{'':28}{'precision':>10}{'s/step':>9}{'peak MB':>9}{'edit s':>8}",
+        f"{'official, batch 1':28}{result['reference_precision']:>10}"
+        f"{result['reference_step_s']:>9.2f}"
         f"{result['reference_peak_rss_mb']:>9}{result['reference_edit_s']:>8}",
     ]
     for r in result["engine_by_batch"]:
         name = f"engine, batch {r['batch']}{' (recompute)' if r['recompute'] else ''}"
-        lines.append(f"{name:28}{r['step_s']:>9.2f}{r['peak_rss_mb']:>9}{r['edit_s']:>8}")
+        lines.append(
+            f"{name:28}{r['precision']:>10}{r['step_s']:>9.2f}{r['peak_rss_mb']:>9}{r['edit_s']:>8}"
+        )
     lines.append(f"ratio engine/official at batch 1: {result['ratio']}")
     if result["engine_breakdown"]:
         lines.append(

@@ -211,7 +211,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def fp16_blocks(device: torch.device) -> bool:
-    """guided_diffusion's own fp16 UNet blocks, as the official code runs on CUDA."""
+    """guided_diffusion's own fp16 UNet blocks, as the official code runs on CUDA (the bench's
+    reference; the engine keeps fp32 weights and autocasts per job)."""
     return device.type == "cuda"
 
 

@@ -191,24 +191,22 @@ def make_diffusion(
 def load_unet(
     config: UNetConfig, checkpoint: Path | None, device: torch.device
 ) -> tuple[UNetModel, str]:
-    """The UNet in eval mode, frozen, on `device` (fp16 blocks on CUDA as the official code)."""
+    """The UNet in eval mode, frozen, on `device`, its weights in fp32 on every device: each
+    job's precision is autocast around it (`accel.in_precision`), so `--precision fp32` on CUDA
+    runs fp32 (the official code's fp16 conversion would fix fp16 for every job)."""
     if checkpoint is None and config.weight is not None:  # find the file before building
         w = config.weight
         checkpoint = w if isinstance(w, Path) else weights.locate(w)
     if checkpoint is not None and not checkpoint.is_file():
         raise weights.MissingWeights(f"weight file {checkpoint} is missing")
-    fp16 = devices.fp16_blocks(device)
-    unet = build_unet(config, use_fp16=fp16, seed=0 if checkpoint is None else None)
+    unet = build_unet(config, seed=0 if checkpoint is None else None)
     if checkpoint is None:
         label = config.label
     else:
         load_state_dict_checked(unet, Path(checkpoint), f"model '{config.name}'")
         label = config.label if checkpoint == config.weight else f"{config.label}, {checkpoint}"
-    if fp16:
-        unet.convert_to_fp16()
     unet.requires_grad_(False).eval().to(device)
-    accel.fuse_attention(unet)
-    accel.allow_recompute(unet)
+    accel.prepare(unet)
     return unet, label
 
 

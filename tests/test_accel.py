@@ -31,6 +31,41 @@ def test_fused_attention_matches_the_legacy_attention(unet):
     assert (out - ref).abs().max().item() < 1e-5
 
 
+def test_the_prepared_unet_computes_the_same_step_in_channels_last(unet):
+    x, t = _inputs()
+    prepared = copy.deepcopy(unet)
+    accel.prepare(prepared)
+    convs = [m for m in prepared.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    ref, out = _input_grad(unet, x, t), _input_grad(prepared, x, t)
+    assert (out - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_the_attention_runs_a_fused_kernel_at_the_engines_shapes():
+    """With only the fused backends allowed, PyTorch raises "No available kernel" when the
+    inputs would send it to the math kernel (as q, k, v strided over tokens did)."""
+    from guided_diffusion.unet import AttentionBlock
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fused_only = [
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+    ]
+    torch.manual_seed(0)
+    # ADM-256's attention at 16x16: 1024 channels in heads of 64 (32x32 has 8 heads of 64 too)
+    block = AttentionBlock(1024, num_head_channels=64).eval().requires_grad_(False)
+    torch.nn.init.normal_(block.proj_out.weight, std=0.02)  # zero-initialised by guided_diffusion
+    x = torch.randn(1, 1024, 16, 16, requires_grad=True)
+    ref = block(x)
+    accel.fuse_attention(block)
+    with sdpa_kernel(fused_only):
+        out = block(x)
+        (grad,) = torch.autograd.grad(out.sum(), x)  # the guided step's backward too
+    assert (out - ref).abs().max().item() < 1e-5
+    assert grad.abs().max() > 0
+
+
 def _input_grad(unet, x, t):
     x = x.clone().requires_grad_()
     (unet(x, t) ** 2).sum().backward()

@@ -91,6 +91,12 @@ def test_bench_prints_both_formulations_measured_in_one_run():
     assert result["peak_rss_mb"] >= max(
         result["reference_peak_rss_mb"], result["engine_peak_rss_mb"]
     )
+    # each row names the precision it ran in, and the machine its kind
+    assert result["reference_precision"] == "fp32"  # the official step on a CPU
+    assert [r["precision"] for r in result["engine_by_batch"]] == [result["precision"]]
+    assert set(result["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx"}
+    if "avx2" in Path("/proc/cpuinfo").read_text():
+        assert "avx2" in result["cpu_flags"]
 
 
 def test_a_variants_reported_seed_alone_reproduces_its_pixels(picture, tmp_path):

@@ -92,3 +92,14 @@ def test_the_clip_activation_follows_the_name_not_the_file():
 
     assert act("ViT-B-16-quickgelu") == "QuickGELU"
     assert act("ViT-B-16") == "GELU"
+
+
+def test_the_unet_keeps_fp32_weights_on_cuda_so_each_job_chooses_its_precision(monkeypatch):
+    """`--precision fp32` on CUDA must run fp32: no fp16 conversion at load (16 bits come from
+    autocast per job). No GPU here: the move to CUDA is skipped, the device decision is not."""
+    from guided_diffusion.unet import UNetModel
+
+    monkeypatch.setattr(UNetModel, "to", lambda self, *a, **k: self)
+    unet, _ = load_unet(CONFIGS["tiny"], None, torch.device("cuda"))
+    assert unet.dtype == torch.float32
+    assert {p.dtype for p in unet.parameters()} == {torch.float32}
