@@ -30,6 +30,7 @@ from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueu
 from engine.keys import CurveKeys
 from engine.models import Models
 from engine.protocol import Limits, Pixels, ProtocolError, is_loopback
+from engine.steptime import StepTimes
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 KEEPALIVE_INTERVAL = 1.0  # what the engine asks clients for, in seconds
@@ -75,6 +76,7 @@ class Server:
         self.keepalive_timeout = keepalive_timeout
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)  # job events, for tests
+        self.step_times = StepTimes()  # announced in hello: the plug-ins' time estimates
         self._queue = JobQueue()
         self._seen: dict[bytes, float] = {}  # client -> monotonic time of its last message
         self._events: queue.SimpleQueue = queue.SimpleQueue()  # worker -> socket thread
@@ -206,6 +208,7 @@ class Server:
             "limits": self.limits.to_json(),
             "keepalive": {"interval": KEEPALIVE_INTERVAL, "timeout": self.keepalive_timeout},
             "queue": len(self._queue),
+            "step_seconds": self.step_times.to_json(),
         }
 
     def _submit(self, client: bytes, msg: protocol.Message) -> None:
@@ -317,8 +320,13 @@ class Server:
             wake.close(linger=0)
 
     def _run(self, job: Job, notify: Callable) -> tuple[str, list | None]:
+        timed = job.settings.guidance_every == 1  # the plug-ins' case; N > 1 would mix paces
+        step_time = self.step_times.timer(job.settings.guidance_mode, job.settings.variants)
+
         def on_step(done: int, total: int) -> None:
             job.step, job.total = done, total
+            if timed:
+                step_time(done)
             if job.cancel.is_set():
                 raise Cancelled
             notify(
