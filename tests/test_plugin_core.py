@@ -160,7 +160,8 @@ def test_preset_follower_keeps_preset_and_advanced_in_step():
 def test_selection_is_clipped_to_the_source_in_its_coordinates():
     layer_at, size = (10, 8), (64, 56)
     assert geometry.selection_in_source(None, layer_at, size) is None
-    assert geometry.selection_in_source(Rect(20, 18, 10, 10), layer_at, size) == Rect(10, 10, 10, 10)
+    inside = geometry.selection_in_source(Rect(20, 18, 10, 10), layer_at, size)
+    assert inside == Rect(10, 10, 10, 10)
     assert geometry.selection_in_source(Rect(60, 30, 40, 10), layer_at, size) == Rect(
         50, 22, 14, 10
     )
@@ -239,7 +240,8 @@ def test_estimate_from_the_engines_step_times():
     assert estimate.before(info, paper) == 6.0 * 75  # measured at this batch
     assert estimate.step_seconds(info, "full", 2) == 4.0  # nearest batch (1), per variant
     assert estimate.step_seconds(info, "fast", 4) == 2.0
-    assert estimate.before({}, paper) is None and estimate.before({"step_seconds": {}}, paper) is None
+    assert estimate.before({}, paper) is None
+    assert estimate.before({"step_seconds": {}}, paper) is None
 
 
 def test_clock_uses_the_estimate_then_the_runs_own_pace():
@@ -278,8 +280,8 @@ def test_the_engine_announces_its_step_times(start_engine):
         assert client.hello()["step_seconds"] == {}
         rgba = bytes(16 * 16 * 4)
         mask = bytes(255 if 4 <= i % 16 < 10 else 0 for i in range(256))
-        job = client.submit(rgba, 16, 16, mask, "a red ball",
-                            {"variants": 2, "steps": 4, "skip": 0, "guidance_mode": "fast"})  # fmt: skip
+        fast = {"variants": 2, "steps": 4, "skip": 0, "guidance_mode": "fast"}
+        job = client.submit(rgba, 16, 16, mask, "a red ball", fast)
         client.wait(job, timeout=120)
         seconds = client.hello()["step_seconds"]
     assert list(seconds) == ["fast"] and list(seconds["fast"]) == ["2"]
