@@ -293,9 +293,11 @@ def test_the_engine_announces_its_step_times(start_engine):
 
 def test_connection_line_names_model_and_device():
     assert "not connected" in wording.connection("tcp://x", {})
-    line = wording.connection("tcp://x", {"models": "demo UNet [demo model]", "device": "cpu"})
-    assert "demo UNet" in line and "CPU" in line
-    assert "GPU" in wording.connection("tcp://x", {"models": "adm256", "device": "cuda:0"})
+    demo = "demo shapes-world UNet (trained here on coloured shapes; not the paper's model); CLIP"
+    line = wording.connection("tcp://x", {"models": demo, "device": "cpu"})
+    assert line == "Engine: demo shapes-world UNet on CPU"
+    gpu = wording.connection("tcp://x", {"models": "adm256", "device": "cuda:0", "queue": 2})
+    assert gpu == "Engine: adm256 on GPU (cuda:0), 2 job(s) queued"
 
 
 def test_paper_on_a_cpu_warns_draft_does_not():

@@ -108,14 +108,22 @@ def device_kind(device: str) -> str:
     return "GPU" if device.startswith(("cuda", "mps", "xpu")) else "CPU"
 
 
+def short_models(models: str) -> str:
+    """The engine's models label up to its first aside: "demo shapes-world UNet"."""
+    return models.split(";")[0].split(" (")[0].strip() or "?"
+
+
 def connection(endpoint: str, info: Mapping[str, Any]) -> str:
-    """The engine's state in a line: what it runs and where."""
+    """The engine's state in a short line: what it runs and where (the UI shows the whole
+    models label as a tooltip)."""
     if not info:
         return f"Engine: not connected ({endpoint})"
     device = str(info.get("device", "?"))
+    kind = device_kind(device)
+    where = kind if device == kind.lower() else f"{kind} ({device})"
     queue = info.get("queue", 0)
     busy = f", {queue} job(s) queued" if queue else ""
-    return f"Engine: {info.get('models', '?')} on {device_kind(device)} ({device}){busy}"
+    return f"Engine: {short_models(str(info.get('models', '')))} on {where}{busy}"
 
 
 def before_run(info: Mapping[str, Any], settings: Mapping[str, Any], preset: str) -> str:

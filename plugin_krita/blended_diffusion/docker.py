@@ -206,7 +206,7 @@ class BlendedDiffusionDocker(DockWidget):
         """Ask the engine what it runs (in the background); the answer shows above the form."""
         if self._probe is not None:
             return
-        endpoint = self.values()["endpoint"] or settings.DEFAULT_ENDPOINT
+        endpoint = self._endpoint()
         self.connection.setText(f"Engine: connecting to {endpoint}…")
         try:
             self._probe = Probe(endpoint)
@@ -215,10 +215,14 @@ class BlendedDiffusionDocker(DockWidget):
             return
         self._timer.start()
 
+    def _endpoint(self) -> str:
+        return self.values()["endpoint"] or settings.DEFAULT_ENDPOINT
+
     def _probed(self) -> None:
         self.info, line = self._probe.result()
         self._probe = None
         self.connection.setText(line)
+        self.connection.setToolTip(f"{self.info.get('models', '')}\n{self._endpoint()}".strip())
         limited = settings.table(self.info.get("limits"))
         for s in limited:
             if s.high is not None:
