@@ -94,7 +94,7 @@ def test_strength_is_always_a_skip_the_engine_takes(steps, strength):
 @pytest.mark.parametrize(
     ("change", "words"),
     [
-        ({"prompt": "   "}, "Describe what the selection should become"),
+        ({"prompt": "   "}, "Type a prompt first"),
         ({"prompt": "x" * 501}, "the engine takes 500"),
         ({"preset": "custom", "variants": 9}, "Variants must be 1 to 8"),
         ({"preset": "custom", "strength": 0}, "Strength % must be 1 to 100"),

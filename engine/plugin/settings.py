@@ -212,7 +212,7 @@ def request(values: Mapping[str, Any], limits: Mapping[str, Any] | None = None) 
     v = effective(values)
     prompt = " ".join(str(v["prompt"] or "").split())
     if not prompt:
-        raise ValueError("Describe what the selection should become first (e.g. a red ball).")
+        raise ValueError("Type a prompt first: what should the selection become (e.g. a red ball)?")
     max_prompt = int((limits or {}).get("max_prompt", 500))
     if len(prompt) > max_prompt:
         raise ValueError(f"The prompt is {len(prompt)} characters; the engine takes {max_prompt}.")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from engine.plugin import estimate, settings, wording
@@ -53,7 +53,6 @@ class Progress:
     error: bool = False
     seed: int | None = None  # the best variant's seed of the last result
     models: str = ""  # what the engine said it runs
-    info: dict[str, Any] = field(default_factory=dict)  # the engine's latest hello
 
 
 def connect(endpoint: str):
@@ -217,7 +216,7 @@ class Controller:
             return self._finish(FAILED, wording.describe(error))
         self.job = job
         info = self._client.info
-        self.progress.models, self.progress.info = info.get("models", ""), info
+        self.progress.models = wording.short_models(info.get("models", ""))
         if self._cancel:
             self._client.cancel(job)
         self._clock = estimate.Clock(estimate.before(info, self._request.settings))
