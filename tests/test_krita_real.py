@@ -161,7 +161,7 @@ def test_plugin_in_real_krita(model: str, tmp_path: Path) -> None:
                     "timeout",
                     "-k",
                     "15",
-                    "480",
+                    "720",
                     "xvfb-run",
                     "-a",
                     "-s",
@@ -170,7 +170,7 @@ def test_plugin_in_real_krita(model: str, tmp_path: Path) -> None:
                     "--nosplash",
                 ],  # fmt: skip
                 {"HOME": "/home/t", "BD_DRIVER_CONFIG": "/home/t/driver.json"},
-                timeout=600,
+                timeout=840,
             )
             timings["krita_stage_seconds"] = round(time.monotonic() - started, 1)
     finally:

@@ -139,7 +139,7 @@ def before_run(info: Mapping[str, Any], settings: Mapping[str, Any], preset: str
         text += (
             f". Paper on a CPU engine is slow (hours with the full-size model): Draft makes "
             f"{draft['variants']} x {draft['steps'] - skip_for(draft['steps'], draft['strength'])}"
-            " steps with fast guidance"
+            " steps"
         )
     return text + "."
 
