@@ -43,7 +43,9 @@ PLUGIN = "blended_diffusion"
 LIB = "_lib"  # inside each installed plug-in: the shared client (+ pyzmq); first on sys.path
 MANIFEST = "INSTALLED.json"
 MANIFEST_FORMAT = 1
-CLIENT_FILES = ("__init__.py", "protocol.py", "client.py")  # engine/ files the plug-ins import
+# engine/ files the plug-ins import: the client and the plug-ins' shared core (engine/plugin/)
+CLIENT_FILES = ("__init__.py", "protocol.py", "client.py")
+CORE = "plugin"
 SKIP = {"__pycache__", ".DS_Store", LIB}  # never copied from a source tree
 KRITA_KEY = f"enable_{PLUGIN}"
 KRITA_SECTION = "[python]"
@@ -180,9 +182,11 @@ def plugin_files(key: str, source: Path) -> dict[str, Path]:
 
 
 def client_files(source: Path) -> dict[str, Path]:
-    """The shared pure-Python client, as `_lib/engine/...` of each plug-in."""
+    """The shared pure-Python client and core, as `_lib/engine/...` of each plug-in."""
     files = {}
-    for name in CLIENT_FILES:
+    core = sorted(p.relative_to(source / "engine").as_posix()
+                  for p in (source / "engine" / CORE).glob("*.py"))  # fmt: skip
+    for name in (*CLIENT_FILES, *core):
         path = source / "engine" / name
         if path.is_file():
             files[f"{PLUGIN}/{LIB}/engine/{name}"] = path

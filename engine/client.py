@@ -481,11 +481,3 @@ def _job_of(frames: list) -> str | None:
     except (ValueError, AttributeError, IndexError):
         return None
     return job if isinstance(job, str) else None
-
-
-def layer_name(prompt: str, variant: Variant, models: str = "") -> str:
-    """The name both plug-ins give a result layer: `"<prompt>" #rank (CLIP d=...)`, marked when
-    the engine runs a demonstration or random model, so no one takes it for the paper's."""
-    short = prompt if len(prompt) <= 40 else prompt[:39] + "…"
-    mark = " [demo model]" if "demo" in models else " [random model]" if "random" in models else ""
-    return f'"{short}" #{variant.rank} (CLIP d={variant.distance:.3f}){mark}'

@@ -250,6 +250,17 @@ def synchronize(device: torch.device) -> None:
         module.synchronize()
 
 
+# what running out of memory raises: the host's, and the GPU's (ROCm builds raise the CUDA one)
+OUT_OF_MEMORY = (MemoryError, torch.cuda.OutOfMemoryError)
+
+
+def free_cached_memory(device: torch.device) -> None:
+    """Give the device's cached blocks back after an out-of-memory job."""
+    module = _module(device)
+    if module is not None and hasattr(module, "empty_cache"):
+        module.empty_cache()
+
+
 def available_memory_gb(device: torch.device) -> float:
     if device.type in ("cuda", "xpu"):
         return _module(device).mem_get_info(device)[0] / 2**30

@@ -29,17 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine import __version__, budget, protocol, region
+from engine import __version__, budget, devices, protocol, region
 from engine.client import default_key_dir
 from engine.edit import Diverged, EditSettings, run_edit
 from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueue
 from engine.keys import CurveKeys
 from engine.models import Models
 from engine.protocol import Limits, Pixels, ProtocolError, is_loopback
+from engine.steptime import StepTimes
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 KEEPALIVE_INTERVAL = 1.0  # what the engine asks clients for, in seconds
@@ -94,6 +94,7 @@ class Server:
         self.instance = uuid.uuid4().hex[:16]  # tells a client this engine from a restarted one
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)  # job events, for tests
+        self.step_times = StepTimes()  # announced in hello: the plug-ins' time estimates
         self._queue = JobQueue()
         self._seen: dict[bytes, float] = {}  # client -> monotonic time of its last message
         self._events: queue.SimpleQueue = queue.SimpleQueue()  # worker -> socket thread
@@ -278,6 +279,7 @@ class Server:
             "limits": self.limits.to_json(),
             "keepalive": {"interval": KEEPALIVE_INTERVAL, "timeout": self.keepalive_timeout},
             "queue": len(self._queue),
+            "step_seconds": self.step_times.to_json(),
         }
 
     def _submit(self, client: bytes, msg: protocol.Message) -> None:
@@ -438,12 +440,17 @@ class Server:
         """The job's terminal message, whatever happens in preparing, sampling, ranking or
         encoding; a cancel is seen before every UNet forward and between the other phases."""
 
+        timed = job.settings.guidance_every == 1  # the plug-ins' case; N > 1 would mix paces
+        step_time = self.step_times.timer(job.settings.guidance_mode, job.settings.variants)
+
         def check() -> None:
             if job.cancel.is_set():
                 raise Cancelled
 
         def on_step(done: int, total: int) -> None:
             job.step, job.total = done, total
+            if timed:
+                step_time(done)
             check()
             progress = {"job": job.id, "step": done, "total": total}
             self._notify("progress", job, protocol.encode("progress", progress))
@@ -461,10 +468,9 @@ class Server:
         except Diverged as e:
             self.log(f"job {job.id}: {e}")
             return FAILED, protocol.error(protocol.NON_FINITE, str(e), job.id)
-        except (MemoryError, torch.cuda.OutOfMemoryError):
+        except devices.OUT_OF_MEMORY:
             gc.collect()
-            if self.models.device.type == "cuda":
-                torch.cuda.empty_cache()
+            devices.free_cached_memory(self.models.device)
             self.log(f"job {job.id}: out of memory")
             message = (
                 f"out of memory during the edit: lower variants ({s.variants}) or augmentations "

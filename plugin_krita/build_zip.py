@@ -13,13 +13,13 @@ plug-in works only where Krita's Python already has pyzmq. Standard library only
 from __future__ import annotations
 
 import argparse
+import sys
 import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 NAME = "blended_diffusion"
-CLIENT_FILES = ("__init__.py", "protocol.py", "client.py")  # what the plug-in imports of engine/
 SKIP = {"__pycache__", "_lib"}
 
 
@@ -31,8 +31,12 @@ def entries(source: Path = ROOT) -> dict[str, bytes]:
         rel = path.relative_to(plugin)
         if path.is_file() and not SKIP.intersection(rel.parts) and path.suffix != ".pyc":
             files[rel.as_posix()] = path.read_bytes()
-    for name in CLIENT_FILES:
-        files[f"{NAME}/_lib/engine/{name}"] = (source / "engine" / name).read_bytes()
+    sys.path.insert(0, str(ROOT))  # install.py: what of engine/ the plug-ins take
+    try:
+        from install import client_files
+    finally:
+        sys.path.remove(str(ROOT))
+    files.update({name: path.read_bytes() for name, path in client_files(source).items()})
     return files
 
 

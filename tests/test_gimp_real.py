@@ -202,7 +202,7 @@ def test_edit_in_gimp_adds_layers_in_one_undo_step(gimp, tiny_engine, model: str
     env = {"BD_PROMPT": "a red circle", "BD_UNDO": "dbus", "BD_EXPORT": f"{HOME}/{png.name}"}
     if model == "demo":
         env["BD_EXPECT"] = "red"  # the shapes world's model must paint the selection red
-        env["BD_STEPS"], env["BD_SKIP"] = "50", "10"  # a real edit, not a plumbing run
+        env["BD_FIELDS"] = json.dumps({"preset": "draft", "seed": 7})  # the Draft preset obeys
     with contextlib.ExitStack() as stack:
         endpoint = tiny_engine[0]
         if model != "tiny":

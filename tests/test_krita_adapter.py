@@ -16,6 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import free_port, host_picture
 
+from engine.plugin import settings
+from engine.plugin.geometry import Rect
+from engine.plugin.wording import ResultLayer
+
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "plugin_krita"
 PACKAGE = PLUGIN / "blended_diffusion"
@@ -196,46 +200,15 @@ def plugin_module(name: str):
     return sys.modules[f"blended_diffusion.{name}"]
 
 
-pixels = plugin_module("pixels")
 job_mod = plugin_module("job")
-Rect = pixels.Rect
-
-
-# -- pixels ---------------------------------------------------------------------------------
-
-
-def test_selection_clamped_to_the_canvas():
-    assert pixels.clamp_selection(Rect(50, 10, 30, 20), 64, 48) == Rect(50, 10, 14, 20)
-    assert pixels.clamp_selection(Rect(-5, -6, 10, 10), 64, 48) == Rect(0, 0, 5, 4)
-    assert pixels.clamp_selection(Rect(70, 0, 10, 10), 64, 48).empty
-    assert pixels.clamp_selection(Rect(0, 0, 0, 0), 64, 48).empty
-
-
-def test_context_window_surrounds_the_selection_on_the_canvas():
-    assert pixels.context_window(Rect(20, 20, 10, 4), 100, 100) == Rect(10, 10, 30, 24)
-    assert pixels.context_window(Rect(50, 10, 14, 20), 64, 48) == Rect(30, 0, 34, 48)
-
-
-def test_context_window_capped_but_holding_the_selection():
-    sel = Rect(3000, 100, 1000, 50)
-    win = pixels.context_window(sel, 10000, 400, max_side=2048)
-    assert win.width == 2048 and win.height == 400
-    assert win.x <= sel.x and sel.x + sel.width <= win.x + win.width
-    assert win.x == 3000 + 500 - 1024  # centred on the selection
-    edge = pixels.context_window(Rect(9300, 0, 600, 10), 10000, 400, max_side=1000)
-    assert edge.x + edge.width == 10000 and edge.width == 1000
-
-
-def test_mask_is_empty():
-    assert pixels.mask_is_empty(bytes(100))
-    assert not pixels.mask_is_empty(bytes(99) + b"\x01")
 
 
 @pytest.mark.parametrize(("model", "depth"), [("CMYKA", "U8"), ("RGBA", "U16"), ("GRAYA", "U8")])
-def test_unsupported_color_says_what_and_how(model, depth):
-    text = pixels.unsupported_color(model, depth, "The layer")
+def test_unsupported_color_says_what_and_how(krita, model, depth):
+    document = plugin_module("document")
+    text = document.unsupported_color(model, depth, "The layer")
     assert f"{model}/{depth}" in text and "Convert Image Color Space" in text
-    assert pixels.unsupported_color("RGBA", "U8", "The layer") is None
+    assert document.unsupported_color("RGBA", "U8", "The layer") is None
 
 
 # -- the document adapter -------------------------------------------------------------------
@@ -255,14 +228,14 @@ def test_export_reads_the_window_around_the_clamped_selection(krita):
     doc = opened(krita)
     doc.sel = FakeSelection(50, 10, 30, 20)  # reaches past the right edge
     export = document.export_active()
-    assert export.window == Rect(30, 0, 34, 48)
-    w = export.window
-    assert len(export.image) == w.width * w.height * 4 and len(export.mask) == w.width * w.height
-    assert export.image[:4] == bytes((30, 0, 100, 255))  # BGRA from image coordinates
-    row = export.mask[10 * w.width : 11 * w.width]
-    assert row == bytes(20) + b"\xff" * 14
-    request = export.request("a red ball", {"variants": 2})
-    assert (request.x, request.y, request.width, request.height) == (30, 0, 34, 48)
+    pixels = export.pixels
+    w = pixels.window
+    # the clamped selection (50, 10, 14, 20) and its context (20 + 2 * 5 each side)
+    assert w == Rect(20, 0, 44, 48)
+    assert len(pixels.image) == w.width * w.height * 4 and len(pixels.mask) == w.width * w.height
+    assert pixels.image[:4] == bytes((20, 0, 100, 255))  # BGRA from image coordinates
+    row = pixels.mask[10 * w.width : 11 * w.width]
+    assert row == bytes(30) + b"\xff" * 14
 
 
 @pytest.mark.parametrize(
@@ -277,6 +250,7 @@ def test_export_reads_the_window_around_the_clamped_selection(krita):
         (lambda app, doc: setattr(doc, "sel", FakeSelection(0, 0, 0, 0)), "empty"),
         (lambda app, doc: setattr(doc, "sel", FakeSelection(100, 0, 5, 5)), "outside"),
         (lambda app, doc: setattr(doc, "sel", FakeSelection(0, 0, 9, 9, value=0)), "empty"),
+        (lambda app, doc: setattr(doc, "sel", FakeSelection(0, 0, 48, 9)), "at most 40 a side"),
     ],
 )
 def test_export_refuses_with_a_clear_message(krita, setup, message):
@@ -285,11 +259,11 @@ def test_export_refuses_with_a_clear_message(krita, setup, message):
     doc.sel = FakeSelection(10, 10, 8, 8)
     setup(krita, doc)
     with pytest.raises(document.UserError, match=message):
-        document.export_active()
+        document.export_active(max_side=40)
 
 
 def layer(name: str, x: int, y: int, visible: bool, value: int = 7):
-    return job_mod.ResultLayer(name, x, y, 2, 1, bytes((value, 0, 0, 255)) * 2, visible)
+    return ResultLayer(name, x, y, 2, 1, bytes((0, 0, value, 255)) * 2, visible)  # RGBA
 
 
 def test_results_are_one_filled_group_above_the_source_in_one_undo_step(krita):
@@ -308,7 +282,7 @@ def test_results_are_one_filled_group_above_the_source_in_one_undo_step(krita):
     group = doc.root.children[1]
     assert [n.name() for n in group.children] == ["second", "best"]  # bottom first: best on top
     assert [n.visible() for n in group.children] == [False, True]
-    assert group.children[1].pixelData(10, 10, 2, 1) == bytes((1, 0, 0, 255)) * 2
+    assert group.children[1].pixelData(10, 10, 2, 1) == bytes((1, 0, 0, 255)) * 2  # BGRA
     assert group.children[0].pixelData(10, 10, 2, 1) == bytes(8)  # transparent elsewhere
     assert source.pixelData(0, 0, doc.w, doc.h) == before
     assert "2 variant(s)" in summary
@@ -336,34 +310,6 @@ def test_settings_go_through_kritas_store(krita):
     assert krita.settings[("blended_diffusion", "steps")] == "10"
     assert document.read_setting("steps", "100") == "10"
     assert document.read_setting("missing", "x") == "x"
-
-
-# -- naming and result layers ---------------------------------------------------------------
-
-
-def test_result_layers_named_placed_and_swapped():
-    from engine.client import Job, Variant, layer_name
-
-    job = Job("j", models="tiny random model")
-    job.variants = [
-        Variant(1, 2, 3, 1, 1, bytes((10, 20, 30, 40)), 0.5, 7),
-        Variant(2, 2, 3, 1, 1, bytes((1, 2, 3, 4)), 0.6, 8),
-    ]
-    request = job_mod.Request("a red ball", {}, b"", b"", 0, 0, x=30, y=5)
-    layers = job_mod.result_layers(request, job)
-    assert [spec.name for spec in layers] == [
-        layer_name("a red ball", v, job.models) for v in job.variants
-    ]
-    assert "[random model]" in layers[0].name
-    assert (layers[0].x, layers[0].y) == (32, 8)
-    assert layers[0].bgra == bytes((30, 20, 10, 40))
-    assert [spec.visible for spec in layers] == [True, False]
-
-
-def test_group_name_is_short():
-    assert job_mod.group_name("a red ball") == 'Blended Diffusion: "a red ball"'
-    long = job_mod.group_name("word " * 30)
-    assert len(long) < 70 and long.endswith('…"')
 
 
 # -- the job state machine --------------------------------------------------------------------
@@ -407,11 +353,19 @@ class FakeClient:
     def event(self, kind: str, **fields):
         from engine.client import Event
 
+        # as the client's poll does: the job is updated before its event is returned
+        state = {"result": "done", "error": "failed", "cancelled": "cancelled"}
+        self.job.state = state.get(kind, self.job.state)
+        self.job.error = fields.get("error", self.job.error)
         self.events.append(Event(kind, self.job.id, self.job, **fields))
 
 
-def request() -> job_mod.Request:
-    return job_mod.Request("a red ball", {"variants": 1}, bytes(16), bytes(4), 2, 2, 5, 6)
+def request(endpoint: str = "tcp://x", **change) -> settings.Request:
+    return settings.Request("a red ball", endpoint, {"variants": 1} | change)
+
+
+def pixels() -> job_mod.Pixels:
+    return job_mod.Pixels(Rect(5, 6, 2, 2), bytes(16), bytes(4))
 
 
 def run_until(controller, states, timeout: float = 5.0) -> None:
@@ -428,7 +382,7 @@ def test_job_runs_through_its_states():
     client = FakeClient()
     seen, applied = [], []
     controller = job_mod.Controller(lambda p: seen.append(p.state), connect=lambda e: client)
-    controller.start("tcp://127.0.0.1:1", request(), lambda g, ls: applied.append((g, ls)) or "ok")
+    controller.start(request(), pixels(), lambda g, ls: applied.append((g, ls)) or "ok")
     assert controller.state == job_mod.SUBMITTING and controller.active
     run_until(controller, [job_mod.RUNNING])
     client.event("progress", step=3, total=8)
@@ -450,7 +404,7 @@ def test_job_runs_through_its_states():
     [
         ("unreachable", "Engine unreachable at"),
         ("refused", "refused the edit (limit): too big"),
-        ("version", "same protocol"),
+        ("version", "from the same version"),
     ],
 )
 def test_submit_errors_become_messages(error, message):
@@ -463,7 +417,7 @@ def test_submit_errors_become_messages(error, message):
     }[error]
     client = FakeClient(error=exc)
     controller = job_mod.Controller(connect=lambda e: client)
-    controller.start("tcp://x", request(), lambda g, ls: "")
+    controller.start(request(), pixels(), lambda g, ls: "")
     run_until(controller, [job_mod.FAILED])
     assert message in controller.progress.message and controller.progress.error
     assert client.closed  # a fresh socket for the next try
@@ -475,7 +429,7 @@ def test_engine_errors_and_lost_engine_while_running():
     for code, message in (("internal", "refused the edit (internal)"), ("timeout", "Lost")):
         client = FakeClient()
         controller = job_mod.Controller(connect=lambda e, c=client: c)
-        controller.start("tcp://x", request(), lambda g, ls: "")
+        controller.start(request(), pixels(), lambda g, ls: "")
         run_until(controller, [job_mod.RUNNING])
         client.event("error", error=EngineError(code, "boom"))
         controller.tick()
@@ -485,7 +439,7 @@ def test_engine_errors_and_lost_engine_while_running():
 def test_cancel_while_running_and_a_result_that_crosses_it():
     client = FakeClient()
     controller = job_mod.Controller(connect=lambda e: client)
-    controller.start("tcp://x", request(), lambda g, ls: pytest.fail("nothing to add"))
+    controller.start(request(), pixels(), lambda g, ls: pytest.fail("nothing to add"))
     run_until(controller, [job_mod.RUNNING])
     controller.cancel()
     assert client.cancelled == [client.job] and "Cancelling" in controller.progress.message
@@ -498,7 +452,7 @@ def test_cancel_while_submitting_never_blocks():
     gate = threading.Event()
     client = FakeClient(block=gate)
     controller = job_mod.Controller(connect=lambda e: client)
-    controller.start("tcp://x", request(), lambda g, ls: "")
+    controller.start(request(), pixels(), lambda g, ls: "")
     started = time.monotonic()
     for _ in range(10):
         assert controller.tick() is True  # the submit is stuck; the UI is not
@@ -517,7 +471,7 @@ def test_missing_pyzmq_is_a_message():
         raise ImportError("No module named 'zmq'")
 
     controller = job_mod.Controller(connect=connect)
-    controller.start("tcp://x", request(), lambda g, ls: "")
+    controller.start(request(), pixels(), lambda g, ls: "")
     assert controller.state == job_mod.FAILED and "install.py" in controller.progress.message
 
 
@@ -530,7 +484,7 @@ def test_a_failing_apply_is_a_message():
     def apply(group, layers):
         raise RuntimeError("the image was closed")
 
-    controller.start("tcp://x", request(), apply)
+    controller.start(request(), pixels(), apply)
     run_until(controller, [job_mod.RUNNING])
     client.job.variants = [Variant(1, 0, 0, 1, 1, bytes(4), 0.4, 1)]
     client.event("result")
@@ -544,7 +498,7 @@ def test_a_failing_apply_is_a_message():
 def test_dead_engine_fails_within_the_timeout_without_blocking(monkeypatch):
     monkeypatch.setattr(job_mod, "TIMEOUT", 1.0)
     controller = job_mod.Controller()
-    controller.start(f"tcp://127.0.0.1:{free_port()}", request(), lambda g, ls: "")
+    controller.start(request(f"tcp://127.0.0.1:{free_port()}"), pixels(), lambda g, ls: "")
     started, slowest = time.monotonic(), 0.0
     while controller.active:
         t = time.monotonic()
@@ -561,20 +515,19 @@ def test_a_live_engine_edits_a_bgra_window(start_engine):
     rgba, mask = host_picture(32, 32, box=(8, 8, 12, 10))
     bgra = bytearray(rgba)
     bgra[0::4], bgra[2::4] = rgba[2::4], rgba[0::4]
-    req = job_mod.Request(
-        "a red ball", {"variants": 2, "steps": 4, "skip": 1, "seed": 3}, bytes(bgra), mask, 32, 32
-    )
-    req.x, req.y = 100, 50  # the window's place in a larger image
+    req = request(server.endpoint, variants=2, steps=4, skip=1, seed=3)
+    window = Rect(100, 50, 32, 32)  # the window's place in a larger image
     applied = []
     controller = job_mod.Controller()
-    controller.start(server.endpoint, req, lambda g, ls: applied.append(ls) or "ok")
+    pixels = job_mod.Pixels(window, bytes(bgra), mask)
+    controller.start(req, pixels, lambda g, ls: applied.append(ls) or "ok")
     run_until(controller, [job_mod.DONE, job_mod.FAILED], timeout=120)
     assert controller.state == job_mod.DONE, controller.progress.message
     layers = applied[0]
     assert len(layers) == 2 and [spec.visible for spec in layers] == [True, False]
     assert (layers[0].x, layers[0].y, layers[0].width, layers[0].height) == (108, 58, 12, 10)
-    assert layers[0].bgra[3::4] == b"\xff" * (12 * 10)  # the selection's alpha
-    controller.close()
+    assert layers[0].rgba[3::4] == b"\xff" * (12 * 10)  # the selection's alpha
+    assert "#1" in layers[0].name and "[random model]" in layers[0].name
 
 
 # -- packaging and structure ------------------------------------------------------------------

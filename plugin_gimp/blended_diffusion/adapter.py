@@ -11,9 +11,11 @@ import gi
 
 gi.require_version("Gimp", "3.0")
 gi.require_version("Gegl", "0.4")
-from flow import EditError, ResultLayer  # noqa: E402
-from geometry import Box  # noqa: E402
+from flow import EditError  # noqa: E402
 from gi.repository import Gegl, Gimp  # noqa: E402
+
+from engine.plugin.geometry import Rect  # noqa: E402
+from engine.plugin.wording import ResultLayer  # noqa: E402
 
 PIXELS = "R'G'B'A u8"  # what the engine takes (RGBA8); babl converts from any precision
 MASK = "Y u8"  # the selection's coverage: 0 keep, 255 edit, linear like the channel itself
@@ -48,15 +50,16 @@ class GimpHost:
         self.offsets = (x, y)
         self.size = (drawable.get_width(), drawable.get_height())
 
-    def selection_bounds(self) -> Box | None:
+    def selection_bounds(self) -> Rect | None:
         _, selected, x1, y1, x2, y2 = Gimp.Selection.bounds(self.image)
-        return Box(x1, y1, x2 - x1, y2 - y1) if selected else None
+        return Rect(x1, y1, x2 - x1, y2 - y1) if selected else None
 
-    def read(self, crop: Box) -> tuple[bytes, bytes]:
-        rect = Gegl.Rectangle.new(crop.x, crop.y, crop.w, crop.h)
+    def read(self, window: Rect) -> tuple[bytes, bytes]:
+        w, h = window.width, window.height
+        rect = Gegl.Rectangle.new(window.x, window.y, w, h)
         rgba = self.drawable.get_buffer().get(rect, 1.0, PIXELS, Gegl.AbyssPolicy.NONE)
         x, y = self.offsets  # the selection lives in image coordinates
-        sel_rect = Gegl.Rectangle.new(crop.x + x, crop.y + y, crop.w, crop.h)
+        sel_rect = Gegl.Rectangle.new(window.x + x, window.y + y, w, h)
         # outside the canvas the abyss reads as 0: not selected
         selection = self.image.get_selection().get_buffer()
         mask = selection.get(sel_rect, 1.0, MASK, Gegl.AbyssPolicy.NONE)

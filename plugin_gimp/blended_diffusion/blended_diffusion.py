@@ -3,8 +3,9 @@
 
 Sends the selected part of the active layer and a text prompt to a running engine
 (`python -m engine serve`) and adds its results as layers above the layer, the best visible,
-in one undo step. The steps live beside this file: params (arguments), geometry (coordinates),
-flow (the edit, host-independent) and adapter (the only Gimp/Gegl pixel and layer code).
+in one undo step. Beside this file: params (the arguments, from the shared settings table),
+flow (the edit, host-independent) and adapter (the only Gimp/Gegl pixel and layer code); the
+settings, geometry and wording both plug-ins share are in _lib/engine/plugin.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ gi.require_version("Gegl", "0.4")
 import params  # noqa: E402
 from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
 
+from engine.plugin import settings, wording  # noqa: E402
+
 PROCEDURE = "python-fu-blended-diffusion"
 RW = GObject.ParamFlags.READWRITE
 
@@ -35,11 +38,19 @@ def fail(procedure: Gimp.Procedure, message: str, status=Gimp.PDBStatusType.EXEC
 
 
 def ask(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> bool:
-    """The procedure's dialog; GIMP fills in the last values and saves them after a success."""
+    """The procedure's dialog: the preset fills the Advanced settings, editing them shows the
+    preset they match."""
     gi.require_version("GimpUi", "3.0")
     from gi.repository import GimpUi
 
     GimpUi.init(PROCEDURE)
+    follower = settings.PresetFollower(
+        lambda: params.values(config), lambda v: params.set_values(config, v)
+    )
+    config.connect("notify::preset", lambda *_: follower.preset_changed())
+    for s in settings.TABLE:
+        if s.advanced:
+            config.connect(f"notify::{params.prop(s)}", lambda *_: follower.advanced_changed())
     dialog = GimpUi.ProcedureDialog.new(procedure, config, "Blended Diffusion")
     dialog.fill(None)
     try:
@@ -48,29 +59,37 @@ def ask(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> bool:
         dialog.destroy()
 
 
+def choice(setting: settings.Setting) -> Gimp.Choice:
+    out = Gimp.Choice.new()
+    for i, (nick, text) in enumerate(setting.choices):
+        out.add(nick, i, text, "")
+    return out
+
+
 def run(procedure, run_mode, image, drawables, config, _data):
+    folder = Gimp.directory()
+    if run_mode != Gimp.RunMode.NONINTERACTIVE:  # the last run's values, also a failed one's
+        params.set_values(config, params.recall(folder))
     if run_mode == Gimp.RunMode.INTERACTIVE and not ask(procedure, config):
+        params.remember(folder, params.values(config))  # typed, then cancelled: kept too
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    values = params.values(config)
+    params.remember(folder, values)
     try:
-        request = params.request({a.name: config.get_property(a.name) for a in params.ARGS})
+        settings.request(values)
     except ValueError as e:
         return fail(procedure, str(e), Gimp.PDBStatusType.CALLING_ERROR)
     try:
         import flow  # imports the shared client, hence pyzmq
     except ImportError as e:
-        return fail(
-            procedure,
-            f"Blended Diffusion cannot load its engine client ({e}): it needs pyzmq and the "
-            f"shared client in {os.path.join(HERE, '_lib')}. Run `python install.py "
-            "--plugins-only` again (with --gimp-python X.Y for GIMP's own Python).",
-        )
+        return fail(procedure, wording.CLIENT_MISSING.format(error=e))
     from adapter import GimpHost
 
     Gegl.init(None)
     try:
         host = GimpHost(image, drawables)
-        Gimp.progress_init(f"Blended Diffusion: {request.prompt}")
-        layers = flow.run_edit(host, request)
+        Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
+        layers = flow.run_edit(host, values)
         host.add_layers(layers)
     except flow.EditError as e:
         return fail(procedure, str(e))
@@ -102,19 +121,7 @@ class BlendedDiffusion(Gimp.PlugIn):
             name,
         )
         procedure.set_attribution("Blended Diffusion plug-in", "Blended Diffusion plug-in", "2026")
-        for arg in params.ARGS:
-            if isinstance(arg.default, str):
-                procedure.add_string_argument(arg.name, arg.label, arg.blurb, arg.default, RW)
-            elif isinstance(arg.default, bool):  # before int: a bool is an int to Python
-                procedure.add_boolean_argument(arg.name, arg.label, arg.blurb, arg.default, RW)
-            elif isinstance(arg.default, int):
-                procedure.add_int_argument(
-                    arg.name, arg.label, arg.blurb, arg.low, arg.high, arg.default, RW
-                )
-            else:
-                procedure.add_double_argument(
-                    arg.name, arg.label, arg.blurb, arg.low, arg.high, arg.default, RW
-                )
+        params.add_arguments(procedure, choice, RW)
         return procedure
 
 

@@ -1,16 +1,25 @@
-"""The docker: prompt, settings, Generate/Cancel, progress and a message line.
+"""The docker: prompt, preset, seed, Advanced settings, the engine's state, Generate/Cancel,
+progress and a message line.
 
-It reads the document through `document` and leaves the job to `job.Controller`, ticking it
-from a QTimer while a job is active. Settings persist in Krita's own settings store.
+Every setting's widget is made from the shared settings table (engine/plugin/settings.py), as
+GIMP's procedure is. The docker reads the document through `document` and leaves the job to
+`job.Controller`, ticking it from a QTimer while a job is active. A Generate pressed while a
+job runs is queued (its pixels read at the press). Settings persist in Krita's settings store.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from engine.plugin import settings, wording
+from engine.plugin.settings import Setting
+
 from . import document
 from .document import DockWidget, UserError
-from .job import ACTIVE, CANCELLED, DONE, FAILED, INTERVAL_MS, Controller, Progress, describe
+from .job import ACTIVE, CANCELLED, DONE, FAILED, INTERVAL_MS, Controller, Probe, Progress
 from .qt import (
     QCheckBox,
+    QComboBox,
     QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
@@ -27,9 +36,69 @@ from .qt import (
 
 DOCKER_ID = "blended_diffusion_docker"
 TITLE = "Blended Diffusion"
-DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
-MAX_SEED = 2**31 - 1  # QSpinBox holds a C int; the engine takes up to 2**32 - 1
 COLORS = {FAILED: "#d04040", DONE: "#40a040", CANCELLED: "#b08030"}
+MAX_WAITING = 3  # Generates queued behind the running one
+
+
+def make_field(setting: Setting):
+    """The widget of one setting, with the table's range, default and tooltip."""
+    if setting.name == "prompt":
+        widget = QPlainTextEdit()
+        widget.setPlaceholderText("What the selection should become, e.g. a red ball")
+        widget.setMaximumHeight(70)
+    elif setting.choices:
+        widget = QComboBox()
+        for value, label in setting.choices:
+            widget.addItem(label, value)
+    elif setting.kind is str:
+        widget = QLineEdit()
+    elif setting.kind is bool:
+        widget = QCheckBox(setting.label)
+    else:
+        widget = QSpinBox() if setting.kind is int else QDoubleSpinBox()
+        if setting.kind is float:
+            widget.setDecimals(0)
+            widget.setSingleStep(50)
+        widget.setRange(setting.low, setting.high)
+        widget.setSpecialValueText(setting.special)  # shown at the minimum
+    widget.setToolTip(setting.tooltip)
+    write_field(widget, setting, setting.default)
+    return widget
+
+
+def read_field(widget, setting: Setting) -> Any:
+    if setting.name == "prompt":
+        return widget.toPlainText()
+    if setting.choices:
+        return widget.currentData()
+    if setting.kind is str:
+        return widget.text().strip()
+    if setting.kind is bool:
+        return widget.isChecked()
+    return widget.value()
+
+
+def write_field(widget, setting: Setting, value: Any) -> None:
+    if setting.name == "prompt":
+        widget.setPlainText(value)
+    elif setting.choices:
+        widget.setCurrentIndex(widget.findData(value))
+    elif setting.kind is str:
+        widget.setText(value)
+    elif setting.kind is bool:
+        widget.setChecked(value)
+    else:
+        widget.setValue(value)
+
+
+def changed_signal(widget, setting: Setting):
+    if setting.name == "prompt":
+        return widget.textChanged
+    if setting.choices:
+        return widget.currentIndexChanged
+    if setting.kind is str:
+        return widget.editingFinished
+    return widget.toggled if setting.kind is bool else widget.valueChanged
 
 
 class BlendedDiffusionDocker(DockWidget):
@@ -37,66 +106,66 @@ class BlendedDiffusionDocker(DockWidget):
         super().__init__()
         self.setWindowTitle(TITLE)
         self.controller = Controller(self._show)
-        self._export: document.Export | None = None
+        self.info: dict[str, Any] = {}  # the engine's hello: model, device, limits, step times
+        self._waiting: list[tuple[settings.Request, document.Export]] = []
+        self._probe: Probe | None = None
         self._timer = QTimer(self)
         self._timer.setInterval(INTERVAL_MS)
         self._timer.timeout.connect(self._tick)
+        self.follower = settings.PresetFollower(self.values, self.set_values)
         self._build()
         self._load_settings()
+        self.check_engine()
 
     # -- UI ----------------------------------------------------------------------------------
 
     def _build(self) -> None:
         root = QWidget(self)
         layout = QVBoxLayout(root)
-        self.prompt = QPlainTextEdit(root)
-        self.prompt.setPlaceholderText("What the selection should become, e.g. a red ball")
-        self.prompt.setMaximumHeight(70)
-        layout.addWidget(self.prompt)
+        self.fields = {s.name: make_field(s) for s in settings.TABLE}
+        layout.addWidget(self.fields["prompt"])
+        self.connection = QLabel(root)
+        self.connection.setWordWrap(True)
+        layout.addWidget(self.connection)
 
         form = QFormLayout()
-        self.variants = _spin(1, 8, 4, "How many results to make; the best is shown")
-        self.steps = _spin(1, 1000, 100, "Denoising steps")
-        self.skip = _spin(0, 999, 25, "First steps skipped: higher keeps more of the layout")
-        self.guidance = QDoubleSpinBox(root)
-        self.guidance.setRange(-1, 1e6)
-        self.guidance.setDecimals(0)
-        self.guidance.setSingleStep(50)
-        self.guidance.setSpecialValueText("model default")  # shown at -1: the setting is omitted
-        self.guidance.setToolTip("How strongly CLIP pulls the edit towards the prompt")
-        self.fast = QCheckBox("Fast guidance", root)
-        self.fast.setToolTip(
-            "CLIP's gradient without a backward pass through the UNet: about 3x faster a step, "
-            "rougher results (the engine uses the model's own default weight for it)"
-        )
-        self.random_seed = QCheckBox("random", root)
-        self.seed = _spin(0, MAX_SEED, 0, "The seed used when 'random' is off")
+        form.addRow("Preset", self.fields["preset"])
         self.last_seed = QPushButton("last: –", root)
         self.last_seed.setToolTip("Reuse the best result's seed")
         self.last_seed.setFlat(True)
         self.last_seed.clicked.connect(self._reuse_seed)
-        self.random_seed.toggled.connect(lambda on: self.seed.setEnabled(not on))
         seed_row = QHBoxLayout()
-        for widget in (self.random_seed, self.seed, self.last_seed):
-            seed_row.addWidget(widget)
-        self.endpoint = QLineEdit(root)
-        self.endpoint.setToolTip("Where `python -m engine serve` listens")
-        form.addRow("Variants", self.variants)
+        seed_row.addWidget(self.fields["seed"])
+        seed_row.addWidget(self.last_seed)
         form.addRow("Seed", seed_row)
-        form.addRow("Steps", self.steps)
-        form.addRow("Skip", self.skip)
-        form.addRow("Guidance", self.guidance)
-        form.addRow("", self.fast)
-        form.addRow("Engine", self.endpoint)
         layout.addLayout(form)
+
+        self.show_advanced = QCheckBox("Advanced", root)
+        self.advanced = QWidget(root)
+        advanced = QFormLayout(self.advanced)
+        for s in settings.TABLE:
+            if s.kind is bool:
+                advanced.addRow("", self.fields[s.name])
+            elif s.advanced or s.name == "endpoint":
+                advanced.addRow(s.label, self.fields[s.name])
+        self.show_advanced.toggled.connect(self.advanced.setVisible)
+        self.advanced.setVisible(False)
+        layout.addWidget(self.show_advanced)
+        layout.addWidget(self.advanced)
+        self.expected = QLabel(root)
+        self.expected.setWordWrap(True)
+        layout.addWidget(self.expected)
 
         buttons = QHBoxLayout()
         self.generate_button = QPushButton("Generate", root)
-        self.generate_button.setToolTip("Edit the selection of the active layer (Ctrl+Alt+Shift+G)")
+        self.generate_button.setToolTip(
+            "Edit the selection of the active layer (Ctrl+Alt+Shift+G); pressed during an "
+            "edit, it queues the next one"
+        )
         self.generate_button.clicked.connect(self.generate)
         self.cancel_button = QPushButton("Cancel", root)
         self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.controller.cancel)
+        self.cancel_button.clicked.connect(self.cancel)
         buttons.addWidget(self.generate_button)
         buttons.addWidget(self.cancel_button)
         layout.addLayout(buttons)
@@ -110,65 +179,129 @@ class BlendedDiffusionDocker(DockWidget):
         layout.addStretch(1)
         self.setWidget(root)
 
+        for s in settings.TABLE:
+            signal = changed_signal(self.fields[s.name], s)
+            if s.name == "preset":
+                signal.connect(lambda *_: self.follower.preset_changed())
+            elif s.advanced:
+                signal.connect(lambda *_: self.follower.advanced_changed())
+            if s.name == "endpoint":
+                signal.connect(self.check_engine)
+            elif s.name != "prompt":
+                signal.connect(lambda *_: self._show_expected())
+
     def canvasChanged(self, canvas) -> None:  # Krita calls it by this name
         pass  # the document is read when Generate is pressed
+
+    def values(self) -> dict[str, Any]:
+        return {s.name: read_field(self.fields[s.name], s) for s in settings.TABLE}
+
+    def set_values(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            write_field(self.fields[name], settings.BY_NAME[name], value)
+
+    # -- the engine's state ------------------------------------------------------------------
+
+    def check_engine(self) -> None:
+        """Ask the engine what it runs (in the background); the answer shows above the form."""
+        if self._probe is not None:
+            return
+        endpoint = self._endpoint()
+        self.connection.setText(f"Engine: connecting to {endpoint}…")
+        try:
+            self._probe = Probe(endpoint)
+        except Exception as e:  # never into Qt: PyQt may abort Krita on an uncaught exception
+            self.connection.setText(wording.describe(e))
+            return
+        self._timer.start()
+
+    def _endpoint(self) -> str:
+        return self.values()["endpoint"] or settings.DEFAULT_ENDPOINT
+
+    def _probed(self) -> None:
+        self.info, line = self._probe.result()
+        self._probe = None
+        self.connection.setText(line)
+        self.connection.setToolTip(f"{self.info.get('models', '')}\n{self._endpoint()}".strip())
+        limited = settings.table(self.info.get("limits"))
+        for s in limited:
+            if s.high is not None:
+                self.fields[s.name].setMaximum(s.high)
+        self._show_expected()
+
+    def _show_expected(self) -> None:
+        values = self.values()
+        try:
+            request = settings.request(values | {"prompt": "-"}, self.info.get("limits"))
+        except ValueError as e:
+            return self.expected.setText(str(e))
+        preset = settings.effective(values)["preset"]
+        self.expected.setText(wording.before_run(self.info, request.settings, preset))
 
     # -- actions -----------------------------------------------------------------------------
 
     def generate(self) -> None:
-        if self.controller.active:
-            return
-        prompt = self.prompt.toPlainText().strip()
-        if not prompt:
-            return self._message("Describe what the selection should become first.", FAILED)
-        self._save_settings()
+        """Edit the selection now, or after the running edit (read now, queued)."""
+        values = self.values()
+        self._save_settings(values)
+        if self.controller.active and len(self._waiting) >= MAX_WAITING:
+            return self._message(
+                f"{MAX_WAITING} edits are already waiting: Generate again once one has finished.",
+                FAILED,
+            )
         try:
-            self._export = document.export_active()
-        except UserError as e:
+            request = settings.request(values, self.info.get("limits"))
+            max_side = (self.info.get("limits") or {}).get("max_side")
+            export = document.export_active(*([max_side] if max_side else []))
+        except (UserError, ValueError) as e:
             return self._message(str(e), FAILED)
         except Exception as e:  # never into Qt: PyQt may abort Krita on an uncaught exception
-            return self._message(describe(e), FAILED)
-        request = self._export.request(prompt, self.settings())
-        self.controller.start(self.endpoint.text(), request, self._apply)
+            return self._message(wording.describe(e), FAILED)
         if self.controller.active:
-            self._timer.start()
+            self._waiting.append((request, export))
+            return self._message(
+                f"Queued: starts when the current edit ends ({len(self._waiting)} waiting).",
+            )
+        self._start(request, export)
 
-    def settings(self) -> dict:
-        """The engine settings from the widgets (docs/protocol.md, Settings)."""
-        steps = self.steps.value()
-        out = {"variants": self.variants.value(), "steps": steps}
-        out["skip"] = min(self.skip.value(), steps - 1)
-        out["seed"] = None if self.random_seed.isChecked() else self.seed.value()
-        if self.guidance.value() >= 0:
-            out["guidance_weight"] = float(self.guidance.value())
-        out["guidance_mode"] = "fast" if self.fast.isChecked() else "full"
-        return out
+    def _start(self, request: settings.Request, export: document.Export) -> None:
+        def apply(group_name: str, layers) -> str:
+            summary = document.add_results(export, group_name, layers)
+            QTimer.singleShot(0, lambda: document.reactivate(export))
+            return summary
 
-    def _apply(self, group_name: str, layers) -> str:
-        export, self._export = self._export, None
-        summary = document.add_results(export, group_name, layers)
-        QTimer.singleShot(0, lambda: document.reactivate(export))
-        return summary
+        self.controller.start(request, export.pixels, apply)
+        self._timer.start()
+
+    def cancel(self) -> None:
+        dropped, self._waiting = len(self._waiting), []
+        self.controller.cancel()
+        if dropped:
+            self._message(f"Cancelling, and {dropped} waiting edit(s) dropped…")
 
     def _tick(self) -> None:
+        if self._probe is not None and self._probe.done:
+            self._probed()
         try:
             active = self.controller.tick()
         except Exception as e:  # a bug must not take Krita down: say it and stop polling
             active = False
-            self._message(describe(e), FAILED)
-        if not active:
+            self._message(wording.describe(e), FAILED)
+        if not active and self._waiting:
+            self._start(*self._waiting.pop(0))
+            active = self.controller.active
+        if not active and self._probe is None:
             self._timer.stop()
 
     def _reuse_seed(self) -> None:
         if self.controller.progress.seed is not None:
-            self.random_seed.setChecked(False)
-            self.seed.setValue(min(self.controller.progress.seed, MAX_SEED))
+            seed = self.fields["seed"]
+            seed.setValue(min(self.controller.progress.seed, seed.maximum()))
 
     # -- showing the state -------------------------------------------------------------------
 
     def _show(self, progress: Progress) -> None:
         active = progress.state in ACTIVE
-        self.generate_button.setEnabled(not active)
         self.cancel_button.setEnabled(active)
         if progress.total:
             self.progress_bar.setRange(0, progress.total)
@@ -180,7 +313,10 @@ class BlendedDiffusionDocker(DockWidget):
             self.progress_bar.setValue(1 if progress.state == DONE else 0)
         if progress.seed is not None:
             self.last_seed.setText(f"last: {progress.seed}")
-        self._message(progress.message, progress.state)
+        waiting = f" ({len(self._waiting)} waiting)" if active and self._waiting else ""
+        self._message(progress.message + waiting, progress.state)
+        if progress.state in (DONE, FAILED, CANCELLED):
+            self.check_engine()  # the engine measured this run's steps: a better estimate
 
     def _message(self, text: str, state: str = "") -> None:
         color = COLORS.get(state)
@@ -190,40 +326,13 @@ class BlendedDiffusionDocker(DockWidget):
     # -- settings ----------------------------------------------------------------------------
 
     def _load_settings(self) -> None:
-        read = document.read_setting
-        self.prompt.setPlainText(read("prompt", ""))
-        self.variants.setValue(_int(read("variants", "4"), 4))
-        self.steps.setValue(_int(read("steps", "100"), 100))
-        self.skip.setValue(_int(read("skip", "25"), 25))
-        self.guidance.setValue(_int(read("guidance_weight", "-1"), -1))
-        self.fast.setChecked(read("guidance_mode", "full") == "fast")
-        self.random_seed.setChecked(read("random_seed", "true") == "true")
-        self.seed.setEnabled(not self.random_seed.isChecked())
-        self.seed.setValue(_int(read("seed", "0"), 0))
-        self.endpoint.setText(read("endpoint", DEFAULT_ENDPOINT) or DEFAULT_ENDPOINT)
+        stored = {
+            s.name: settings.coerce(s, document.read_setting(s.name, str(s.default)))
+            for s in settings.TABLE
+        }
+        self.set_values(stored | settings.PRESETS.get(stored["preset"], {}))
+        self._show_expected()
 
-    def _save_settings(self) -> None:
-        write = document.write_setting
-        write("prompt", self.prompt.toPlainText())
-        for key, box in (("variants", self.variants), ("steps", self.steps), ("skip", self.skip)):
-            write(key, box.value())
-        write("guidance_weight", int(self.guidance.value()))
-        write("guidance_mode", "fast" if self.fast.isChecked() else "full")
-        write("random_seed", "true" if self.random_seed.isChecked() else "false")
-        write("seed", self.seed.value())
-        write("endpoint", self.endpoint.text().strip())
-
-
-def _spin(low: int, high: int, value: int, tip: str) -> QSpinBox:
-    box = QSpinBox()
-    box.setRange(low, high)
-    box.setValue(value)
-    box.setToolTip(tip)
-    return box
-
-
-def _int(text: str, default: int) -> int:
-    try:
-        return int(float(text))
-    except ValueError:
-        return default
+    def _save_settings(self, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            document.write_setting(name, value)

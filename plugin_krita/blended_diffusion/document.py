@@ -16,12 +16,16 @@ from dataclasses import dataclass
 
 import krita
 
-from .job import Request, ResultLayer
-from .pixels import Rect, clamp_selection, context_window, mask_is_empty, unsupported_color
+from engine.plugin import geometry
+from engine.plugin.geometry import Rect
+from engine.plugin.wording import ResultLayer
+
+from .job import Pixels
 
 DockWidget = krita.DockWidget
 Extension = krita.Extension
 SETTINGS_GROUP = "blended_diffusion"
+SUPPORTED = ("RGBA", "U8")  # Krita's colour model and depth ids for 8-bit RGB with alpha
 
 
 class UserError(Exception):
@@ -55,23 +59,29 @@ def active_window_docker(docker_id: str):
     return next((d for d in window.dockers() if d.objectName() == docker_id), None)
 
 
+def unsupported_color(model: str, depth: str, what: str) -> str | None:
+    """Why `what` cannot be edited, or None for 8-bit RGBA (the only layout the engine reads)."""
+    if (model, depth) == SUPPORTED:
+        return None
+    return (
+        f"{what} is {model}/{depth}: Blended Diffusion edits 8-bit RGB images only. Convert it "
+        "with Image > Convert Image Color Space (RGB/Alpha, 8-bit integer/channel), or work on "
+        "an 8-bit RGB copy."
+    )
+
+
 @dataclass
 class Export:
     """The pixels of one Generate and where they came from, to put the result back."""
 
     document: object  # krita.Document
     source: object  # krita.Node: the paint layer that was read
-    window: Rect  # image coordinates of the pixels sent
-    image: bytes  # BGRA8
-    mask: bytes  # Y8
-
-    def request(self, prompt: str, settings: dict) -> Request:
-        w = self.window
-        return Request(prompt, settings, self.image, self.mask, w.width, w.height, w.x, w.y)
+    pixels: Pixels
 
 
-def export_active() -> Export:
-    """The active paint layer and the document's selection, around the selection."""
+def export_active(max_side: int = geometry.MAX_SIDE) -> Export:
+    """The active paint layer and the document's selection, around the selection, in a window
+    of at most `max_side` (the engine's limit) a side."""
     doc = host().activeDocument()
     if doc is None:
         raise UserError("Open an image first.")
@@ -90,16 +100,20 @@ def export_active() -> Export:
     if selection is None:
         raise UserError("Select the region to edit first (no selection).")
     bounds = Rect(selection.x(), selection.y(), selection.width(), selection.height())
-    bounds = clamp_selection(bounds, doc.width(), doc.height())
-    if bounds.empty:
+    canvas = (doc.width(), doc.height())
+    bounds = geometry.selection_in_source(bounds, (0, 0), canvas)
+    if bounds is None:
         raise UserError("The selection is empty or outside the canvas: select a region to edit.")
+    try:
+        window = geometry.context_window(bounds, canvas, max_side=max_side)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     doc.waitForDone()  # strokes still being applied would be half in the pixels read
-    window = context_window(bounds, doc.width(), doc.height())
     area = (window.x, window.y, window.width, window.height)
     mask = bytes(selection.pixelData(*area))
-    if mask_is_empty(mask):
+    if geometry.is_blank(mask):
         raise UserError("The selection is empty: select a region to edit.")
-    return Export(doc, node, window, bytes(node.pixelData(*area)), mask)
+    return Export(doc, node, Pixels(window, bytes(node.pixelData(*area)), mask))
 
 
 def add_results(export: Export, group_name: str, layers: list[ResultLayer]) -> str:
@@ -109,9 +123,11 @@ def add_results(export: Export, group_name: str, layers: list[ResultLayer]) -> s
         raise UserError("the image was closed while the engine worked")
     group = doc.createGroupLayer(group_name)
     nodes = []
+    from engine.client import rgba_to_bgra  # Krita's pixelData is B, G, R, A
+
     for spec in layers:
         node = doc.createNode(spec.name, "paintlayer")
-        node.setPixelData(spec.bgra, spec.x, spec.y, spec.width, spec.height)
+        node.setPixelData(rgba_to_bgra(spec.rgba), spec.x, spec.y, spec.width, spec.height)
         node.setVisible(spec.visible)
         nodes.append(node)
     group.setChildNodes(nodes[::-1])  # bottom first: the best ends on top

@@ -4,9 +4,11 @@
 
 The docker calls `start()`, then `tick()` from a Qt timer every ~20 ms until `active` is False.
 Krita is not thread-safe and the client polls without blocking, so everything runs on Krita's
-GUI thread except the one call that can block: `submit` waits up to the client's timeout for an
-engine that is not there. It runs in a short-lived thread that touches only the client's socket
-(handed back to the GUI thread by `join`), so a dead engine never freezes Krita.
+GUI thread except the calls that can block: `hello` and `submit` wait up to the client's
+timeout for an engine that is not there. They run in a short-lived thread that touches only the
+client's socket (handed back to the GUI thread by `join`), so a dead engine never freezes Krita.
+`Probe` asks an engine's state (model, device, step times) the same way, before any Generate.
+Settings, geometry and wording are the shared core's (engine/plugin), as in the GIMP plug-in.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from engine.plugin import estimate, settings, wording
+from engine.plugin.geometry import Rect
+from engine.plugin.wording import ResultLayer
 
 IDLE, SUBMITTING, RUNNING, DONE, FAILED, CANCELLED = (
     "idle",
@@ -25,35 +31,17 @@ IDLE, SUBMITTING, RUNNING, DONE, FAILED, CANCELLED = (
     "cancelled",
 )
 ACTIVE = (SUBMITTING, RUNNING)
-TIMEOUT = 5.0  # seconds a blocking client call may take: the dead-engine message comes by then
-INTERVAL_MS = 20  # the docker's polling timer (what krita-ai-diffusion uses)
+TIMEOUT = settings.TIMEOUT
+INTERVAL_MS = round(settings.POLL_SECONDS * 1000)
 
 
 @dataclass
-class Request:
-    """What one Generate sends: a window of the layer, in Krita's BGRA order, and its mask."""
+class Pixels:
+    """What one Generate reads: a window of the canvas, in Krita's BGRA order, and its mask."""
 
-    prompt: str
-    settings: dict[str, Any]
+    window: Rect  # image coordinates: results are placed relative to it
     image: bytes  # BGRA8, rows of width * 4 bytes
     mask: bytes  # Y8, one byte a pixel: 0 keep, 255 edit
-    width: int
-    height: int
-    x: int = 0  # where the window sits in the image: results are placed relative to it
-    y: int = 0
-
-
-@dataclass
-class ResultLayer:
-    """A paint layer to add, in image coordinates, pixels already in Krita's BGRA order."""
-
-    name: str
-    x: int
-    y: int
-    width: int
-    height: int
-    bgra: bytes
-    visible: bool
 
 
 @dataclass
@@ -74,55 +62,55 @@ def connect(endpoint: str):
     return client.connect(endpoint, timeout=TIMEOUT)  # with CURVE keys for a remote engine
 
 
-def group_name(prompt: str) -> str:
-    short = " ".join(prompt.split())
-    short = short if len(short) <= 40 else short[:39] + "…"
-    return f'Blended Diffusion: "{short}"'
+class Background:
+    """One blocking call in a thread of its own; `result()` on the GUI thread once it is done."""
+
+    def __init__(self, call: Callable[[], Any]) -> None:
+        self._outcome: tuple[Any, BaseException | None] = (None, None)
+        self._thread = threading.Thread(target=self._run, args=(call,), name="blended-diffusion")
+        self._thread.daemon = True  # never keeps Krita from quitting
+        self._thread.start()
+
+    def _run(self, call: Callable[[], Any]) -> None:
+        try:
+            self._outcome = (call(), None)
+        except Exception as e:
+            self._outcome = (None, e)
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> tuple[Any, BaseException | None]:
+        self._thread.join()
+        return self._outcome
 
 
-def result_layers(request: Request, job) -> list[ResultLayer]:
-    """One layer per variant, best first, named by the shared client; only the best visible."""
-    from engine.client import layer_name, rgba_to_bgra
+class Probe:
+    """The engine's `hello` for the connection line, asked without blocking the GUI."""
 
-    return [
-        ResultLayer(
-            layer_name(request.prompt, v, job.models),
-            request.x + v.x,
-            request.y + v.y,
-            v.width,
-            v.height,
-            rgba_to_bgra(v.rgba),
-            visible=(i == 0),
-        )
-        for i, v in enumerate(job.variants)
-    ]
+    def __init__(self, endpoint: str, connect: Callable[[str], Any] = connect) -> None:
+        self.endpoint = endpoint.strip()
 
+        def ask() -> dict[str, Any]:
+            client = connect(self.endpoint)
+            try:
+                return client.hello()
+            finally:
+                client.close()
 
-def describe(error: BaseException) -> str:
-    """A message for the docker: what went wrong and what to do."""
-    try:
-        from engine.client import EngineError, EngineUnreachable, Timeout, VersionMismatch
-    except ImportError:
-        EngineError = EngineUnreachable = Timeout = VersionMismatch = ()
-    if isinstance(error, ImportError):
-        return (
-            f"The engine client cannot load in Krita's Python ({error}). Reinstall the plug-in "
-            "with install.py: it adds pyzmq and the client to the plug-in's _lib folder."
-        )
-    if isinstance(error, EngineUnreachable):  # the client's message names the address
-        text = str(error)
-        return text[:1].upper() + text[1:] + "."
-    if isinstance(error, VersionMismatch):
-        return f"{error}. Update the plug-in or the engine so both speak the same protocol."
-    if isinstance(error, EngineError) and error.code == "timeout":
-        return f"Lost the engine: {error.message}. Is it still running?"
-    if isinstance(error, EngineError):
-        return f"The engine refused the edit ({error.code}): {error.message}"
-    if isinstance(error, Timeout):
-        return f"The engine stopped answering: {error}"
-    if isinstance(error, ValueError | FileNotFoundError):  # bad input; a remote's missing keys
-        return str(error)
-    return f"Unexpected error: {type(error).__name__}: {error}"
+        self._call = Background(ask)
+
+    @property
+    def done(self) -> bool:
+        return self._call.done
+
+    def result(self) -> tuple[dict[str, Any], str]:
+        """The engine's hello ({} when it did not answer) and the line to show."""
+        info, error = self._call.result()
+        if error is not None:
+            return {}, wording.describe(error)
+        return info, wording.connection(self.endpoint, info)
 
 
 class Controller:
@@ -138,10 +126,11 @@ class Controller:
         self.job = None  # the client's Job while one is submitted
         self._client = None
         self._endpoint = ""
-        self._request: Request | None = None
+        self._request: settings.Request | None = None
+        self._pixels: Pixels | None = None
         self._apply: Callable[[str, list[ResultLayer]], str] | None = None
-        self._thread: threading.Thread | None = None
-        self._submitted: tuple[Any, BaseException | None] = (None, None)
+        self._call: Background | None = None
+        self._clock = estimate.Clock(None)
         self._cancel = False
 
     @property
@@ -153,22 +142,22 @@ class Controller:
         return self.state in ACTIVE
 
     def start(
-        self, endpoint: str, request: Request, apply: Callable[[str, list[ResultLayer]], str]
+        self,
+        request: settings.Request,
+        pixels: Pixels,
+        apply: Callable[[str, list[ResultLayer]], str],
     ) -> None:
         """Submit `request`; `apply(group_name, layers)` adds the result and returns a summary."""
         if self.active:
             raise RuntimeError("a job is already running")
-        self._request, self._apply, self._cancel, self.job = request, apply, False, None
+        self._request, self._pixels, self._apply = request, pixels, apply
+        self._cancel, self.job = False, None
         try:
-            client = self._client_for(endpoint.strip())
+            client = self._client_for(request.endpoint)
         except (ImportError, ValueError) as e:
-            return self._finish(FAILED, describe(e))
-        self._update(SUBMITTING, f"Sending to {endpoint.strip()}…", step=0, total=0, error=False)
-        self._thread = threading.Thread(
-            target=self._submit, args=(client, request), name="blended-diffusion-submit"
-        )
-        self._thread.daemon = True  # never keeps Krita from quitting
-        self._thread.start()
+            return self._finish(FAILED, wording.describe(e))
+        self._update(SUBMITTING, f"Sending to {request.endpoint}…", step=0, total=0, error=False)
+        self._call = Background(lambda: self._submit(client, request, pixels))
 
     def cancel(self) -> None:
         if not self.active or self._cancel:
@@ -187,19 +176,12 @@ class Controller:
                 events = self._client.poll()
             except Exception as e:  # a broken socket or reply: fail the job, keep Krita alive
                 self._drop_client()
-                self._finish(FAILED, describe(e))
+                self._finish(FAILED, wording.describe(e))
                 return False
             for event in events:
                 if event.job is self.job:
                     self._on_event(event)
         return self.active
-
-    def close(self) -> None:
-        """Let go of the engine (the docker is going away)."""
-        if self.state == RUNNING and self.job is not None:
-            self._client.cancel(self.job)
-        if self._thread is None or not self._thread.is_alive():
-            self._drop_client()
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -214,59 +196,55 @@ class Controller:
             self._client.close()
         self._client = None
 
-    def _submit(self, client, request: Request) -> None:
+    @staticmethod
+    def _submit(client, request: settings.Request, pixels: Pixels):
         """In the submit thread: the only place that may wait on the engine."""
-        try:
-            if not client.info:
-                client.hello()
-            job = client.submit(
-                request.image,
-                request.width,
-                request.height,
-                request.mask,
-                request.prompt,
-                request.settings,
-                image_format="BGRA8",
-            )
-            self._submitted = (job, None)
-        except Exception as e:
-            self._submitted = (None, e)
+        if not client.info:
+            client.hello()
+        w = pixels.window
+        return client.submit(pixels.image, w.width, w.height, pixels.mask, request.prompt,
+                             request.settings, image_format="BGRA8")  # fmt: skip
 
     def _check_submitted(self) -> None:
-        if self._thread is None or self._thread.is_alive():
+        if self._call is None or not self._call.done:
             return
-        self._thread.join()
-        (job, error), self._submitted, self._thread = self._submitted, (None, None), None
+        (job, error), self._call = self._call.result(), None
         if error is not None:
             self._drop_client()  # a fresh socket next time: nothing stale queued in this one
             if self._cancel:
                 return self._finish(CANCELLED, "Cancelled.")
-            return self._finish(FAILED, describe(error))
+            return self._finish(FAILED, wording.describe(error))
         self.job = job
-        self.progress.models = self._client.info.get("models", "")
+        info = self._client.info
+        self.progress.models = wording.short_models(info.get("models", ""))
         if self._cancel:
             self._client.cancel(job)
-        where = f", {job.position} job(s) ahead" if job.position else ""
-        self._update(RUNNING, f"Running on {self.progress.models or 'the engine'}{where}…")
+        self._clock = estimate.Clock(estimate.before(info, self._request.settings))
+        left = estimate.duration(self._clock.estimate)
+        expected = f" ({left})" if left else ""
+        self._update(RUNNING, f"Running on {self.progress.models or 'the engine'}{expected}. "
+                     + wording.waiting(job.position))  # fmt: skip
 
     def _on_event(self, event) -> None:
         if event.type == "progress":
-            text = "Cancelling…" if self._cancel else f"Denoising: step {event.step}/{event.total}"
+            left = self._clock.left(event.step, event.total)
+            text = wording.progress(event.step, event.total, left)
+            text = "Cancelling…" if self._cancel else text
             self._update(RUNNING, text, step=event.step, total=event.total)
-        elif event.type == "cancelled":
+        elif event.type == "result" and self._cancel:  # crossed the cancel: nothing asked for
             self._finish(CANCELLED, "Cancelled.")
-        elif event.type == "error":
-            self._finish(FAILED, describe(event.error or self.job.error))
-        elif event.type == "result":
-            if self._cancel:  # the result crossed the cancel: the user asked for nothing
-                return self._finish(CANCELLED, "Cancelled.")
+        elif event.type in ("result", "error", "cancelled"):
+            problem = wording.outcome(self.job)
+            if problem is not None:
+                return self._finish(CANCELLED if self.job.state == "cancelled" else FAILED, problem)
             self._add_results()
 
     def _add_results(self) -> None:
         job, request = self.job, self._request
         try:
-            layers = result_layers(request, job)
-            summary = self._apply(group_name(request.prompt), layers)
+            origin = (self._pixels.window.x, self._pixels.window.y)
+            layers = wording.result_layers(request.prompt, job, origin)
+            summary = self._apply(wording.group_name(request.prompt), layers)
         except Exception as e:  # e.g. the image was closed meanwhile
             return self._finish(FAILED, f"The result could not be added: {e}")
         self.progress.seed = job.variants[0].seed

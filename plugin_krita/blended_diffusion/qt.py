@@ -28,6 +28,7 @@ if _binding() == "PyQt6":
     from PyQt6.QtGui import QAction, QKeySequence
     from PyQt6.QtWidgets import (
         QCheckBox,
+        QComboBox,
         QDoubleSpinBox,
         QFormLayout,
         QHBoxLayout,
@@ -48,6 +49,7 @@ else:
     from PyQt5.QtWidgets import (
         QAction,
         QCheckBox,
+        QComboBox,
         QDoubleSpinBox,
         QFormLayout,
         QHBoxLayout,
@@ -67,6 +69,7 @@ __all__ = [
     "QT_VERSION",
     "QAction",
     "QCheckBox",
+    "QComboBox",
     "QDoubleSpinBox",
     "QFormLayout",
     "QHBoxLayout",

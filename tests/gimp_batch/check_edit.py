@@ -5,7 +5,8 @@ Environment: BD_CASE (`edit`: a real edit, needs a running engine and, for the u
 GUI under Xvfb with a D-Bus session; `errors`: the failure paths; `cancel`: a long edit for the
 test to kill), BD_VERDICT (the JSON file),
 BD_ENDPOINT (a live engine), BD_DEAD_ENDPOINT (nothing listens), BD_PROMPT, BD_EXPORT (a PNG of
-the image with the best result showing), BD_EXPECT (`red`: the best result must be red).
+the image with the best result showing), BD_EXPECT (`red`: the best result must be red),
+BD_FIELDS (JSON: the plug-in's arguments for the edit, named as in the settings table).
 """
 
 import json
@@ -26,6 +27,7 @@ SOURCE = (10, 8, 64, 56)  # the edited layer: x, y (offsets), width, height
 ELLIPSE = (44, 26, 40, 30)  # reaches past the layer's right edge: results are clipped to it
 FEATHER = 8.0
 ENV = os.environ
+TYPED = {"preset": "custom", "variants": 2, "steps": 10, "strength": 80, "seed": 7}
 verdict = {"case": ENV.get("BD_CASE", "?"), "checks": [], "ok": False}
 
 
@@ -70,13 +72,13 @@ def make_image(base=Gimp.ImageBaseType.RGB):
     return image, source
 
 
-def call(image, drawable, **args):
-    """(status, message, seconds) of a non-interactive run of the plug-in."""
+def call(image, drawable, mode=Gimp.RunMode.NONINTERACTIVE, **args):
+    """(status, message, seconds) of a run of the plug-in (non-interactive: a script's)."""
     procedure = Gimp.get_pdb().lookup_procedure(PROCEDURE)
     if procedure is None:
         raise RuntimeError(f"{PROCEDURE} is not registered: the plug-in did not load")
     config = procedure.create_config()
-    config.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    config.set_property("run-mode", mode)
     config.set_property("image", image)
     config.set_core_object_array("drawables", [drawable])
     for name, value in args.items():
@@ -156,11 +158,10 @@ def case_edit():
     image, source = make_image()
     display = Gimp.Display.new(image) if ENV.get("BD_UNDO") == "dbus" else None
     before = snapshot(image, source)
-    steps, skip = int(ENV.get("BD_STEPS", "10")), int(ENV.get("BD_SKIP", "2"))
-    status, message, seconds = call(
-        image, source, prompt=prompt, variants=2, steps=steps, skip=skip, seed=7,
-        endpoint=ENV["BD_ENDPOINT"],
-    )  # fmt: skip
+    fields = json.loads(ENV.get("BD_FIELDS") or json.dumps(TYPED))
+    verdict["fields"] = fields
+    status, message, seconds = call(image, source, prompt=prompt, endpoint=ENV["BD_ENDPOINT"],
+                                    **fields)  # fmt: skip
     verdict["edit_seconds"] = round(seconds, 2)
     if not check("status success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}"):
         return
@@ -215,9 +216,8 @@ def check_fast_guidance(image, source, prompt):
     """The dialog's Fast guidance choice: a second edit with it adds its own two layers."""
     before = [la.get_id() for la in image.get_layers()]
     status, message, seconds = call(
-        image, source, prompt=prompt, variants=2, steps=10, skip=2, seed=7, fast_guidance=True,
-        endpoint=ENV["BD_ENDPOINT"],
-    )  # fmt: skip
+        image, source, prompt=prompt, **TYPED, fast_guidance=True, endpoint=ENV["BD_ENDPOINT"]
+    )
     verdict["fast_edit_seconds"] = round(seconds, 2)
     check("fast guidance: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
     added = [la for la in image.get_layers() if la.get_id() not in before]
@@ -226,10 +226,13 @@ def check_fast_guidance(image, source, prompt):
 
 def case_errors():
     dead, live = ENV["BD_DEAD_ENDPOINT"], ENV.get("BD_ENDPOINT", ENV["BD_DEAD_ENDPOINT"])
-    run = dict(prompt="a red circle", variants=2, steps=10, skip=2)
+    run = dict(prompt="a red circle", **TYPED)
     image, source = make_image()
     before = snapshot(image, source)
-    status, message, seconds = call(image, source, endpoint=dead, **run)
+    typed = {"prompt": "a blue square", "preset": "custom", "variants": 3, "steps": 12,
+             "strength": 60, "seed": 11, "fast_guidance": True,
+             "guidance_weight": 250.0}  # fmt: skip
+    status, message, seconds = call(image, source, endpoint=dead, **typed)
     verdict["dead_engine_seconds"] = round(seconds, 2)
     check("no engine: execution error", status == Gimp.PDBStatusType.EXECUTION_ERROR, status)
     check("no engine: says unreachable and where", "unreachable" in message and dead in message,
@@ -237,11 +240,21 @@ def case_errors():
     check("no engine: gives up within 15 s", seconds < 15, seconds)
     same_as(before, image, source, "no engine")
 
+    # The failed run's values are kept: what the dialog and "Repeat" start from next time.
+    with open(os.path.join(Gimp.directory(), "blended-diffusion-last-values.json")) as f:
+        kept = json.load(f)
+    verdict["kept_after_failure"] = kept
+    check("a failed run's values are kept", {k: kept[k] for k in typed} == typed
+          and kept["endpoint"] == dead, kept)  # fmt: skip
+    status, message, _ = call(image, source, Gimp.RunMode.WITH_LAST_VALS, endpoint=live, **run)
+    check("the next run with last values takes them (the failed run's engine address)",
+          "unreachable" in message and dead in message, message)  # fmt: skip
+
     status, message, _ = call(image, source, endpoint=live, **{**run, "prompt": "  "})
     check("no prompt: calling error", status == Gimp.PDBStatusType.CALLING_ERROR, status)
     check("no prompt: asks for one", "prompt" in message, message)
-    status, message, _ = call(image, source, endpoint=live, **{**run, "skip": 10})
-    check("skip >= steps: says so", "Skip" in message, message)
+    status, message, _ = call(image, source, endpoint=live, **{**run, "prompt": "a cat " * 90})
+    check("a prompt over the limit: says so", "the engine takes 500" in message, message)
     same_as(before, image, source, "bad arguments")
 
     Gimp.Selection.none(image)
@@ -269,8 +282,8 @@ def case_cancel():
     image, source = make_image()
     before = snapshot(image, source)
     status, message, seconds = call(
-        image, source, prompt="a red circle", variants=8, steps=1000, skip=0,
-        endpoint=ENV["BD_ENDPOINT"],
+        image, source, prompt="a red circle", preset="custom", variants=8, steps=1000,
+        strength=100, endpoint=ENV["BD_ENDPOINT"],
     )  # fmt: skip
     verdict["killed_after_seconds"], verdict["message"] = round(seconds, 2), message
     check("killed plug-in: the call fails", status != Gimp.PDBStatusType.SUCCESS, status)

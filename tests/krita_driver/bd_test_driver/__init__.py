@@ -24,6 +24,8 @@ except ImportError:
 
 W, H = 96, 64
 SOURCE_SHIFT = (-3, -2)  # the source layer is moved: results must still line up with the canvas
+# what the first Generate types unless the test says (names as in the settings table)
+TYPED = {"preset": "custom", "variants": 2, "steps": 10, "strength": 80, "seed": 7}
 SELECTION = (58, 14, 48, 34)  # reaches past the right edge: the plug-in must clamp it
 FEATHER = 3
 
@@ -87,18 +89,15 @@ class Driver:
         doc.setSelection(sel)
 
     def press_generate(self, docker, endpoint: str, prompt: str, **fields) -> None:
-        docker.prompt.setPlainText(prompt)
-        docker.endpoint.setText(endpoint)
-        docker.variants.setValue(fields.get("variants", 2))
-        docker.steps.setValue(fields.get("steps", 10))
-        docker.skip.setValue(fields.get("skip", 2))
-        docker.random_seed.setChecked(False)
-        docker.seed.setValue(fields.get("seed", 7))
+        """Type into the docker's fields (named as in the settings table), press Generate."""
+        docker.set_values({"prompt": prompt, "endpoint": endpoint, **(fields or TYPED)})
         docker.generate_button.click()
 
     # -- the scenario ------------------------------------------------------------------------
 
     def scenario(self):
+        from engine.plugin import settings  # from the plug-in's _lib, on sys.path once it loaded
+
         cfg, app = self.config, Krita.instance()
         area = (tuple(cfg.get("selection", SELECTION)), cfg.get("feather", FEATHER))
         yield 0.5
@@ -129,12 +128,26 @@ class Driver:
         tree_before = self.names(doc.rootNode())
         rows_before = self.history_rows()
 
+        # 0. Before any Generate: the docker shows what the engine runs and where.
+        docker.set_values({"endpoint": cfg["endpoint"]})
+        docker.check_engine()  # what pressing Enter in the Engine field does
+        yield from self.wait(lambda: bool(docker.info), 15)
+        line = docker.connection.text()
+        self.facts["connection_before_generate"] = line
+        self.facts["expected_before_first_edit"] = docker.expected.text()
+        self.check("before Generate: the engine's model shown", cfg["model_label"] in line, line)
+        self.check("before Generate: its device shown", "CPU" in line, line)
+        self.screenshot(docker, cfg, "before")
+
         # 1. A real job on the running engine, started with the docker's own button.
         started = time.monotonic()
         seen_steps: set[int] = set()
+        seen_texts: list[str] = []
 
         def finished() -> bool:
             seen_steps.add(docker.progress_bar.value())
+            if docker.status.text() not in seen_texts:
+                seen_texts.append(docker.status.text())
             return not docker.controller.active
 
         self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **cfg.get("fields", {}))
@@ -147,6 +160,9 @@ class Driver:
         self.check("the job succeeded", progress.state == "done", docker.status.text())
         self.check("no error shown", not progress.error, docker.status.text())
         self.check("the progress bar moved", len(seen_steps - {0}) >= 1, sorted(seen_steps))
+        self.facts["status_during_run"] = seen_texts[-4:]
+        self.check("during the run: time left shown", any(" left" in t for t in seen_texts),
+                   seen_texts)  # fmt: skip
         yield 0.2
         doc.waitForDone()
         active = doc.activeNode()
@@ -169,7 +185,7 @@ class Driver:
         self.check(
             "one Generate is one undo step", self.facts["undo_steps"] == 1, self.facts["undo_steps"]
         )
-        self.screenshot(docker, cfg)
+        self.screenshot(docker, cfg, "after")
         app.action("edit_undo").trigger()
         yield 0.5
         doc.waitForDone()
@@ -184,19 +200,36 @@ class Driver:
         doc.setActiveNode(source)  # redo activates the group again
         yield 0.1
 
-        # 1b. Fast guidance: the checkbox reaches the engine's settings and the edit completes.
-        docker.fast.setChecked(True)
-        self.check("fast guidance is sent", docker.settings().get("guidance_mode") == "fast")
+        # 1b. The engine measured the first run: the next one has an estimate before it starts.
+        yield from self.wait(lambda: "Expected: about" in docker.expected.text(), 15)
+        self.facts["expected_after_first_edit"] = docker.expected.text()
+        self.check("an estimate before the next run", "Expected: about" in docker.expected.text(),
+                   docker.expected.text())  # fmt: skip
+
+        # 1c. Fast guidance reaches the engine's settings; a second Generate pressed while the
+        # first runs is queued and runs after it.
+        fast = {"preset": "custom", "variants": 1, "steps": 10, "strength": 80, "seed": 7,
+                "fast_guidance": True}  # fmt: skip
+        docker.set_values(fast)
+        sent = settings.request(docker.values()).settings
+        self.check("fast guidance is sent", sent.get("guidance_mode") == "fast", sent)
         groups = len(doc.rootNode().childNodes())
-        self.press_generate(docker, cfg["endpoint"], cfg["prompt"])
-        done = yield from self.wait(lambda: not docker.controller.active, 120)
+        self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **fast)
+        yield 0.1
+        self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **fast)
+        queued = docker.status.text()
+        self.check("a second Generate is queued", "Queued" in queued, queued)
+        done = yield from self.wait(
+            lambda: not docker.controller.active and not docker._waiting, 180
+        )
         self.check(
-            "a fast-guidance Generate succeeds",
+            "both Generates succeed",
             done and docker.controller.progress.state == "done",
             docker.status.text(),
         )
-        self.check("it adds one group", len(doc.rootNode().childNodes()) == groups + 1)
-        docker.fast.setChecked(False)
+        added = len(doc.rootNode().childNodes()) - groups
+        self.check("they add one group each", added == 2, added)
+        docker.fields["fast_guidance"].setChecked(False)
         yield 0.2
         doc.setActiveNode(source)
         yield 0.1
@@ -234,7 +267,8 @@ class Driver:
         doc.setActiveNode(source)
         yield 0.2
         tree = self.names(doc.rootNode())
-        self.press_generate(docker, cfg["endpoint"], cfg["prompt"], variants=1, steps=1000, skip=0)
+        long_job = {"preset": "custom", "variants": 1, "steps": 1000, "strength": 100}
+        self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **long_job)
         yield from self.wait(
             lambda: docker.controller.progress.step >= 1 or not docker.controller.active, 60
         )
@@ -249,12 +283,12 @@ class Driver:
             "cancel adds nothing", self.names(doc.rootNode()) == tree, self.names(doc.rootNode())
         )
 
-        # 5. The engine refuses the edit (a prompt over its limit): its message, nothing added.
+        # 5. A prompt over the engine's limit (from its hello): said before sending, nothing added.
         self.press_generate(docker, cfg["endpoint"], "a red ball " * 60)
         done = yield from self.wait(lambda: not docker.controller.active, 30)
         text = docker.status.text()
-        self.check("engine error: shown", done and "refused" in text and "limit" in text, text)
-        self.check("engine error: nothing added", self.names(doc.rootNode()) == tree)
+        self.check("over the limit: shown", done and "the engine takes 500" in text, text)
+        self.check("over the limit: nothing added", self.names(doc.rootNode()) == tree)
 
         # 6. No engine at the endpoint: an error in the docker, within the client's timeout,
         # with Krita's GUI thread never blocked meanwhile.
@@ -297,9 +331,8 @@ class Driver:
             other.setModified(False)
 
     def results(self, doc, job, cfg: dict, tree_before: list[str]) -> None:
-        from blended_diffusion.job import group_name
-
-        from engine.client import layer_name
+        from engine.plugin import settings
+        from engine.plugin.wording import group_name, layer_name
 
         root = doc.rootNode().childNodes()
         names = [c.name() for c in root]
@@ -316,14 +349,11 @@ class Driver:
             return
         self.check("the group's name", group.name() == group_name(cfg["prompt"]), group.name())
         layers = group.childNodes()[::-1]  # childNodes is bottom first: best first now
-        expected = [layer_name(cfg["prompt"], v, job.models) for v in job.variants]
+        expected = [layer_name(cfg["prompt"], v.rank, v.distance, job.models) for v in job.variants]
+        variants = settings.effective(cfg.get("fields") or TYPED)["variants"]
+        self.check("one layer per variant", len(layers) == variants, (len(layers), variants))
         self.check(
-            "one layer per variant",
-            len(layers) == cfg.get("fields", {}).get("variants", 2),
-            len(layers),
-        )
-        self.check(
-            "layer names from engine.client.layer_name",
+            "layer names from the core's layer_name",
             [n.name() for n in layers] == expected,
             [n.name() for n in layers],
         )
@@ -358,11 +388,12 @@ class Driver:
             self.check(f"{node.name()}: its alpha is the selection's", differs == 0, differs)
             self.check(f"{node.name()}: has pixels", len(inside) > 0)
 
-    def screenshot(self, docker, cfg: dict) -> None:
+    def screenshot(self, docker, cfg: dict, when: str) -> None:
         out = cfg["out"]
-        docker.grab().save(os.path.join(out, "krita-docker.png"))
+        docker.grab().save(os.path.join(out, f"krita-docker-{when}.png"))
         window = Krita.instance().activeWindow().qwindow()
-        window.grab().save(os.path.join(out, "krita-window.png"))
+        window.grab().save(os.path.join(out, f"krita-window-{when}.png"))
+
 
 
 def run_scenario() -> None:

@@ -1,0 +1,155 @@
+"""What the artist reads, worded once for both hosts: errors, progress, the engine's state, and
+the names of the result layers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from engine.plugin import estimate
+from engine.plugin.settings import PAPER, PRESETS, PROMPT_SHOWN, skip_for
+
+CLIENT_MISSING = (
+    "The engine client cannot load in this program's Python ({error}): it needs pyzmq and the "
+    "shared client in the plug-in's _lib folder. Install the plug-in again with "
+    "`python install.py --plugins-only`."
+)
+
+
+def describe(error: BaseException) -> str:
+    """What went wrong and what to do, for any error an edit can end with."""
+    try:
+        from engine.client import EngineError, EngineUnreachable, Timeout, VersionMismatch
+    except ImportError:
+        EngineError = EngineUnreachable = Timeout = VersionMismatch = ()  # noqa: N806
+    if isinstance(error, ImportError):
+        return CLIENT_MISSING.format(error=error)
+    if isinstance(error, EngineUnreachable):  # the client's message names the address
+        return _sentence(str(error))
+    if isinstance(error, VersionMismatch):
+        return _sentence(f"{error}. Install the plug-in and the engine from the same version")
+    if isinstance(error, EngineError) and error.code == "timeout":
+        return _sentence(f"Lost the engine: {error.message}. Is it still running?")
+    if isinstance(error, EngineError):
+        return _sentence(f"The engine refused the edit ({error.code}): {error.message}")
+    if isinstance(error, Timeout):
+        return _sentence(f"The engine stopped answering: {error}")
+    if isinstance(error, ValueError | FileNotFoundError):  # bad input; a remote's missing keys
+        return _sentence(str(error))
+    return f"Unexpected error: {type(error).__name__}: {error}"
+
+
+def outcome(job: Any) -> str | None:
+    """Why a finished job brought nothing back (None: it has variants)."""
+    if job.error is not None:
+        return describe(job.error)
+    if job.state == "cancelled":
+        why = {"client": "", "keepalive": " (the plug-in stopped answering)"}
+        return f"Cancelled{why.get(job.cancel_reason, f' ({job.cancel_reason})')}."
+    if not job.variants:
+        return "The engine returned no result."
+    return None
+
+
+def _sentence(text: str) -> str:
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "?", "!")) else text + "."
+
+
+def shorten(prompt: str) -> str:
+    short = " ".join(prompt.split())
+    return short if len(short) <= PROMPT_SHOWN else short[: PROMPT_SHOWN - 1] + "…"
+
+
+def model_mark(models: str) -> str:
+    """A demonstration or random model is named wherever its results show."""
+    return " [demo model]" if "demo" in models else " [random model]" if "random" in models else ""
+
+
+def layer_name(prompt: str, rank: int, distance: float, models: str = "") -> str:
+    """A result layer: `"<prompt>" #rank (CLIP d=...)`, marked for a demo or random model."""
+    return f'"{shorten(prompt)}" #{rank} (CLIP d={distance:.3f}){model_mark(models)}'
+
+
+def group_name(prompt: str) -> str:
+    return f'Blended Diffusion: "{shorten(prompt)}"'
+
+
+@dataclass(frozen=True)
+class ResultLayer:
+    name: str
+    x: int  # image coordinates
+    y: int
+    width: int
+    height: int
+    rgba: bytes  # alpha = the selection, 0 outside it
+    visible: bool  # only the best variant is
+
+
+def result_layers(prompt: str, job: Any, origin: tuple[int, int]) -> list[ResultLayer]:
+    """One layer per variant of a finished job, best first; `origin`: the window's place in
+    the image (the variants' x, y are in the window)."""
+    return [
+        ResultLayer(
+            layer_name(prompt, v.rank, v.distance, job.models),
+            origin[0] + v.x,
+            origin[1] + v.y,
+            v.width,
+            v.height,
+            v.rgba,
+            visible=(i == 0),
+        )
+        for i, v in enumerate(job.variants)
+    ]
+
+
+def device_kind(device: str) -> str:
+    return "GPU" if device.startswith(("cuda", "mps", "xpu")) else "CPU"
+
+
+def short_models(models: str) -> str:
+    """The engine's models label up to its first aside: "demo shapes-world UNet"."""
+    return models.split(";")[0].split(" (")[0].strip() or "?"
+
+
+def connection(endpoint: str, info: Mapping[str, Any]) -> str:
+    """The engine's state in a short line: what it runs and where (the UI shows the whole
+    models label as a tooltip)."""
+    if not info:
+        return f"Engine: not connected ({endpoint})"
+    device = str(info.get("device", "?"))
+    kind = device_kind(device)
+    where = kind if device == kind.lower() else f"{kind} ({device})"
+    queue = info.get("queue", 0)
+    busy = f", {queue} job(s) queued" if queue else ""
+    return f"Engine: {short_models(str(info.get('models', '')))} on {where}{busy}"
+
+
+def before_run(info: Mapping[str, Any], settings: Mapping[str, Any], preset: str) -> str:
+    """The expected time of an edit, and the Paper preset's warning on a CPU engine."""
+    seconds = estimate.before(info, settings)
+    guided = settings["steps"] - settings.get("skip", 0)
+    work = f"{settings['variants']} variant(s) x {guided} steps"
+    text = f"Expected: {estimate.duration(seconds)} ({work})" if seconds is not None else (
+        f"{work}; the time is known after the engine's first edit"
+    )
+    if info and preset == PAPER and device_kind(str(info.get("device", ""))) == "CPU":
+        draft = PRESETS["draft"]
+        text += (
+            f". Paper on a CPU engine is slow (hours with the full-size model): Draft makes "
+            f"{draft['variants']} x {draft['steps'] - skip_for(draft['steps'], draft['strength'])}"
+            " steps"
+        )
+    return text + "."
+
+
+def progress(step: int, total: int, left: float | None) -> str:
+    more = f", {estimate.duration(left)} left" if left is not None else ""
+    return f"Denoising: step {step} of {total}{more}"
+
+
+def waiting(position: int) -> str:
+    if not position:
+        return "Starting…"
+    return f"Waiting: {position} job{'s' if position > 1 else ''} ahead…"

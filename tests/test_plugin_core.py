@@ -1,0 +1,320 @@
+"""The plug-ins' shared core (engine/plugin): the settings table and requests, the context window
+within the engine's limit, time estimates, wording; and the engine's measured step times."""
+
+from __future__ import annotations
+
+import ast
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from engine import protocol, region
+from engine.plugin import estimate, geometry, settings, wording
+from engine.plugin.geometry import Rect
+from engine.steptime import StepTimes
+
+ROOT = Path(__file__).resolve().parents[1]
+VALUES = settings.defaults() | {"prompt": "a red circle"}
+
+
+def test_core_imports_without_pyzmq_torch_or_numpy():
+    code = (
+        "import sys; sys.modules['zmq'] = None\n"  # any `import zmq` now fails
+        "import engine.plugin.settings, engine.plugin.geometry, engine.plugin.estimate\n"
+        "import engine.plugin.wording\n"
+        "heavy = {'torch', 'numpy', 'engine.client'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "engine" / "plugin").glob("*.py")), ids=str)
+def test_core_parses_as_python_310(path):
+    ast.parse(path.read_text(), feature_version=(3, 10))  # Krita 5.2 bundles Python 3.10
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def test_table_is_consistent_and_matches_the_engine():
+    limits = protocol.Limits()
+    for s in settings.TABLE:
+        assert s.low is None or s.low <= s.default <= s.high, s.name
+        assert settings.coerce(s, s.default) == s.default
+        if s.limit:
+            assert s.high == getattr(limits, s.limit), s.name  # the engine's own default limit
+    for name, preset in settings.PRESETS.items():
+        assert settings.matching_preset(preset) == name
+        for key, value in preset.items():
+            assert settings.coerce(settings.BY_NAME[key], value) == value, (name, key)
+
+
+def test_paper_preset_is_the_official_defaults():
+    paper = settings.request(VALUES | {"preset": "paper"}).settings
+    # the paper: 100 steps, 25 skipped (75 guided), 4 variants, full guidance at the model's weight
+    assert paper == {"variants": 4, "steps": 100, "skip": 25, "padding": 0.25,
+                     "guidance_mode": "full"}  # fmt: skip
+
+
+def test_draft_is_quicker_than_paper():
+    draft = settings.request(VALUES | {"preset": "draft"}).settings
+    work = {k: s["variants"] * (s["steps"] - s["skip"]) for k, s in (("draft", draft), ("paper",
+            settings.request(VALUES | {"preset": "paper"}).settings))}  # fmt: skip
+    assert work["draft"] < work["paper"] / 3
+
+
+def test_custom_takes_the_advanced_values_a_preset_overrides_them():
+    custom = VALUES | {"preset": "custom", "variants": 3, "steps": 40, "strength": 50,
+                       "fast_guidance": True, "guidance_weight": 200.0, "seed": 7}  # fmt: skip
+    assert settings.request(custom).settings == {
+        "variants": 3, "steps": 40, "skip": 20, "padding": 0.25, "guidance_mode": "fast",
+        "seed": 7, "guidance_weight": 200.0,
+    }  # fmt: skip
+    draft = settings.request(custom | {"preset": "draft"}).settings
+    assert draft["variants"] == settings.PRESETS["draft"]["variants"] and draft["seed"] == 7
+
+
+@hypothesis_settings(deadline=None)
+@given(steps=st.integers(1, 1000), strength=st.integers(1, 100))
+def test_strength_is_always_a_skip_the_engine_takes(steps, strength):
+    skip = settings.skip_for(steps, strength)
+    protocol.check_settings({"steps": steps, "skip": skip}, protocol.Limits())
+    assert 0 <= skip < steps
+    if strength == 100:
+        assert skip == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"prompt": "   "}, "Type a prompt first"),
+        ({"prompt": "x" * 501}, "the engine takes 500"),
+        ({"preset": "custom", "variants": 9}, "Variants must be 1 to 8"),
+        ({"preset": "custom", "strength": 0}, "Strength % must be 1 to 100"),
+        ({"seed": -2}, "Seed must be -1"),
+        ({"endpoint": "localhost"}, "must look like tcp://"),
+        ({"endpoint": "tcp://"}, "must look like tcp://"),
+    ],
+)
+def test_bad_values_say_what_to_fix(change, words):
+    with pytest.raises(ValueError, match=words):
+        settings.request(VALUES | change)
+
+
+def test_the_engines_hello_limits_tighten_the_table():
+    limits = {"max_variants": 2, "max_steps": 30, "max_prompt": 10, "max_side": 512}
+    tight = {s.name: s for s in settings.table(limits)}
+    assert tight["variants"].high == 2 and tight["steps"].high == 30
+    with pytest.raises(ValueError, match="Variants must be 1 to 2, not 4 .the engine's limit"):
+        settings.request(VALUES | {"preset": "custom", "variants": 4, "prompt": "a cat"}, limits)
+    with pytest.raises(ValueError, match="the engine takes 10"):
+        settings.request(VALUES | {"prompt": "a much longer prompt"}, limits)
+    assert {s.name: s.high for s in settings.table({"max_steps": "x"})}["steps"] == 1000
+
+
+@hypothesis_settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from([s.name for s in settings.TABLE]),
+                       st.one_of(st.text(max_size=8), st.integers(), st.floats(), st.booleans(),
+                                 st.none())))  # fmt: skip
+def test_stored_values_never_break_anything(stored):
+    loaded = settings.loads(settings.dumps({k: v for k, v in stored.items()}))
+    for name, value in loaded.items():
+        s = settings.BY_NAME[name]
+        assert s.low is None or s.low <= value <= s.high
+        assert not s.choices or value in dict(s.choices)
+    assert settings.loads("not json") == {} and settings.loads("[1]") == {}
+
+
+def test_preset_follower_keeps_preset_and_advanced_in_step():
+    ui = dict(VALUES)
+    writes = []
+
+    def write(values):
+        writes.append(values)
+        for key, value in values.items():
+            ui[key] = value
+            follower.advanced_changed() if key != "preset" else follower.preset_changed()
+
+    follower = settings.PresetFollower(lambda: dict(ui), write)
+    ui["preset"] = "paper"
+    follower.preset_changed()
+    assert {k: ui[k] for k in settings.PRESETS["paper"]} == settings.PRESETS["paper"]
+    ui["steps"] = 60
+    follower.advanced_changed()
+    assert ui["preset"] == "custom" and ui["steps"] == 60  # the edit stays
+    ui["steps"] = 100
+    follower.advanced_changed()
+    assert ui["preset"] == "paper"
+
+
+# -- geometry ---------------------------------------------------------------------------------
+
+
+def test_selection_is_clipped_to_the_source_in_its_coordinates():
+    layer_at, size = (10, 8), (64, 56)
+    assert geometry.selection_in_source(None, layer_at, size) is None
+    inside = geometry.selection_in_source(Rect(20, 18, 10, 10), layer_at, size)
+    assert inside == Rect(10, 10, 10, 10)
+    assert geometry.selection_in_source(Rect(60, 30, 40, 10), layer_at, size) == Rect(
+        50, 22, 14, 10
+    )
+    assert geometry.selection_in_source(Rect(0, 0, 10, 8), layer_at, size) is None  # beside it
+    assert geometry.selection_in_source(Rect(-5, -6, 10, 10), (0, 0), (64, 48)) == Rect(0, 0, 5, 4)
+
+
+def test_window_is_clipped_and_holds_the_context():
+    assert geometry.context_window(Rect(50, 22, 14, 10), (64, 56)) == Rect(28, 0, 36, 54)
+    # margin: 40 + 2 * 10 each side
+    assert geometry.context_window(Rect(1000, 800, 40, 20), (4000, 3000)) == Rect(
+        940, 740, 160, 140
+    )
+
+
+def test_window_capped_at_the_engines_limit_but_holding_the_selection():
+    sel = Rect(3000, 100, 1000, 50)
+    win = geometry.context_window(sel, (10000, 400), max_side=2048)
+    assert (win.width, win.height) == (2048, 400) and win.x == 3000 + 500 - 1024
+    edge = geometry.context_window(Rect(9300, 0, 600, 10), (10000, 400), max_side=1000)
+    assert edge.x + edge.width == 10000 and edge.width == 1000
+    with pytest.raises(ValueError, match="5000x10 pixels; the engine takes at most 4096"):
+        geometry.context_window(Rect(0, 0, 5000, 10), (6000, 6000))
+
+
+@hypothesis_settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.tuples(st.integers(1, 9000), st.integers(1, 9000)),
+    data=st.data(),
+    max_side=st.sampled_from([64, 1000, 4096]),
+)
+def test_window_always_fits_the_limit_and_holds_the_selection(size, data, max_side):
+    x = data.draw(st.integers(0, size[0] - 1))
+    y = data.draw(st.integers(0, size[1] - 1))
+    w = data.draw(st.integers(1, min(size[0] - x, max_side)))
+    h = data.draw(st.integers(1, min(size[1] - y, max_side)))
+    win = geometry.context_window(Rect(x, y, w, h), size, max_side=max_side)
+    assert win.width <= max_side and win.height <= max_side
+    assert win.x <= x and x + w <= win.x + win.width and win.y <= y and y + h <= win.y + win.height
+    assert win.x >= 0 and win.y >= 0 and win.x + win.width <= size[0]
+    assert win.y + win.height <= size[1]
+
+
+def test_window_changes_nothing_the_engine_sees():
+    """Under the limit, the engine's context box placed in the window is the one it places in
+    the whole source: the results are the same bytes, only fewer are sent."""
+    rnd = random.Random(5)
+    for _ in range(400):
+        width, height = rnd.randint(1, 300), rnd.randint(1, 300)
+        x, y = rnd.randrange(width), rnd.randrange(height)
+        w, h = rnd.randint(1, width - x), rnd.randint(1, height - y)
+        mask = np.zeros((height, width), np.uint8)
+        mask[y : y + h, x : x + w] = 255
+        mask[y + rnd.randrange(h), x + rnd.randrange(w)] = 0  # not always a full rectangle
+        if not mask.any():
+            continue
+        win = geometry.context_window(Rect(x, y, w, h), (width, height))  # a looser box
+        whole = region.context_box(mask, settings.PADDING)
+        part = mask[win.y : win.y + win.height, win.x : win.x + win.width]
+        inside = region.context_box(part, settings.PADDING)
+        assert (inside.x + win.x, inside.y + win.y, inside.w) == (whole.x, whole.y, whole.w)
+
+
+def test_place_and_blank():
+    assert geometry.place((10, 8), Rect(5, 6, 40, 40), 3, 4) == (18, 18)
+    assert geometry.place((-20, 0), Rect(0, 0, 9, 9), 2, 2) == (-18, 2)
+    assert geometry.is_blank(bytes(100)) and not geometry.is_blank(bytes(99) + b"\x01")
+
+
+# -- time -------------------------------------------------------------------------------------
+
+
+def test_estimate_from_the_engines_step_times():
+    info = {"step_seconds": {"full": {"1": 2.0, "4": 6.0}, "fast": {"2": 1.0}}}
+    paper = settings.request(VALUES | {"preset": "paper"}).settings
+    assert estimate.before(info, paper) == 6.0 * 75  # measured at this batch
+    assert estimate.step_seconds(info, "full", 2) == 4.0  # nearest batch (1), per variant
+    assert estimate.step_seconds(info, "fast", 4) == 2.0
+    assert estimate.before({}, paper) is None
+    assert estimate.before({"step_seconds": {}}, paper) is None
+
+
+def test_clock_uses_the_estimate_then_the_runs_own_pace():
+    now = [100.0]
+    clock = estimate.Clock(60.0, now=lambda: now[0])
+    now[0] += 10
+    assert clock.left(1, 20) == 50.0  # one step seen: the engine's estimate less the time spent
+    now[0] += 4
+    assert clock.left(3, 20) == 2.0 * 17  # 2 steps in 4 s
+    assert estimate.Clock(None).left(1, 5) is None
+
+
+def test_durations_read_well():
+    assert estimate.duration(None) == ""
+    assert estimate.duration(0.2) == "about 1 s" and estimate.duration(45) == "about 45 s"
+    assert estimate.duration(600) == "about 10 min"
+    assert estimate.duration(3 * 3600 + 600) == "about 3 h 10 min"
+
+
+def test_step_times_measured_after_the_first_step():
+    t = [0.0]
+    times = StepTimes(clock=lambda: t[0])
+    step = times.timer("full", 4)
+    for done, at in ((1, 30.0), (2, 32.0), (3, 34.5)):  # the first step holds the warm-up
+        t[0] = at
+        step(done)
+    assert times.to_json() == {"full": {"4": 2.25}}
+    assert StepTimes().to_json() == {}
+
+
+def test_the_engine_announces_its_step_times(start_engine):
+    from engine.client import Client
+
+    server = start_engine()
+    with Client(server.endpoint, timeout=5) as client:
+        assert client.hello()["step_seconds"] == {}
+        rgba = bytes(16 * 16 * 4)
+        mask = bytes(255 if 4 <= i % 16 < 10 else 0 for i in range(256))
+        fast = {"variants": 2, "steps": 4, "skip": 0, "guidance_mode": "fast"}
+        job = client.submit(rgba, 16, 16, mask, "a red ball", fast)
+        client.wait(job, timeout=120)
+        seconds = client.hello()["step_seconds"]
+    assert list(seconds) == ["fast"] and list(seconds["fast"]) == ["2"]
+    assert seconds["fast"]["2"] > 0
+
+
+# -- wording ----------------------------------------------------------------------------------
+
+
+def test_connection_line_names_model_and_device():
+    assert "not connected" in wording.connection("tcp://x", {})
+    demo = "demo shapes-world UNet (trained here on coloured shapes; not the paper's model); CLIP"
+    line = wording.connection("tcp://x", {"models": demo, "device": "cpu"})
+    assert line == "Engine: demo shapes-world UNet on CPU"
+    gpu = wording.connection("tcp://x", {"models": "adm256", "device": "cuda:0", "queue": 2})
+    assert gpu == "Engine: adm256 on GPU (cuda:0), 2 job(s) queued"
+
+
+def test_paper_on_a_cpu_warns_draft_does_not():
+    paper = settings.request(VALUES | {"preset": "paper"}).settings
+    draft = settings.request(VALUES | {"preset": "draft"}).settings
+    cpu = {"device": "cpu", "step_seconds": {"full": {"4": 40.0}}}
+    text = wording.before_run(cpu, paper, "paper")
+    assert "about 50 min" in text and "slow" in text and "Draft" in text
+    assert "slow" not in wording.before_run(cpu, draft, "draft")
+    assert "slow" not in wording.before_run({"device": "cuda"}, paper, "paper")
+    assert "first edit" in wording.before_run({"device": "cpu"}, draft, "draft")
+
+
+def test_layer_and_group_names_are_short_and_mark_demo_models():
+    assert wording.group_name("a red ball") == 'Blended Diffusion: "a red ball"'
+    long = wording.group_name("word " * 30)
+    assert len(long) < 70 and long.endswith('…"')
+    name = wording.layer_name("a red ball", 2, 0.51234, "demo UNet")
+    assert name == '"a red ball" #2 (CLIP d=0.512) [demo model]'
+    assert wording.layer_name("x", 1, 0.5, "tiny random").endswith("[random model]")
