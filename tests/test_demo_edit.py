@@ -67,9 +67,11 @@ def test_a_blue_square_is_blue(demo, picture):
 
 
 def test_without_guidance_neither_colour_comes_by_chance(demo, picture):
+    """The control: unguided, the world's six colours come at random, so at most one variant
+    of four shows the prompt's (ranking may still pick it); guided, the best one always does."""
     for prompt, colour in (("a red circle", "red"), ("a blue square", "blue")):
-        best = _edit(demo, picture, prompt, guidance_weight=0.0)[0]
-        assert _dominant(best) != colour
+        variants = _edit(demo, picture, prompt, guidance_weight=0.0)
+        assert sum(_dominant(v) == colour for v in variants) <= 1
 
 
 def test_fast_guidance_obeys_too(demo, picture):

@@ -82,7 +82,7 @@ def test_custom_takes_the_advanced_values_a_preset_overrides_them():
 
 
 @hypothesis_settings(deadline=None)
-@given(steps=st.integers(1, 1000), strength=st.integers(1, 100))
+@given(steps=st.integers(2, 1000), strength=st.integers(1, 100))
 def test_strength_is_always_a_skip_the_engine_takes(steps, strength):
     skip = settings.skip_for(steps, strength)
     protocol.check_settings({"steps": steps, "skip": skip}, protocol.Limits())

@@ -89,7 +89,7 @@ TABLE: tuple[Setting, ...] = (
         "Steps",
         "Denoising steps: more is slower and finer",
         100,
-        1,
+        2,
         1000,
         advanced=True,
         limit="max_steps",
