@@ -36,6 +36,10 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
     p.add_argument("--recompute", default=d.recompute, choices=RECOMPUTE, help="UNet activations")
     p.add_argument("--padding", type=float, default=d.padding, help="context around the selection")
+    p.add_argument("--grow", type=int, default=d.grow, help="grow the selection by N px (0: off)")
+    p.add_argument(
+        "--feather", type=int, default=d.feather, help="feather its edge by N px (0: off)"
+    )
 
 
 def _settings(args: argparse.Namespace):
