@@ -88,7 +88,7 @@ class Guide:
 
     @torch.no_grad()
     def rank_distance(self, masked: torch.Tensor, prompt: str) -> torch.Tensor:
-        """Per image: the distance used to rank results (resized, unaugmented, normalised)."""
+        """Per image: the distance used to rank results (to_clip, unaugmented, normalised)."""
         return spherical_distance(
             self.embed(to_clip(masked, self.clip.image_size)), self.text(prompt)
         )

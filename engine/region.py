@@ -94,10 +94,17 @@ def canvas_size(box: Box, native: int, factor: int) -> tuple[int, int]:
     """The model canvas (width, height) for `box`: its shape, about native x native pixels, sides
     multiples of the UNet's downsampling `factor`."""
     scale = native / math.sqrt(box.w * box.h)
-    return (
-        max(factor, round(box.w * scale / factor) * factor),
-        max(factor, round(box.h * scale / factor) * factor),
-    )
+    width = max(factor, round(box.w * scale / factor) * factor)
+    height = max(factor, round(box.h * scale / factor) * factor)
+    # a box too thin for one factor across (a picture a few pixels wide) loses its shape rather
+    # than the memory: never much more than the model's own pixel count
+    cap = native * native * 5 // 4
+    if width * height > cap:
+        if width > height:
+            width = max(factor, cap // height // factor * factor)
+        else:
+            height = max(factor, cap // width // factor * factor)
+    return width, height
 
 
 def shape_selection(mask: np.ndarray, grow: int = 0, feather: int = 0) -> np.ndarray:

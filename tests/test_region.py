@@ -96,6 +96,10 @@ def test_the_box_holds_the_selection_inside_the_picture_and_is_stable_in_itself(
     assert box.w >= min(MIN_CONTEXT, width) and box.h >= min(MIN_CONTEXT, height)
     assert box.w <= MAX_ASPECT * box.h or box.h == height
     assert box.h <= MAX_ASPECT * box.w or box.w == width
+    for native, factor in ((256, 32), (32, 4)):
+        width, height = region.canvas_size(box, native, factor)
+        assert width % factor == 0 and height % factor == 0
+        assert factor * factor <= width * height <= native * native * 5 // 4  # memory
     # a client may send only the box: the engine then finds the same box in it
     inner = Box(sel.x - box.x, sel.y - box.y, sel.w, sel.h)
     assert region.box_around(inner, box.w, box.h, padding) == Box(0, 0, box.w, box.h)
