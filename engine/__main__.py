@@ -42,6 +42,10 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
         "--batch", type=int, default=d.batch, help="variants through the models together"
     )
     p.add_argument("--padding", type=float, default=d.padding, help="context around the selection")
+    p.add_argument("--grow", type=int, default=d.grow, help="grow the selection by N px (0: off)")
+    p.add_argument(
+        "--feather", type=int, default=d.feather, help="feather its edge by N px (0: off)"
+    )
 
 
 def _settings(args: argparse.Namespace):

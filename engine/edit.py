@@ -21,6 +21,7 @@ from engine.sampler import blended_diffusion
 
 SAMPLERS = ("ddpm", "ddim")
 GUIDANCE_MODES = ("full", "fast")
+MAX_SHAPING = 1000  # the largest grow or feather, in pixels
 
 
 @dataclass
@@ -35,7 +36,9 @@ class EditSettings:
     sampler: str = "ddpm"
     guidance_mode: str = "full"
     guidance_every: int = 1  # guide one step in N: faster, further from the paper
-    padding: float = 0.25
+    padding: float = 0.25  # context on each side, as a fraction of the selection's size
+    grow: int = 0  # pixels the selection grows by before the edit
+    feather: int = 0  # pixels of feathering added to the (hard) selection's edge
     precision: str = "auto"  # engine/devices.py: what the device computes natively
     recompute: str = "auto"  # drop UNet activations and recompute them when memory is short
     # variants through the models together: 1 makes a variant's seed reproduce it alone, needs
@@ -59,6 +62,9 @@ class EditSettings:
             raise region.RegionError(f"guidance mode must be one of {GUIDANCE_MODES}")
         if self.batch < 1:
             raise region.RegionError("batch must be at least 1")
+        for name in ("grow", "feather"):
+            if not 0 <= getattr(self, name) <= MAX_SHAPING:
+                raise region.RegionError(f"{name} must be 0 to {MAX_SHAPING} pixels")
         if self.guidance_every < 1:
             raise region.RegionError("guidance_every must be at least 1")
         if self.precision not in devices.PRECISIONS:
@@ -123,6 +129,10 @@ def run_edit(
 ) -> list[Variant]:
     """Edit `image` (HxWx3|4 uint8) inside `mask` (HxW uint8, soft edges allowed).
 
+    The model edits every pixel the selection touches; each variant's layer carries the
+    selection's alpha (grown and feathered as the settings ask), so composited it gives
+    alpha x edit + (1 - alpha) x source. Transparent pixels reach the model over mid-grey.
+
     Variant i draws its noise and augmentations from seed + i alone: at batch 1 that seed,
     with variants 1, reproduces the variant's pixels. `on_step(done, total)` follows the
     denoising; `check()` is called before every UNet and CLIP image forward and between the
@@ -134,10 +144,12 @@ def run_edit(
     region.check_inputs(image, mask)
     check()
     seed = settings.seed if settings.seed is not None else random.randrange(2**31)
+    mask = region.shape_selection(mask, settings.grow, settings.feather)
     sel = region.selection_bounds(mask)
     box = region.context_box(mask, settings.padding)
-    size, dev = models.config.image_size, models.device
-    rgb, m = region.to_model(image, mask, box, size)
+    dev = models.device
+    canvas = region.canvas_size(box, models.config.image_size, models.downsampling)
+    rgb, m = region.to_model(image, mask, box, canvas)
     source = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().to(dev)
     mask_t = torch.from_numpy(m)[None, None].to(dev)
     seeds = [seed + i for i in range(settings.variants)]

@@ -28,8 +28,19 @@ def range_loss(x: torch.Tensor) -> torch.Tensor:
     return (x - x.clamp(-1, 1)).pow(2).mean(dim=(1, 2, 3))
 
 
+def to_clip(x: torch.Tensor, size: int) -> torch.Tensor:
+    """A canvas of any shape at CLIP's square input, undistorted: padded to a square with 0 (what
+    the masked input holds outside the selection), then resized by area averaging."""
+    h, w = x.shape[-2:]
+    if h != w:
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        x = F.pad(x, (left, side - w - left, top, side - h - top))
+    return F.adaptive_avg_pool2d(x, size)
+
+
 class Augment(nn.Module):
-    """Resize to CLIP's input, then `copies` copies: the first as is, the others warped.
+    """Bring to CLIP's input (to_clip), then `copies` copies: the first as is, the others warped.
 
     Gradients that survive random affine and perspective warps are not adversarial pixel noise.
     """
@@ -48,7 +59,7 @@ class Augment(nn.Module):
         """Copy-major: rows [i * n, (i + 1) * n) are copy i of the n images. With `streams`
         (CPU generators, one per image), image j's warps come from streams[j] alone, so they
         do not depend on the rest of the batch."""
-        x = F.adaptive_avg_pool2d(x, self.size)
+        x = to_clip(x, self.size)
         if self.copies == 1:
             return x
         if streams is None:
@@ -94,7 +105,7 @@ class Guide:
 
     @torch.no_grad()
     def rank_distance(self, masked: torch.Tensor, prompt: str) -> torch.Tensor:
-        """Per image: the distance used to rank results (resized, unaugmented, normalised)."""
+        """Per image: the distance used to rank results (to_clip, unaugmented, normalised)."""
         return spherical_distance(
-            self.embed(F.adaptive_avg_pool2d(masked, self.clip.image_size)), self.text(prompt)
+            self.embed(to_clip(masked, self.clip.image_size)), self.text(prompt)
         )

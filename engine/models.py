@@ -294,6 +294,11 @@ class Models:
     def label(self) -> str:
         return f"{self.unet_label}; CLIP: {self.clip.label}"
 
+    @property
+    def downsampling(self) -> int:
+        """The UNet's total downsampling: its canvas sides must be multiples of it."""
+        return 2 ** (len(self.unet.channel_mult) - 1)
+
     def diffusion(self, steps: int) -> SpacedDiffusion:
         if steps not in self._diffusions:
             self._diffusions[steps] = make_diffusion(self.config, steps, self.device)

@@ -21,9 +21,10 @@ PROTOCOL_VERSION = 1
 # Channels per pixel of each layout; rows are `stride` bytes apart, top row first.
 FORMATS = {"RGBA8": 4, "BGRA8": 4, "RGB8": 3, "Y8": 1}
 
-# Mirrors engine.edit's SAMPLERS and GUIDANCE_MODES (that module imports torch).
+# Mirrors engine.edit's SAMPLERS, GUIDANCE_MODES and MAX_SHAPING (that module imports torch).
 SAMPLERS = ("ddpm", "ddim")
 GUIDANCE_MODES = ("full", "fast")
+MAX_SHAPING = 1000
 
 REQUESTS = ("hello", "submit", "cancel", "status", "ping")
 MAX_FRAMES = 3  # a header and at most two pixel frames (a submit's image and mask)
@@ -278,6 +279,8 @@ def check_settings(settings: Any, limits: Limits) -> dict[str, Any]:
         "guidance_mode": lambda v, n: _choice(v, n, GUIDANCE_MODES),
         "guidance_every": lambda v, n: _int(v, n, 1, 100),
         "padding": lambda v, n: _number(v, n, 0, 4),
+        "grow": lambda v, n: _int(v, n, 0, MAX_SHAPING),
+        "feather": lambda v, n: _int(v, n, 0, MAX_SHAPING),
     }
     unknown = sorted(k for k in settings if k not in checks)
     if unknown:

@@ -1,19 +1,29 @@
-"""From a picture of any size to the model's square input and back.
+"""From a picture of any size to the model's canvas and back.
 
-A square context box around the selection (padded by a fraction of the selection's size, kept
-inside the image where it fits, edge-extended where it cannot) is resized to the model's size.
-The edited box is resized back and composited through the mask's own alpha, so every pixel the
-mask leaves at 0 keeps its exact bytes. Neither way materialises the box at image scale where it
-overhangs the image: the overhang is edge-extended at model scale, and only the selection's part
-of the result is resized back, so image-scale memory stays bounded by the image.
+A context box around the selection, shaped like it and always inside the picture, is scaled to a
+canvas of about the model's pixel count (ADM is convolutional: any sides that are multiples of its
+downsampling factor). The model edits under a hard mask (every canvas pixel the selection touches,
+as the official code's nearest-and-nonzero mask); the edit comes back at the box's scale and is
+composited through the selection's own alpha, once. Every pixel the selection leaves at 0 keeps its
+exact bytes.
+
+`box_around` is pure Python over rectangles (no numpy) so the plug-ins can compute the same box.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from kornia.filters import gaussian_blur2d
 from PIL import Image
+
+MIN_CONTEXT = 48  # image pixels per side: a tiny selection still gets surroundings
+MAX_ASPECT = 4  # a longer box gets more context across it: the model learned on squares
+BACKGROUND = 127.5  # what transparent pixels show the model: mid-grey, the model's 0
 
 
 class RegionError(ValueError):
@@ -52,63 +62,112 @@ def selection_bounds(mask: np.ndarray) -> Box:
     )
 
 
+def box_around(sel: Box, width: int, height: int, padding: float = 0.25) -> Box:
+    """The context box for selection bounds `sel` in a `width` x `height` picture.
+
+    The selection plus `padding` x its width (height) on the left and right (top and bottom), at
+    least MIN_CONTEXT a side, clamped to the picture, then widened across to at most MAX_ASPECT:1
+    where the picture allows; centred on the selection and shifted to lie inside the picture.
+    Depends only on `sel` and the picture's size, and computed again inside its own box it gives
+    that box: a client may send just the box.
+    """
+    w = min(max(sel.w + 2 * round(padding * sel.w), MIN_CONTEXT), width)
+    h = min(max(sel.h + 2 * round(padding * sel.h), MIN_CONTEXT), height)
+    if w > MAX_ASPECT * h:
+        h = min(math.ceil(w / MAX_ASPECT), height)
+    elif h > MAX_ASPECT * w:
+        w = min(math.ceil(h / MAX_ASPECT), width)
+
+    def place(start: int, length: int, side: int, limit: int) -> int:
+        return min(max(start + length // 2 - side // 2, 0), limit - side)
+
+    return Box(place(sel.x, sel.w, w, width), place(sel.y, sel.h, h, height), w, h)
+
+
 def context_box(mask: np.ndarray, padding: float = 0.25) -> Box:
-    """A square box around the selection with `padding` x its size of context on each side."""
-    sel = selection_bounds(mask)
+    """The context box around the mask's selection (box_around over the whole mask)."""
     height, width = mask.shape
-    side = max(sel.w, sel.h)
-    side = side + 2 * round(padding * side)
-
-    def place(start: int, length: int, limit: int) -> int:
-        lo = start + length // 2 - side // 2
-        if side >= limit:  # larger than the image: centre it, the overhang is edge-extended
-            return (limit - side) // 2
-        return min(max(lo, 0), limit - side)
-
-    return Box(place(sel.x, sel.w, width), place(sel.y, sel.h, height), side, side)
+    return box_around(selection_bounds(mask), width, height, padding)
 
 
-def _inside(box: Box, height: int, width: int) -> Box:
-    """The part of `box` inside a `width` x `height` image."""
-    x0, y0 = max(box.x, 0), max(box.y, 0)
-    return Box(x0, y0, min(box.x + box.w, width) - x0, min(box.y + box.h, height) - y0)
+def canvas_size(box: Box, native: int, factor: int) -> tuple[int, int]:
+    """The model canvas (width, height) for `box`: its shape, about native x native pixels, sides
+    multiples of the UNet's downsampling `factor`."""
+    scale = native / math.sqrt(box.w * box.h)
+    width = max(factor, round(box.w * scale / factor) * factor)
+    height = max(factor, round(box.h * scale / factor) * factor)
+    # a box too thin for one factor across (a picture a few pixels wide) loses its shape rather
+    # than the memory: never much more than the model's own pixel count
+    cap = native * native * 5 // 4
+    if width * height > cap:
+        if width > height:
+            width = max(factor, cap // height // factor * factor)
+        else:
+            height = max(factor, cap // width // factor * factor)
+    return width, height
+
+
+def shape_selection(mask: np.ndarray, grow: int = 0, feather: int = 0) -> np.ndarray:
+    """The selection grown by `grow` pixels, then feathered over about `feather` pixels on each
+    side of its edge (a Gaussian of sigma feather / 2). Meant for hard selections: a soft one is
+    taken as its at-least-half-selected part. Work stays in the selection's neighbourhood."""
+    if not grow and not feather:
+        return mask
+    hard = mask >= 128 if (mask >= 128).any() else mask > 0
+    sigma = feather / 2
+    k = 2 * math.ceil(3 * sigma) + 1  # the blur's kernel
+    sel, reach = selection_bounds(hard), grow + k // 2 + 1
+    height, width = mask.shape
+    x0, y0 = max(sel.x - reach, 0), max(sel.y - reach, 0)
+    x1, y1 = min(sel.x + sel.w + reach, width), min(sel.y + sel.h + reach, height)
+    m = torch.from_numpy(hard[y0:y1, x0:x1]).float()[None, None]
+    for i in range(grow):  # square and cross steps in turn: an octagon, close to a disc
+        if i % 2:
+            m = torch.maximum(
+                F.max_pool2d(m, (3, 1), 1, (1, 0)), F.max_pool2d(m, (1, 3), 1, (0, 1))
+            )
+        else:
+            m = F.max_pool2d(m, 3, 1, 1)
+    if feather:  # replicate: a selection touching the picture's edge stays whole there
+        m = gaussian_blur2d(m, (k, k), (sigma, sigma), border_type="replicate")
+    out = np.zeros_like(mask)
+    out[y0:y1, x0:x1] = (m[0, 0] * 255).round().clamp(0, 255).byte().numpy()
+    return out
 
 
 def to_model(
-    image: np.ndarray, mask: np.ndarray, box: Box, size: int
+    image: np.ndarray, mask: np.ndarray, box: Box, canvas: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The context box as the model sees it: RGB float in [-1, 1] (HxWx3), mask in [0, 1] (HxW).
-    Only the box's part inside the image is read; an overhang repeats the edge at model scale."""
-    part = _inside(box, *mask.shape)
-    scale = size / box.w
-    x0, y0 = round((part.x - box.x) * scale), round((part.y - box.y) * scale)
-    x1 = max(round((part.x + part.w - box.x) * scale), x0 + 1)
-    y1 = max(round((part.y + part.h - box.y) * scale), y0 + 1)
-    pad = ((y0, size - y1), (x0, size - x1))
+    """The context box on the model's canvas (width, height): RGB float in [-1, 1] (HxWx3), and
+    the hard mask (HxW, 1 wherever a selected pixel falls in the canvas pixel, else 0).
 
-    def model_scale(a: np.ndarray, resample: Image.Resampling) -> np.ndarray:
-        a = np.ascontiguousarray(a[part.y : part.y + part.h, part.x : part.x + part.w])
-        a = np.asarray(Image.fromarray(a).resize((x1 - x0, y1 - y0), resample), np.float32)
-        return np.pad(a, pad + ((0, 0),) * (a.ndim - 2), mode="edge")
-
-    rgb = model_scale(image[..., :3], Image.Resampling.LANCZOS)
-    m = model_scale(mask, Image.Resampling.BILINEAR)
-    return rgb / 127.5 - 1.0, m / 255.0
+    Transparent pixels show the model what lies under them, BACKGROUND: a neutral grey.
+    """
+    patch = image[box.y : box.y + box.h, box.x : box.x + box.w]
+    rgb = patch[..., :3].astype(np.float32)
+    if patch.shape[2] == 4:
+        a = patch[..., 3:].astype(np.float32) / 255.0
+        rgb = rgb * a + BACKGROUND * (1 - a)
+    rgb = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+    rgb = np.asarray(rgb.resize(canvas, Image.Resampling.LANCZOS), np.float32)
+    touched = torch.from_numpy(mask[box.y : box.y + box.h, box.x : box.x + box.w] > 0)
+    hard = F.adaptive_max_pool2d(touched.float()[None, None], canvas[::-1])[0, 0].numpy()
+    return rgb / 127.5 - 1.0, hard
 
 
 def from_model(result: np.ndarray, box: Box, sel: Box) -> np.ndarray:
-    """An edited model-size result (HxWx3 in [-1, 1]) back at image scale, cut to `sel` (uint8):
-    only `sel`'s part of the box is resampled, never the whole box."""
+    """An edited canvas (HxWx3 in [-1, 1]) back at image scale, cut to `sel` (uint8)."""
     rgb = np.clip((result + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    scale = rgb.shape[1] / box.w
-    x, y = (sel.x - box.x) * scale, (sel.y - box.y) * scale
-    source = (x, y, x + sel.w * scale, y + sel.h * scale)
+    # only the selection's part of the canvas is resampled: memory bounded by the selection
+    sx, sy = rgb.shape[1] / box.w, rgb.shape[0] / box.h
+    x, y = (sel.x - box.x) * sx, (sel.y - box.y) * sy
+    source = (x, y, x + sel.w * sx, y + sel.h * sy)
     resized = Image.fromarray(rgb).resize((sel.w, sel.h), Image.Resampling.LANCZOS, box=source)
     return np.asarray(resized)
 
 
 def layer_pixels(edited: np.ndarray, mask: np.ndarray, sel: Box) -> np.ndarray:
-    """RGBA for a new layer over `sel`: the edit, with the selection's own alpha."""
+    """RGBA for a new layer over `sel`: the edit, with the selection's own alpha (applied once)."""
     alpha = mask[sel.y : sel.y + sel.h, sel.x : sel.x + sel.w]
     rgba = np.concatenate([edited, alpha[..., None]], axis=2)
     rgba[alpha == 0, :3] = 0

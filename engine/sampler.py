@@ -6,7 +6,9 @@ All of the method's math is here. Per step t, from k = T - skip down to 0:
         with mix = x0_hat * sqrt(1 - abar_t) + x_t * (1 - sqrt(1 - abar_t))   (official input mix)
     x_fg = mean - var * dL/dx_t + sqrt(var) * z                    (CLIP-guided DDPM step)
     x_{t-1} = x_fg * m + q_sample(source, t) * (1 - m)             (the blend, noised to level t)
-result = x0_hat * m + source * (1 - m).
+result = x0_hat of the last step. The official code then pastes the source outside the mask in the
+model's canvas; the engine pastes at image scale instead, through the selection's own alpha
+(engine/region.py), so the edit is resampled from edited pixels up to the selection's edge.
 
 The official code runs the UNet twice per step (once for the mean, once again inside cond_fn for
 the gradient); the forward with grad already yields the mean, so the engine runs it once.
@@ -138,7 +140,8 @@ def blended_diffusion(
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Edit `source` (1x3xHxW in [-1, 1]) inside `mask` (1x1xHxW in [0, 1]): one variant per
-    generator. Returns the variants (Nx3xHxW), source pasted outside the mask.
+    generator. Returns the variants' last predictions x0_hat (Nx3xHxW): the caller pastes them
+    over the source.
     `guidance_every` N > 1 guides one step in N (a speed trade; the paper guides every step).
     `batch` variants go through the models together. With 1, each variant's pixels depend on
     its own generator alone (batched kernels round differently, and chaos amplifies it), so a
@@ -179,4 +182,4 @@ def blended_diffusion(
         x = blend(diffusion, x, source, mask, t, randn(generators, shape))
         if callback:
             callback(done, len(steps), x0)
-    return x0 * mask + source * (1 - mask)
+    return x0

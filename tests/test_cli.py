@@ -54,6 +54,25 @@ def test_edit_writes_ranked_full_size_results_and_sorted_scores(picture, tmp_pat
     assert "denoising" in done.stderr  # the progress bar
 
 
+def test_edit_grows_and_feathers_the_selection_and_keeps_the_rest(picture, tmp_path):
+    image, mask = picture
+    out = tmp_path / "out"
+    done = engine(
+        "edit", str(image), "--mask", str(mask), "--prompt", "a red circle", "--out", str(out),
+        "--model", "tiny", "--variants", "1", "--steps", "6", "--skip", "2", "--seed", "1",
+        "--grow", "3", "--feather", "4",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    source = np.asarray(Image.open(image)).astype(int)
+    result = np.asarray(Image.open(out / "rank-1.png")).astype(int)
+    changed = np.abs(result - source).sum(axis=2) > 0
+    assert changed[10:30, 30:60].mean() > 0.9
+    assert changed[10:30, 25:30].any() and changed[5:10, 30:60].any()  # grown and feathered
+    reach = np.ones_like(changed)
+    reach[10 - 3 - 7 : 30 + 3 + 7, 30 - 3 - 7 : 60 + 3 + 7] = False  # grow + 3 sigma
+    assert not changed[reach].any()
+
+
 def test_a_missing_file_fails_clearly(picture, tmp_path):
     _, mask = picture
     done = engine("edit", str(tmp_path / "nope.png"), "--mask", str(mask), "--prompt", "x",

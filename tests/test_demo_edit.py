@@ -78,6 +78,21 @@ def test_fast_guidance_obeys_too(demo, picture):
     assert _dominant(_edit(demo, picture, "a red circle", guidance_mode="fast")[0]) == "red"
 
 
+def test_a_red_circle_in_a_top_border_strip_is_red_and_inside_the_picture(demo):
+    """Background replacement: a strip along the picture's top edge. The model's canvas is the
+    strip and the picture below it, never the outside of the picture."""
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[...] = (110, 130, 110)
+    image[40:54, 10:24] = 255
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:16] = 255
+    best = run_edit(demo, image, mask, "a red circle", EditSettings(**SETTINGS))[0]
+    strip = composite(image, best.rgba, best.box)[:16].astype(int)
+    red = strip[..., 0] - np.maximum(strip[..., 1], strip[..., 2]) > 100
+    assert red.mean() >= 0.1  # a tenth of the strip turned red
+    assert red.sum(axis=1).argmax() > 0  # a whole disc, not one centred above the picture
+
+
 def test_outside_the_selection_nothing_changes(demo, picture):
     image, mask = picture
     for v in _edit(demo, picture, "a yellow triangle", variants=2):

@@ -170,7 +170,9 @@ def test_selection_is_clipped_to_the_source_in_its_coordinates():
 
 
 def test_window_is_clipped_and_holds_the_context():
-    assert geometry.context_window(Rect(50, 22, 14, 10), (64, 56)) == Rect(28, 0, 36, 54)
+    # a small selection: the engine's least context a side (region.MIN_CONTEXT)
+    assert geometry.MIN_CONTEXT == region.MIN_CONTEXT
+    assert geometry.context_window(Rect(50, 22, 14, 10), (64, 56)) == Rect(2, 0, 62, 56)
     # margin: 40 + 2 * 10 each side
     assert geometry.context_window(Rect(1000, 800, 40, 20), (4000, 3000)) == Rect(
         940, 740, 160, 140
@@ -222,7 +224,9 @@ def test_window_changes_nothing_the_engine_sees():
         whole = region.context_box(mask, settings.PADDING)
         part = mask[win.y : win.y + win.height, win.x : win.x + win.width]
         inside = region.context_box(part, settings.PADDING)
-        assert (inside.x + win.x, inside.y + win.y, inside.w) == (whole.x, whole.y, whole.w)
+        assert (inside.x + win.x, inside.y + win.y, inside.w, inside.h) == (
+            whole.x, whole.y, whole.w, whole.h
+        )
 
 
 def test_place_and_blank():

@@ -34,6 +34,13 @@ def test_submit_round_trip_keeps_pixels_and_fields():
     assert bytes(mask.data) == b"\xff" * 12
 
 
+def test_grow_and_feather_are_accepted_in_their_range():
+    settings = {"grow": 0, "feather": protocol.MAX_SHAPING}
+    assert decode_request(with_header(submit_frames(), settings=settings)).header["settings"] == (
+        settings
+    )
+
+
 def test_padded_rows_are_described_by_stride_and_unpacked():
     data = b"".join(bytes([y] * 3) + b"pad" for y in range(2))  # 1 RGB8 pixel + 3 padding bytes
     p = Pixels(1, 2, "RGB8", data, stride=6)
@@ -83,6 +90,12 @@ BAD = {
         with_header(submit_frames(), settings={"sampler": "euler"}),
         protocol.BAD_FIELD,
     ),
+    "negative grow": (with_header(submit_frames(), settings={"grow": -1}), protocol.BAD_FIELD),
+    "huge feather": (
+        with_header(submit_frames(), settings={"feather": 10**6}),
+        protocol.BAD_FIELD,
+    ),
+    "float feather": (with_header(submit_frames(), settings={"feather": 2.5}), protocol.BAD_FIELD),
     "unknown setting": (with_header(submit_frames(), settings={"stepz": 3}), protocol.BAD_FIELD),
     "settings list": (with_header(submit_frames(), settings=[1]), protocol.BAD_FIELD),
     "one frame": (submit_frames()[:2], protocol.BAD_MESSAGE),
@@ -146,9 +159,10 @@ def test_header_size_limit():
 
 
 def test_choices_mirror_the_engine():
-    from engine.edit import GUIDANCE_MODES, SAMPLERS
+    from engine.edit import GUIDANCE_MODES, MAX_SHAPING, SAMPLERS
 
     assert (protocol.SAMPLERS, protocol.GUIDANCE_MODES) == (SAMPLERS, GUIDANCE_MODES)
+    assert protocol.MAX_SHAPING == MAX_SHAPING
 
 
 @pytest.mark.parametrize(

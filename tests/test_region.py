@@ -1,9 +1,13 @@
-"""Regions: the context box, the crop, and compositing that keeps unselected bytes exact."""
+"""Regions: the context box, the model canvas, the hard mask, grow and feather, and compositing
+that keeps unselected bytes exact."""
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine import region
+from engine.region import MAX_ASPECT, MIN_CONTEXT, Box
 
 
 def _mask(h: int, w: int, box: tuple[int, int, int, int], value: int = 255) -> np.ndarray:
@@ -13,47 +17,173 @@ def _mask(h: int, w: int, box: tuple[int, int, int, int], value: int = 255) -> n
     return m
 
 
-def test_context_box_is_square_padded_and_inside_the_image():
-    m = _mask(300, 400, (100, 50, 40, 20))
-    box = region.context_box(m, padding=0.25)
-    assert box.w == box.h == 40 + 2 * 10
-    assert 0 <= box.x and box.x + box.w <= 400 and 0 <= box.y and box.y + box.h <= 300
-    sel = region.selection_bounds(m)
-    assert box.x <= sel.x and sel.x + sel.w <= box.x + box.w
-    assert box.y <= sel.y and sel.y + sel.h <= box.y + box.h
+def _inside(inner: Box, outer: Box) -> bool:
+    return (
+        outer.x <= inner.x
+        and inner.x + inner.w <= outer.x + outer.w
+        and outer.y <= inner.y
+        and inner.y + inner.h <= outer.y + outer.h
+    )
+
+
+def test_context_box_is_padded_per_side_and_shaped_like_the_selection():
+    box = region.context_box(_mask(300, 400, (100, 50, 80, 60)), padding=0.25)
+    assert (box.w, box.h) == (80 + 2 * 20, 60 + 2 * 15)
+    assert (box.x, box.y) == (100 - 20, 50 - 15)
+
+
+def test_a_tiny_selection_gets_a_minimum_context_or_the_whole_picture():
+    box = region.context_box(_mask(300, 400, (200, 100, 1, 1)))
+    assert (box.w, box.h) == (MIN_CONTEXT, MIN_CONTEXT)
+    assert _inside(Box(200, 100, 1, 1), box)
+    assert region.context_box(_mask(20, 30, (3, 4, 1, 1))) == Box(0, 0, 30, 20)
 
 
 def test_context_box_near_a_corner_is_shifted_inside():
-    box = region.context_box(_mask(100, 100, (0, 0, 10, 10)), padding=0.5)
-    assert (box.x, box.y, box.w) == (0, 0, 20)
+    box = region.context_box(_mask(100, 100, (0, 0, 40, 40)), padding=0.5)
+    assert box == Box(0, 0, 80, 80)
 
 
-def test_box_larger_than_the_image_is_edge_extended_at_model_scale():
-    image = np.zeros((4, 6, 3), np.uint8)
-    image[0] = 200  # the first row bright: the rows above the image repeat it
-    box = region.context_box(np.full((4, 6), 255, np.uint8), padding=0.25)
-    assert box.w == 6 + 2 * 2 and box.y < 0
-    rgb, m = region.to_model(image, np.full((4, 6), 255, np.uint8), box, 20)
-    assert rgb.shape == (20, 20, 3) and m.shape == (20, 20)
-    assert (rgb[0] == rgb[1]).all() and rgb[0, 10, 0] > 0.5  # overhang: the edge repeated
-    assert m.min() == 1.0
-
-
-def test_a_huge_padded_box_never_materialises_at_image_scale():
-    # padding 4 around a 1000 px selection: a 9000 px box (243 MB at image scale) is never built
+def test_a_huge_padding_never_materialises_more_than_the_image():
+    # padding 4 around a 1000 px selection: the box stays the picture, and nothing at image
+    # scale is built larger than a few copies of it
     import tracemalloc
 
     image = np.zeros((1000, 1000, 3), np.uint8)
     mask = np.full((1000, 1000), 255, np.uint8)
     box = region.context_box(mask, padding=4)
-    assert box.w == 9000
+    assert box == Box(0, 0, 1000, 1000)
     tracemalloc.start()
-    rgb, _ = region.to_model(image, mask, box, 64)
+    rgb, _ = region.to_model(image, mask, box, (64, 64))
     back = region.from_model(rgb, box, region.selection_bounds(mask))
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert back.shape == (1000, 1000, 3)
-    assert peak < 8 * image.nbytes  # a few copies of the image, never the box (243 MB)
+    assert peak < 8 * image.nbytes
+
+
+@pytest.mark.parametrize(
+    "name, sel",
+    [
+        ("sky: the top 40%", Box(0, 0, 1600, 400)),
+        ("side strip", Box(0, 0, 400, 1000)),
+        ("right strip", Box(1300, 0, 300, 1000)),
+        ("whole picture", Box(0, 0, 1600, 1000)),
+    ],
+)
+@pytest.mark.parametrize("native, factor", [(256, 32), (512, 64), (32, 4)])
+def test_border_and_long_selections_fill_the_canvas_in_their_own_shape(name, sel, native, factor):
+    box = region.box_around(sel, 1600, 1000)
+    assert _inside(box, Box(0, 0, 1600, 1000))
+    width, height = region.canvas_size(box, native, factor)
+    assert width % factor == 0 and height % factor == 0
+    assert 0.8 < width * height / native**2 < 1.25
+    # the canvas has the box's shape, which follows the selection's
+    assert abs(np.log((width / height) / (box.w / box.h))) < np.log(1.2)
+    assert (box.w > box.h) == (sel.w > sel.h)
+    mask = _mask(1000, 1600, (sel.x, sel.y, sel.w, sel.h))
+    _, hard = region.to_model(np.zeros((1000, 1600, 3), np.uint8), mask, box, (width, height))
+    assert hard.shape == (height, width)
+    assert hard.mean() >= 0.4, f"{name}: the selection has {hard.mean():.0%} of the canvas"
+
+
+def test_the_sky_of_a_landscape_gets_a_wide_canvas():
+    box = region.box_around(Box(0, 0, 1600, 400), 1600, 1000)
+    assert box == Box(0, 0, 1600, 600)  # padding below only: nothing above the picture
+    assert region.canvas_size(box, 256, 32) == (416, 160)
+
+
+pictures = st.tuples(st.integers(1, 400), st.integers(1, 400))
+
+
+@st.composite
+def selections(draw):
+    width, height = draw(pictures)
+    x, y = draw(st.integers(0, width - 1)), draw(st.integers(0, height - 1))
+    w, h = draw(st.integers(1, width - x)), draw(st.integers(1, height - y))
+    return Box(x, y, w, h), width, height, draw(st.floats(0, 4))
+
+
+@settings(max_examples=500, deadline=None, database=None)
+@given(selections())
+def test_the_box_holds_the_selection_inside_the_picture_and_is_stable_in_itself(case):
+    sel, width, height, padding = case
+    box = region.box_around(sel, width, height, padding)
+    assert _inside(box, Box(0, 0, width, height))  # nothing outside the picture, ever
+    assert _inside(sel, box)
+    assert box.w >= min(MIN_CONTEXT, width) and box.h >= min(MIN_CONTEXT, height)
+    assert box.w <= MAX_ASPECT * box.h or box.h == height
+    assert box.h <= MAX_ASPECT * box.w or box.w == width
+    for native, factor in ((256, 32), (32, 4)):
+        width, height = region.canvas_size(box, native, factor)
+        assert width % factor == 0 and height % factor == 0
+        assert factor * factor <= width * height <= native * native * 5 // 4  # memory
+    # a client may send only the box: the engine then finds the same box in it
+    inner = Box(sel.x - box.x, sel.y - box.y, sel.w, sel.h)
+    assert region.box_around(inner, box.w, box.h, padding) == Box(0, 0, box.w, box.h)
+
+
+def test_the_hard_mask_holds_every_canvas_pixel_the_selection_touches():
+    mask = np.zeros((300, 300), np.uint8)
+    mask[150, 20:280] = 1  # a 1 px line at the faintest alpha, 10x smaller on the canvas
+    mask[40:45, 100:103] = 90
+    box = region.context_box(mask)
+    canvas = region.canvas_size(box, 32, 4)
+    rgb, hard = region.to_model(np.zeros((300, 300, 3), np.uint8), mask, box, canvas)
+    assert set(np.unique(hard)) == {0.0, 1.0}
+    sx, sy = box.w / canvas[0], box.h / canvas[1]
+    for cy in range(canvas[1]):
+        for cx in range(canvas[0]):  # the image pixels under canvas pixel (cx, cy)
+            y0, y1 = box.y + int(cy * sy), box.y + int(np.ceil((cy + 1) * sy))
+            x0, x1 = box.x + int(cx * sx), box.x + int(np.ceil((cx + 1) * sx))
+            assert hard[cy, cx] == mask[y0:y1, x0:x1].any()
+
+
+def test_transparent_pixels_reach_the_model_as_neutral_grey():
+    image = np.zeros((60, 60, 4), np.uint8)
+    image[..., :3] = (0, 0, 0)  # Krita's hidden RGB under transparency
+    image[:, 30:, :3], image[:, 30:, 3] = (255, 0, 0), 255  # opaque red on the right
+    image[:, 20:30, 3] = 128  # half transparent black
+    rgb, _ = region.to_model(image, _mask(60, 60, (0, 0, 60, 60)), Box(0, 0, 60, 60), (60, 60))
+    assert np.allclose(rgb[:, :18], 0, atol=0.01)  # mid-grey is the model's 0
+    assert np.allclose(rgb[:, 22:28], -0.5, atol=0.02)  # half-way from grey to black
+    assert np.allclose(rgb[:, 33:], (1, -1, -1), atol=0.01)
+
+
+def test_grow_widens_a_hard_selection_by_its_pixels_and_nothing_more():
+    mask = _mask(100, 100, (40, 40, 20, 20))
+    grown = region.shape_selection(mask, grow=6)
+    assert set(np.unique(grown)) == {0, 255}
+    assert region.selection_bounds(grown) == Box(34, 34, 32, 32)
+    yy, xx = np.mgrid[:100, :100]
+    dx, dy = np.maximum(np.abs(xx - 49.5) - 10, 0), np.maximum(np.abs(yy - 49.5) - 10, 0)
+    dist = np.hypot(dx, dy)  # from the square's edge, in pixel centres
+    assert (grown[dist <= 5.5] == 255).all()  # close to a disc of radius 6 around the square
+    assert (grown[dist > 7.5] == 0).all()
+
+
+def test_feather_fades_the_edge_both_ways_and_keeps_the_rest():
+    mask = _mask(100, 120, (40, 0, 40, 50))  # touches the top border
+    soft = region.shape_selection(mask, feather=10)
+    row = soft[30].astype(int)
+    assert row[60] == 255 and 100 < row[40] < 160 and 100 < row[79] < 160  # half at the edge
+    assert (np.diff(row[20:60]) >= 0).all() and row[28] < 8 and row[52] > 247
+    assert (soft[:, :20] == 0).all() and (soft[70:] == 0).all()  # beyond the feather: untouched
+    assert soft[0, 60] == 255  # the picture's border is not an edge of the selection
+    assert (region.shape_selection(mask) == mask).all()  # off by default
+
+
+def test_composite_is_alpha_times_edit_plus_the_rest_source_for_every_alpha():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    mask = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    sel = region.selection_bounds(mask)
+    edit = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    out = region.composite(image, region.layer_pixels(edit, mask, sel), sel)
+    a = mask[..., None] / 255.0
+    expected = a * edit + (1 - a) * image
+    assert np.abs(out - expected).max() <= 1 / 2 + 1e-9  # rounding only: well within 1/255
+    assert (out[mask == 0] == image[mask == 0]).all()
 
 
 def test_composite_keeps_exact_bytes_where_alpha_is_zero_and_takes_the_edit_at_full_alpha():

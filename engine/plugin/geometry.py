@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from engine.plugin.settings import PADDING
 
 MAX_SIDE = 4096  # the engine's default limit; its `hello` says its own
+MIN_CONTEXT = 48  # engine/region.py's least context box side (tests check they agree)
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ def context_window(
             "--max-side)."
         )
     side = max(selection.width, selection.height)
-    margin = side + 2 * round(padding * side)
+    # the engine's box is at most this long a side, and holds the selection
+    margin = max(side + 2 * round(padding * side), MIN_CONTEXT)
     grown = Rect(selection.x - margin, selection.y - margin, selection.width + 2 * margin,
                  selection.height + 2 * margin)  # fmt: skip
     window = grown.intersect(Rect(0, 0, *size))
