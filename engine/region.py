@@ -144,11 +144,11 @@ def to_model(
     Transparent pixels show the model what lies under them, BACKGROUND: a neutral grey.
     """
     patch = image[box.y : box.y + box.h, box.x : box.x + box.w]
-    rgb = patch[..., :3].astype(np.float32)
     if patch.shape[2] == 4:
         a = patch[..., 3:].astype(np.float32) / 255.0
-        rgb = rgb * a + BACKGROUND * (1 - a)
-    rgb = Image.fromarray(np.clip(rgb + 0.5, 0, 255).astype(np.uint8))
+        rgb = patch[..., :3] * a + BACKGROUND * (1 - a)
+        patch = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    rgb = Image.fromarray(np.ascontiguousarray(patch[..., :3]))  # the only copy at image scale
     rgb = np.asarray(rgb.resize(canvas, Image.Resampling.LANCZOS), np.float32)
     touched = torch.from_numpy(mask[box.y : box.y + box.h, box.x : box.x + box.w] > 0)
     hard = F.adaptive_max_pool2d(touched.float()[None, None], canvas[::-1])[0, 0].numpy()

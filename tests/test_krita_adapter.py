@@ -230,12 +230,12 @@ def test_export_reads_the_window_around_the_clamped_selection(krita):
     export = document.export_active()
     pixels = export.pixels
     w = pixels.window
-    # the clamped selection (50, 10, 14, 20) and its context (20 + 2 * 5 each side)
-    assert w == Rect(20, 0, 44, 48)
+    # the clamped selection (50, 10, 14, 20) and the engine's least context (48) each side
+    assert w == Rect(2, 0, 62, 48)
     assert len(pixels.image) == w.width * w.height * 4 and len(pixels.mask) == w.width * w.height
-    assert pixels.image[:4] == bytes((20, 0, 100, 255))  # BGRA from image coordinates
+    assert pixels.image[:4] == bytes((2, 0, 100, 255))  # BGRA from image coordinates
     row = pixels.mask[10 * w.width : 11 * w.width]
-    assert row == bytes(30) + b"\xff" * 14
+    assert row == bytes(48) + b"\xff" * 14
 
 
 @pytest.mark.parametrize(

@@ -105,7 +105,8 @@ def result_layers(prompt: str, job: Any, origin: tuple[int, int]) -> list[Result
 
 
 def device_kind(device: str) -> str:
-    return "GPU" if device.startswith(("cuda", "mps", "xpu")) else "CPU"
+    """GPU or CPU, from the device the engine's hello names (torch's spelling: cpu, cuda:0...)."""
+    return "CPU" if device.split(":")[0] == "cpu" else "GPU"
 
 
 def short_models(models: str) -> str:
