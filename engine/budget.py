@@ -93,10 +93,9 @@ def advice(cost: Estimate, settings: EditSettings) -> str:
         "input": "the image size (send a smaller crop around the selection)",
         "image_scale": f"the selection's size or variants ({settings.variants})",
         "model_scale": f"variants ({settings.variants})",
-        "unet_activations": f"variants ({settings.variants}), or use guidance_mode fast",
-        "clip_copies": (
-            f"augmentations ({settings.augmentations}) or variants ({settings.variants})"
-        ),
+        # both grow with the variants that go through the models together (one by default)
+        "unet_activations": "the engine's batch, or use guidance_mode fast",
+        "clip_copies": f"augmentations ({settings.augmentations})",
     }[part]
 
 

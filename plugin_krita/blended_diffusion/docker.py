@@ -203,7 +203,9 @@ class BlendedDiffusionDocker(DockWidget):
     # -- the engine's state ------------------------------------------------------------------
 
     def check_engine(self) -> None:
-        """Ask the engine what it runs (in the background); the answer shows above the form."""
+        """Ask the engine what it runs (in the background); the answer shows above the form.
+        While a probe is out, a new one waits for it: `_probed` asks again if the endpoint
+        changed meanwhile (a dead address takes the client's whole timeout to fail)."""
         if self._probe is not None:
             return
         endpoint = self._endpoint()
@@ -219,8 +221,10 @@ class BlendedDiffusionDocker(DockWidget):
         return self.values()["endpoint"] or settings.DEFAULT_ENDPOINT
 
     def _probed(self) -> None:
-        self.info, line = self._probe.result()
-        self._probe = None
+        probe, self._probe = self._probe, None
+        if probe.endpoint != self._endpoint().strip():  # asked of an address no longer set
+            return self.check_engine()
+        self.info, line = probe.result()
         self.connection.setText(line)
         self.connection.setToolTip(f"{self.info.get('models', '')}\n{self._endpoint()}".strip())
         limited = settings.table(self.info.get("limits"))
