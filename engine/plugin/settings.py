@@ -176,7 +176,7 @@ def coerce(setting: Setting, raw: Any) -> Any:
             value = float(raw)
         else:
             value = str(raw)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite int
         return setting.default
     if setting.choices and value not in dict(setting.choices):
         return setting.default
