@@ -46,6 +46,24 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--feather", type=int, default=d.feather, help="feather its edge by N px (0: off)"
     )
+    p.add_argument(
+        "--refine",
+        action=argparse.BooleanOptionalAction,
+        default=d.refine,
+        help="a second pass at the selection's own resolution when it is larger than the model's",
+    )
+    p.add_argument(
+        "--refine-strength", type=float, default=d.refine_strength, help="its noise (0 to 1)"
+    )
+    p.add_argument(
+        "--refine-overlap", type=float, default=d.refine_overlap, help="tiles' overlap (0 to 0.75)"
+    )
+    p.add_argument(
+        "--refine-cap",
+        type=float,
+        default=d.refine_cap,
+        help="its largest side in model sides, e.g. 2 or 4 (default 0: the image's own scale)",
+    )
 
 
 def _settings(args: argparse.Namespace):
@@ -100,6 +118,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     bar = tqdm(total=settings.steps - settings.skip, desc="denoising", unit="step", file=sys.stderr)
 
     def on_step(done: int, total: int) -> None:
+        bar.total = total  # the refinement's steps join the count
         bar.update(done - bar.n)
 
     variants = run_edit(models, image, mask, args.prompt, settings, on_step)
@@ -156,7 +175,13 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
         bar = tqdm(
             total=settings.steps - settings.skip, desc="denoising", unit="step", file=sys.stderr
         )
-        client.wait(job, on_event=lambda e: e.type == "progress" and bar.update(e.step - bar.n))
+
+        def on_event(e) -> None:
+            if e.type == "progress":
+                bar.total = e.total
+                bar.update(e.step - bar.n)
+
+        client.wait(job, on_event=on_event)
         bar.close()
     variants = [
         Variant(
@@ -192,7 +217,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 # commands with parsers of their own: everything after the name is theirs
-PASSTHROUGH = {"demo-train": "engine.demo.train", "demo-ablation": "engine.demo.ablation"}
+PASSTHROUGH = {
+    "demo-train": "engine.demo.train",
+    "demo-ablation": "engine.demo.ablation",
+    "demo-sharpness": "engine.demo.sharpness",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--recompute", default="auto", choices=RECOMPUTE)
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timings")
+    p.add_argument("--refine", help="also time the refinement pass at these scales, e.g. 2,4")
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(run=cmd_bench)
 
     sub.add_parser("demo-train", help="train the demo world's CLIP or UNet")
     sub.add_parser("demo-ablation", help="the paper's claims measured in the demo world")
+    sub.add_parser("demo-sharpness", help="the refinement pass measured in the demo world")
 
     from engine import doctor  # light: imports torch only when it runs
 

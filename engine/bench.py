@@ -5,7 +5,9 @@ models are built with random weights in the named architecture: no weight files 
 the time of a step does not depend on the weights' values. The reference is the official code's
 step at batch 1 in fp32 (what it runs on a CPU); the engine runs with the settings given, at each
 batch size asked for, and its first batch is broken down into UNet forward, UNet backward,
-augmentations, CLIP and the rest.
+augmentations, CLIP and the rest. `--refine 2,4` also times a step of the refinement pass
+(engine/tiles.py: unguided, the UNet over tiles) on canvases 2x and 4x the model's side, and
+gives the pass's time relative to the base edit's.
 """
 
 from __future__ import annotations
@@ -22,12 +24,15 @@ from collections.abc import Callable
 import torch
 
 from engine import accel, devices
+from engine.edit import EditSettings
 from engine.guidance import Guide
 from engine.models import CONFIGS, build_unet, load_clip, make_diffusion
 from engine.reference import official_cond_fn, official_step
 from engine.sampler import blend, clip_loss_fn, guided_step, randn
+from engine.tiles import Tiled, starts
 
 SCHEDULE_STEPS, SKIP = 100, 25  # the official defaults: 75 denoising steps an edit
+REFINE_STEPS = EditSettings(steps=SCHEDULE_STEPS).refine_steps  # the pass's, at its defaults
 PROMPT = "a stone fountain"
 
 
@@ -133,6 +138,44 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     }
 
 
+def measure_refine(model: str, scale: int, steps: int, opts: dict) -> dict:
+    """Seconds per step of the refinement pass on a canvas `scale` x the model's side."""
+    dev = devices.resolve(opts["device"])
+    config = CONFIGS[model]
+    unet = build_unet(config, seed=0).requires_grad_(False).eval().to(dev)
+    accel.prepare(unet)
+    precision = devices.resolve_precision(opts["precision"], dev)
+    native, overlap = config.image_size, EditSettings.refine_overlap
+    unet = accel.in_precision(unet, dev, precision)
+    tiled = Tiled(unet, (native, native), overlap)
+    diffusion = make_diffusion(config, SCHEDULE_STEPS, dev)
+    side, g = native * scale, devices.generators([0], dev)
+    source = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(dev)
+    mask = torch.zeros(1, 1, side, side, device=dev)
+    mask[..., side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1
+    kwargs = {"y": torch.zeros(1, dtype=torch.long, device=dev)} if config.class_cond else {}
+    x = randn(g, source.shape[1:])
+    times = []
+    with torch.no_grad():
+        unet(x[..., :native, :native], torch.zeros(1, device=dev), **kwargs)  # warm-up: a tile
+        for i in range(steps):
+            t = torch.full((1,), REFINE_STEPS - 1 - i, device=dev, dtype=torch.long)
+
+            def step(t: torch.Tensor = t) -> torch.Tensor:
+                y, _ = guided_step(diffusion, tiled, x, t, None, randn(g, x.shape[1:]),
+                                   model_kwargs=kwargs or None)  # fmt: skip
+                return x.copy_(blend(diffusion, y, source, mask, t, randn(g, x.shape[1:])))
+
+            times.append(_timed(step, dev))
+    return {
+        "scale": scale,
+        "tiles": len(starts(side, native, overlap)) ** 2,
+        "step_s": sum(times) / len(times),
+        "peak_rss_mb": _peak_rss_mb(),
+        "precision": precision,
+    }
+
+
 def cpu_flags() -> list[str]:
     """What decides a CPU's precision and speed, from torch's own CPU detection (every OS)."""
     checks = {
@@ -182,6 +225,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     ]
     eng = runs[0]
     denoising = SCHEDULE_STEPS - SKIP
+    scales = [int(x) for x in str(args.refine).split(",")] if args.refine else []
+    refines = [_child("refine", args.model, x, args.steps, opts) for x in scales]
     return {
         "model": args.model,
         "weights": "random (timing only)",
@@ -215,6 +260,19 @@ def run_bench(args: argparse.Namespace) -> dict:
             }
             for b, r in zip(batches, runs, strict=True)
         ],
+        # per variant: the pass's steps against the base edit's (one variant, batch 1)
+        "refine_steps": REFINE_STEPS,
+        "refine_by_scale": [
+            {
+                "scale": r["scale"],
+                "tiles": r["tiles"],
+                "step_s": round(r["step_s"], 3),
+                "peak_rss_mb": round(r["peak_rss_mb"]),
+                "pass_s": round(r["step_s"] * REFINE_STEPS),
+                "vs_base_edit": round(r["step_s"] * REFINE_STEPS / (eng["step_s"] * denoising), 3),
+            }
+            for r in refines
+        ],
     }
 
 
@@ -240,9 +298,16 @@ def table(result: dict) -> str:
             "engine step: "
             + ", ".join(f"{k[:-2]} {v:.2f}s" for k, v in result["engine_breakdown"].items())
         )
+    for r in result["refine_by_scale"]:
+        lines.append(
+            f"refinement at {r['scale']}x ({r['tiles']} tiles): {r['step_s']:.2f} s/step, "
+            f"{result['refine_steps']} steps {r['pass_s']} s = {r['vs_base_edit']:.2f}x the base "
+            f"edit, peak {r['peak_rss_mb']} MB"
+        )
     return "\n".join(lines)
 
 
 if __name__ == "__main__":  # one measured part, in a process of its own
     part, model, batch, steps, opts = sys.argv[1:6]
-    print(json.dumps(measure(part, model, int(batch), int(steps), json.loads(opts))))
+    run = measure_refine if part == "refine" else lambda *a: measure(part, *a)
+    print(json.dumps(run(model, int(batch), int(steps), json.loads(opts))))

@@ -5,6 +5,8 @@ true when the box changes. The parts: the pixels at image scale (the image and m
 while it waits, the box's part inside the image, one result layer per variant), the batch at
 model scale, the UNet activations the guided backward keeps (accel's measured figure, or a tenth
 of it when recomputed) and CLIP's augmented copies with the activations their backward keeps.
+The refinement pass (engine/tiles.py) comes after them: its canvas's tensors for every variant and
+one tile's forward without grad (counted as a recomputed forward: a tenth of the activations).
 A refusal names the setting that costs the most.
 """
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine import accel, devices, region
-from engine.edit import EditSettings
+from engine.edit import EditSettings, refinement
 from engine.models import Models
 
 _GB = 2**30
@@ -74,6 +76,11 @@ def estimate(
         ):
             unet //= 10
     copies = batch * settings.augmentations
+    fine = refinement(models, box, region.canvas_size(box, size, models.downsampling), settings)
+    refine = 0
+    if fine:
+        tile = int(accel.activations_gb(models.config.arch, batch, precision) * _GB) // 10
+        refine = n * _STEP_TENSORS * 3 * fine[0] * fine[1] * 4 + tile
     clip_size = models.clip.image_size
     return Estimate(
         {
@@ -82,6 +89,7 @@ def estimate(
             "model_scale": n * _STEP_TENSORS * 3 * size * size * 4,
             "unet_activations": unet,
             "clip_copies": copies * (3 * clip_size * clip_size * 4 + _clip_copy_bytes(models)),
+            "refinement": refine,
         }
     )
 
@@ -96,6 +104,7 @@ def advice(cost: Estimate, settings: EditSettings) -> str:
         # both grow with the variants that go through the models together (one by default)
         "unet_activations": "the engine's batch, or use guidance_mode fast",
         "clip_copies": f"augmentations ({settings.augmentations})",
+        "refinement": "refine_cap (2 or 4 model sides), or turn refine off",
     }[part]
 
 

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine import accel, devices, region
+from engine import accel, devices, region, tiles
 from engine.guidance import Guide
 from engine.models import Models
-from engine.sampler import blended_diffusion
+from engine.sampler import StepCallback, blended_diffusion
 
 SAMPLERS = ("ddpm", "ddim")
 GUIDANCE_MODES = ("full", "fast")
 MAX_SHAPING = 1000  # the largest grow or feather, in pixels
+MAX_REFINE_CAP = 16  # the largest refinement canvas side, in model sides
 
 
 @dataclass
@@ -44,6 +45,18 @@ class EditSettings:
     # variants through the models together: 1 makes a variant's seed reproduce it alone, needs
     # one variant's memory and costs nothing on a CPU (a batch of 1 already fills its cores)
     batch: int = 1
+    # the refinement pass (engine/tiles.py) for a context box larger than the model's canvas:
+    # `refine_strength` of the schedule's noise levels denoised again at the box's resolution,
+    # its side capped at `refine_cap` x the model's (0: the image's own scale), over tiles
+    # sharing `refine_overlap` of their side (defaults measured in the demo world, README)
+    refine: bool = True
+    refine_strength: float = 0.3
+    refine_overlap: float = 0.25
+    refine_cap: float = 0.0
+
+    @property
+    def refine_steps(self) -> int:
+        return max(1, round(self.refine_strength * self.steps))
 
     def check(self) -> None:
         if not 1 <= self.variants <= 64:
@@ -71,6 +84,14 @@ class EditSettings:
             raise region.RegionError(f"precision must be one of {devices.PRECISIONS}")
         if self.recompute not in accel.RECOMPUTE:
             raise region.RegionError(f"recompute must be one of {accel.RECOMPUTE}")
+        if not 0 < self.refine_strength <= 1:
+            raise region.RegionError("refine_strength must be over 0 and at most 1")
+        if not 0 <= self.refine_overlap <= 0.75:
+            raise region.RegionError("refine_overlap must be 0 to 0.75 of a tile's side")
+        if self.refine_cap and not 1 <= self.refine_cap <= MAX_REFINE_CAP:
+            raise region.RegionError(
+                f"refine_cap must be 0 (the image's own scale) or 1 to {MAX_REFINE_CAP}"
+            )
 
 
 @dataclass
@@ -116,6 +137,16 @@ def _checked_forwards(models: Models, check: Callable[[], None]) -> Iterator[Non
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def refinement(
+    models: Models, box: region.Box, canvas: tuple[int, int], settings: EditSettings
+) -> tuple[int, int] | None:
+    """The refinement pass's canvas for the context `box` edited on `canvas`; None: no pass."""
+    if not settings.refine:
+        return None
+    native = models.config.image_size
+    return tiles.refine_canvas(box, canvas, native, models.downsampling, settings.refine_cap)
 
 
 def run_edit(
@@ -166,36 +197,55 @@ def run_edit(
     )
     default_weight = models.config.guidance_weight(settings.guidance_mode)
 
-    def step(done: int, total: int, x0: torch.Tensor) -> None:
-        if not torch.isfinite(x0).all():
-            raise _diverged(settings, default_weight, f"at step {done} of {total}")
-        if on_step:
-            on_step(done, total)
+    fine = refinement(models, box, canvas, settings)
+    base_steps = settings.steps - settings.skip
+    total = base_steps + (settings.refine_steps if fine else 0)
+
+    def progress(offset: int) -> StepCallback:  # the passes' steps counted as one run
+        def step(done: int, _: int, x0: torch.Tensor) -> None:
+            if not torch.isfinite(x0).all():
+                raise _diverged(settings, default_weight, f"at step {offset + done} of {total}")
+            if on_step:
+                on_step(offset + done, total)
+
+        return step
 
     check()
+    unet = accel.in_precision(models.unet, dev, precision)
+    diffusion, generators = models.diffusion(settings.steps), devices.generators(seeds, dev)
+    sampler = dict(sampler=settings.sampler, class_cond=models.config.class_cond, batch=batch)
     with (
         _checked_forwards(models, check),
         devices.autocast(dev, devices.clip_precision(precision, dev)),
         accel.recompute(models.unet, recompute),
     ):
         out = blended_diffusion(
-            accel.in_precision(models.unet, dev, precision),
-            models.diffusion(settings.steps),
+            unet,
+            diffusion,
             guide,
             source,
             mask_t,
             prompt,
-            devices.generators(seeds, dev),
+            generators,
             skip=settings.skip,
             clip_weight=clip_weight,
             range_weight=settings.range_weight,
-            sampler=settings.sampler,
             guidance_mode=settings.guidance_mode,
             guidance_every=settings.guidance_every,
-            class_cond=models.config.class_cond,
-            batch=batch,
-            callback=step,
+            callback=progress(0),
+            **sampler,
         )
+        if fine:
+            check()
+            rgb, m = region.to_model(image, mask, box, fine)
+            source = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().to(dev)
+            mask_t = torch.from_numpy(m)[None, None].to(dev)
+            native = models.config.image_size
+            out = tiles.refine(
+                unet, diffusion, guide, source, mask_t, out, prompt, generators,
+                steps=settings.refine_steps, tile=(native, native),
+                overlap=settings.refine_overlap, callback=progress(base_steps), **sampler,
+            )  # fmt: skip
     out = out.float()
     if not torch.isfinite(out).all():
         raise _diverged(settings, default_weight, "in the result")

@@ -21,10 +21,12 @@ PROTOCOL_VERSION = 1
 # Channels per pixel of each layout; rows are `stride` bytes apart, top row first.
 FORMATS = {"RGBA8": 4, "BGRA8": 4, "RGB8": 3, "Y8": 1}
 
-# Mirrors engine.edit's SAMPLERS, GUIDANCE_MODES and MAX_SHAPING (that module imports torch).
+# Mirrors engine.edit's SAMPLERS, GUIDANCE_MODES, MAX_SHAPING and MAX_REFINE_CAP (that module
+# imports torch).
 SAMPLERS = ("ddpm", "ddim")
 GUIDANCE_MODES = ("full", "fast")
 MAX_SHAPING = 1000
+MAX_REFINE_CAP = 16
 
 REQUESTS = ("hello", "submit", "cancel", "status", "ping")
 MAX_FRAMES = 3  # a header and at most two pixel frames (a submit's image and mask)
@@ -214,6 +216,19 @@ def _number(value: Any, name: str, lo: float, hi: float) -> float:
     return float(value)
 
 
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ProtocolError(BAD_FIELD, f"{name} must be true or false, got {value!r:.40}")
+    return value
+
+
+def _refine_cap(value: Any, name: str) -> float:
+    cap = _number(value, name, 0, MAX_REFINE_CAP)
+    if 0 < cap < 1:
+        raise ProtocolError(BAD_FIELD, f"{name} must be 0 (the image's own scale) or at least 1")
+    return cap
+
+
 def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices or not isinstance(value, str):
         raise ProtocolError(BAD_FIELD, f"{name} must be one of {', '.join(choices)}")
@@ -281,6 +296,10 @@ def check_settings(settings: Any, limits: Limits) -> dict[str, Any]:
         "padding": lambda v, n: _number(v, n, 0, 4),
         "grow": lambda v, n: _int(v, n, 0, MAX_SHAPING),
         "feather": lambda v, n: _int(v, n, 0, MAX_SHAPING),
+        "refine": _flag,
+        "refine_strength": lambda v, n: _number(v, n, 0.01, 1),
+        "refine_overlap": lambda v, n: _number(v, n, 0, 0.75),
+        "refine_cap": _refine_cap,
     }
     unknown = sorted(k for k in settings if k not in checks)
     if unknown:

@@ -138,6 +138,7 @@ def blended_diffusion(
     class_cond: bool = False,
     batch: int = 1,
     callback: StepCallback | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Edit `source` (1x3xHxW in [-1, 1]) inside `mask` (1x1xHxW in [0, 1]): one variant per
     generator. Returns the variants' last predictions x0_hat (Nx3xHxW): the caller pastes them
@@ -145,7 +146,10 @@ def blended_diffusion(
     `guidance_every` N > 1 guides one step in N (a speed trade; the paper guides every step).
     `batch` variants go through the models together. With 1, each variant's pixels depend on
     its own generator alone (batched kernels round differently, and chaos amplifies it), so a
-    variant's seed reproduces it in a run of its own; larger batches may pay on a GPU."""
+    variant's seed reproduces it in a run of its own; larger batches may pay on a GPU.
+    `start` (Nx3xHxW) is what the first step noises, the source by default (the refinement pass,
+    engine/tiles.py, starts from the enlarged edit). With both weights 0 no step is guided: the
+    UNet runs without grad."""
     n, shape = len(generators), source.shape[1:]
     source = source.expand(n, *shape)
     chunks = [slice(i, i + batch) for i in range(0, n, batch)]
@@ -160,7 +164,7 @@ def blended_diffusion(
     ]
     steps = list(range(diffusion.num_timesteps - skip))[::-1]
     full = torch.full((n,), steps[0], device=source.device, dtype=torch.long)
-    x = diffusion.q_sample(source, full, noise=randn(generators, shape))
+    x = diffusion.q_sample(source if start is None else start, full, noise=randn(generators, shape))
     x0 = source
     for done, step in enumerate(steps, 1):
         t = torch.full((n,), step, device=source.device, dtype=torch.long)
@@ -168,7 +172,7 @@ def blended_diffusion(
         if class_cond:  # the official code draws a random ImageNet class at every step
             y = [torch.randint(NUM_CLASSES, (1,), generator=g, device=g.device) for g in generators]
             y = torch.cat(y)
-        guided = (done - 1) % guidance_every == 0
+        guided = (done - 1) % guidance_every == 0 and bool(clip_weight or range_weight)
         noise = randn(generators, shape)
         parts = [
             guided_step(

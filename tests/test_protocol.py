@@ -159,10 +159,10 @@ def test_header_size_limit():
 
 
 def test_choices_mirror_the_engine():
-    from engine.edit import GUIDANCE_MODES, MAX_SHAPING, SAMPLERS
+    from engine.edit import GUIDANCE_MODES, MAX_REFINE_CAP, MAX_SHAPING, SAMPLERS
 
     assert (protocol.SAMPLERS, protocol.GUIDANCE_MODES) == (SAMPLERS, GUIDANCE_MODES)
-    assert protocol.MAX_SHAPING == MAX_SHAPING
+    assert (protocol.MAX_SHAPING, protocol.MAX_REFINE_CAP) == (MAX_SHAPING, MAX_REFINE_CAP)
 
 
 @pytest.mark.parametrize(

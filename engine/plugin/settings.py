@@ -112,6 +112,14 @@ TABLE: tuple[Setting, ...] = (
         special="model default",
         advanced=True,
     ),
+    Setting(
+        "refine",
+        "Refine large selections",
+        "A selection larger than the model's canvas (256 px for ADM 256) is edited at the model's "
+        "size, then refined at its own resolution over tiles: sharper, and slower",
+        True,
+        advanced=True,  # no preset decides it: it trades time for detail at any quality
+    ),
     Setting("endpoint", "Engine", "Where the engine listens (`python -m engine serve`)",
             DEFAULT_ENDPOINT),  # fmt: skip
 )
@@ -239,6 +247,8 @@ def request(values: Mapping[str, Any], limits: Mapping[str, Any] | None = None) 
         settings["seed"] = int(v["seed"])
     if v["guidance_weight"] >= 0:
         settings["guidance_weight"] = float(v["guidance_weight"])
+    if not v["refine"]:  # on is the engine's default
+        settings["refine"] = False
     return Request(prompt, endpoint, settings)
 
 

@@ -1,0 +1,144 @@
+"""The refinement pass (engine/tiles.py): tiling, fusion, the edit's invariants with it (tiny)."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine import budget, region
+from engine.edit import EditSettings, refinement, run_edit
+from engine.models import load_models
+from engine.tiles import Tiled, ramp, refine_canvas, starts
+
+FAST = dict(steps=8, skip=2, variants=1, augmentations=2, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_models("tiny", device="cpu")
+
+
+@pytest.mark.parametrize("length", [32, 33, 57, 100, 192, 1000])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75])
+def test_tiles_cover_the_canvas_and_overlap_as_asked(length, overlap):
+    tile = 32
+    s = starts(length, tile, overlap)
+    assert s[0] == 0 and s[-1] + tile == max(length, tile)
+    gaps = np.diff(s)
+    assert (gaps > 0).all() and (tile - gaps >= int(overlap * tile)).all()
+    assert ramp(tile, overlap).min() > 0 and ramp(tile, overlap).max() == 1
+
+
+def _tiled(fn, overlap=0.25, tile=(32, 32)):
+    calls = []
+
+    def unet(x, t):
+        calls.append(tuple(x.shape[-2:]))
+        return fn(x, len(calls))
+
+    return Tiled(unet, tile, overlap), calls
+
+
+def test_a_constant_prediction_fuses_to_the_same_constant():
+    tiled, calls = _tiled(lambda x, _: torch.full((x.shape[0], 6, *x.shape[-2:]), 0.3))
+    out = tiled(torch.zeros(2, 3, 96, 160), torch.zeros(2))
+    assert out.shape == (2, 6, 96, 160)
+    torch.testing.assert_close(out, torch.full_like(out, 0.3))
+    assert set(calls) == {(32, 32)} and len(calls) == len(starts(96, 32, 0.25)) * len(
+        starts(160, 32, 0.25)
+    )
+
+
+def test_fusion_is_seam_free_where_tiles_disagree():
+    """Each tile predicts its own constant (a tile's bias): the fused canvas changes by at most
+    the spread over the overlap per pixel, nowhere in one jump. Equal weights would jump."""
+    biases = torch.rand(100, generator=torch.Generator().manual_seed(0))
+    tiled, _ = _tiled(lambda x, k: biases[k].expand(x.shape[0], 1, *x.shape[-2:]).clone())
+    out = tiled(torch.zeros(1, 3, 96, 160), torch.zeros(1))[0, 0]
+    spread = float(biases.max() - biases.min())
+    step = max(out.diff(dim=0).abs().max(), out.diff(dim=1).abs().max())
+    assert step <= 2 * spread / (0.25 * 32)
+
+
+def test_identity_fuses_to_identity_and_one_tile_runs_as_is():
+    tiled, calls = _tiled(lambda x, _: x)
+    x = torch.randn(1, 3, 64, 80)
+    torch.testing.assert_close(tiled(x, torch.zeros(1)), x)
+    small = torch.randn(1, 3, 32, 24)
+    calls.clear()
+    assert tiled(small, torch.zeros(1)) is not None and calls == [(32, 24)]
+
+
+def test_refine_canvas_caps_and_skips_small_gains():
+    box = region.Box(0, 0, 400, 200)
+    assert refine_canvas(box, (48, 24), 32, 4, 0) == (400, 200)
+    w, h = refine_canvas(box, (48, 24), 32, 4, 2)
+    assert w * h == pytest.approx(64 * 64, rel=0.15) and w / h == pytest.approx(2, rel=0.1)
+    assert refine_canvas(region.Box(0, 0, 40, 40), (32, 32), 32, 4, 0) is None  # 1.25x: no pass
+
+
+def _picture(size=96, sel=(24, 72)):
+    g = np.random.default_rng(0)
+    image = g.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), np.uint8)
+    mask[sel[0] : sel[1], sel[0] : sel[1]] = 255
+    return image, mask
+
+
+def test_the_pass_runs_for_a_large_selection_counts_its_steps_and_keeps_outside_bytes(tiny):
+    image, mask = _picture()
+    settings = EditSettings(**FAST, feather=6)
+    shaped = region.shape_selection(mask, 0, 6)
+    box = region.context_box(shaped)
+    assert refinement(tiny, box, region.canvas_size(box, 32, tiny.downsampling), settings)
+    steps = []
+    (v,) = run_edit(tiny, image, mask, "x", settings, lambda d, n: steps.append((d, n)))
+    total = FAST["steps"] - FAST["skip"] + settings.refine_steps
+    assert steps == [(d, total) for d in range(1, total + 1)]
+    out = region.composite(image, v.rgba, v.box)
+    sel = region.selection_bounds(shaped)
+    assert (v.box, v.rgba[..., 3].tolist()) == (sel, shaped[sel.y : sel.y + sel.h,
+            sel.x : sel.x + sel.w].tolist())  # fmt: skip  # the feathered alpha, exactly
+    assert (out[shaped == 0] == image[shaped == 0]).all()
+    off = run_edit(tiny, image, mask, "x", EditSettings(**FAST, feather=6, refine=False))[0]
+    assert not np.array_equal(v.rgba, off.rgba)  # the pass changed the edit
+
+
+class Cancelled(Exception):
+    pass
+
+
+def test_cancel_stops_inside_the_pass_before_the_next_tile(tiny):
+    image, mask = _picture()
+    base = FAST["steps"] - FAST["skip"]
+    seen = {"steps": 0, "forwards_after": 0, "cancelled": False}
+
+    def on_step(done, total):
+        seen["steps"] = done
+        seen["cancelled"] = done > base  # the artist cancels during the pass's first step
+
+    def check():
+        if seen["cancelled"]:
+            raise Cancelled
+        if seen["steps"] > base:
+            seen["forwards_after"] += 1
+
+    with pytest.raises(Cancelled):
+        run_edit(tiny, image, mask, "x", EditSettings(**FAST), on_step, check)
+    assert seen["steps"] == base + 1 and seen["forwards_after"] == 0
+
+
+def test_the_budget_counts_the_pass_and_names_it(tiny):
+    image, mask = _picture(1024, (100, 900))
+    on = budget.estimate(tiny, image.shape, mask, EditSettings())
+    off = budget.estimate(tiny, image.shape, mask, EditSettings(refine=False))
+    capped = budget.estimate(tiny, image.shape, mask, EditSettings(refine_cap=2))
+    assert off.parts["refinement"] == 0 < capped.parts["refinement"] < on.parts["refinement"]
+    assert "refine" in budget.advice(on, EditSettings())
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(refine_strength=0), dict(refine_overlap=0.8), dict(refine_cap=0.5)]
+)
+def test_refine_settings_out_of_range_are_refused(bad):
+    with pytest.raises(region.RegionError, match="refine"):
+        EditSettings(**bad).check()
