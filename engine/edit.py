@@ -139,6 +139,15 @@ def _checked_forwards(models: Models, check: Callable[[], None]) -> Iterator[Non
             hook.remove()
 
 
+def _on_canvas(
+    image: np.ndarray, mask: np.ndarray, box: region.Box, canvas: tuple[int, int], dev
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context box on a canvas as the sampler takes it: source 1x3xHxW, hard mask 1x1xHxW."""
+    rgb, m = region.to_model(image, mask, box, canvas)
+    source = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().to(dev)
+    return source, torch.from_numpy(m)[None, None].to(dev)
+
+
 def refinement(
     models: Models, box: region.Box, canvas: tuple[int, int], settings: EditSettings
 ) -> tuple[int, int] | None:
@@ -180,9 +189,7 @@ def run_edit(
     box = region.context_box(mask, settings.padding)
     dev = models.device
     canvas = region.canvas_size(box, models.config.image_size, models.downsampling)
-    rgb, m = region.to_model(image, mask, box, canvas)
-    source = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().to(dev)
-    mask_t = torch.from_numpy(m)[None, None].to(dev)
+    source, mask_t = _on_canvas(image, mask, box, canvas, dev)
     seeds = [seed + i for i in range(settings.variants)]
     guide = Guide(models.clip, settings.augmentations)
     precision = devices.resolve_precision(settings.precision, dev)
@@ -237,9 +244,7 @@ def run_edit(
         )
         if fine:
             check()
-            rgb, m = region.to_model(image, mask, box, fine)
-            source = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().to(dev)
-            mask_t = torch.from_numpy(m)[None, None].to(dev)
+            source, mask_t = _on_canvas(image, mask, box, fine, dev)
             native = models.config.image_size
             out = tiles.refine(
                 unet, diffusion, guide, source, mask_t, out, prompt, generators,

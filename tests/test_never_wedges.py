@@ -332,7 +332,8 @@ weights = st.sampled_from([0, 1e-6, 1, 50, 1000, 1e6]) | st.floats(0, 1e6)
 
 @st.composite
 def requests(draw):
-    width, height = draw(st.integers(1, 40)), draw(st.integers(1, 40))
+    # up to 40 px, or 64 px: over 1.5x the tiny model's side, where the refinement pass runs
+    width, height = (draw(st.integers(1, 40) | st.just(64)) for _ in range(2))
     steps = draw(st.sampled_from([2, 3, 1000]))
     settings = {
         "variants": draw(st.integers(1, 8)),
@@ -346,6 +347,12 @@ def requests(draw):
         "guidance_mode": draw(st.sampled_from(protocol.GUIDANCE_MODES)),
         "guidance_every": draw(st.integers(1, 100)),
         "padding": draw(st.sampled_from([0, 4]) | st.floats(0, 4)),
+        "refine": draw(st.booleans()),
+        # at most 3 of the pass's steps, as for the base edit's
+        "refine_strength": draw(st.sampled_from([0.01, min(1, 3 / steps)])
+                                | st.floats(0.01, min(1, 3 / steps))),  # fmt: skip
+        "refine_overlap": draw(st.sampled_from([0, 0.75]) | st.floats(0, 0.75)),
+        "refine_cap": draw(st.sampled_from([0, 1, 16]) | st.floats(1, 16)),
     }
     kind = draw(st.sampled_from(["pixel", "soft", "full", "box"]))
     mask = np.zeros((height, width), np.uint8)
