@@ -152,6 +152,7 @@ def run_edit(
     rgb, m = region.to_model(image, mask, box, canvas)
     source = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().to(dev)
     mask_t = torch.from_numpy(m)[None, None].to(dev)
+    seen = torch.from_numpy(region.seen_on_canvas(mask, box, canvas))[None, None].to(dev)
     seeds = [seed + i for i in range(settings.variants)]
     guide = Guide(models.clip, settings.augmentations)
     precision = devices.resolve_precision(settings.precision, dev)
@@ -195,13 +196,15 @@ def run_edit(
             class_cond=models.config.class_cond,
             batch=batch,
             callback=step,
+            seen=seen,
         )
     out = out.float()
     if not torch.isfinite(out).all():
         raise _diverged(settings, default_weight, "in the result")
     out = out.clamp(-1, 1)
     dists = []
-    for one in out * mask_t:  # one variant at a time, so a cancel is seen during ranking
+    # ranked by what the artist will see; one variant at a time, so a cancel is seen in ranking
+    for one in out * seen:
         check()
         dists += guide.rank_distance(one[None], prompt).tolist()
     if not all(map(math.isfinite, dists)):

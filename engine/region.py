@@ -155,6 +155,14 @@ def to_model(
     return rgb / 127.5 - 1.0, hard
 
 
+def seen_on_canvas(mask: np.ndarray, box: Box, canvas: tuple[int, int]) -> np.ndarray:
+    """The selection's alpha on the canvas (HxW in [0, 1], area-averaged): how much of each
+    canvas pixel the artist will see. CLIP judges the edit through it, so a feathered edge,
+    editable in full under the hard mask, counts as faintly as it will show."""
+    alpha = torch.from_numpy(mask[box.y : box.y + box.h, box.x : box.x + box.w]).float() / 255
+    return F.adaptive_avg_pool2d(alpha[None, None], canvas[::-1])[0, 0].numpy()
+
+
 def from_model(result: np.ndarray, box: Box, sel: Box) -> np.ndarray:
     """An edited canvas (HxWx3 in [-1, 1]) back at image scale, cut to `sel` (uint8)."""
     rgb = np.clip((result + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)

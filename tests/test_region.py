@@ -139,6 +139,26 @@ def test_the_hard_mask_holds_every_canvas_pixel_the_selection_touches():
             assert hard[cy, cx] == mask[y0:y1, x0:x1].any()
 
 
+def test_clip_sees_the_selection_as_faintly_as_the_artist_will():
+    mask = region.shape_selection(_mask(200, 200, (60, 60, 80, 80)), feather=16)
+    box = region.context_box(mask)
+    canvas = region.canvas_size(box, 32, 4)
+    _, hard = region.to_model(np.zeros((200, 200, 3), np.uint8), mask, box, canvas)
+    seen = region.seen_on_canvas(mask, box, canvas)
+    assert seen.shape == hard.shape and (seen <= hard).all()  # seen only where editable
+    assert seen.max() == 1.0 and seen[hard == 0].max() == 0.0
+    band = (hard == 1) & (seen < 0.99)
+    assert band.sum() >= 0.3 * hard.sum()  # the feather: editable in full, seen in part
+    assert np.isclose(seen.mean(), mask[box.y : box.y + box.h, box.x : box.x + box.w].mean() / 255,
+                      rtol=0.02)  # fmt: skip
+    unfeathered = _mask(200, 200, (60, 60, 80, 80))
+    box = region.context_box(unfeathered)
+    canvas = region.canvas_size(box, 32, 4)
+    _, hard = region.to_model(np.zeros((200, 200, 3), np.uint8), unfeathered, box, canvas)
+    seen = region.seen_on_canvas(unfeathered, box, canvas)
+    assert (seen[hard == 1] > 0).all() and (seen == 1).sum() >= 0.75 * hard.sum()
+
+
 def test_transparent_pixels_reach_the_model_as_neutral_grey():
     image = np.zeros((60, 60, 4), np.uint8)
     image[..., :3] = (0, 0, 0)  # Krita's hidden RGB under transparency
