@@ -340,6 +340,10 @@ def case_visible():
     now = ids(image.get_layers())
     check(f"{prompt}: the result right above the group, beside it (top level)",
           len(now) == len(before) + 1 and now[1:] == before, names(image))  # fmt: skip
+    prompt = scene["group_alone_prompt"]  # a group's buffer is what it shows on its own
+    status, message, _ = call(image, group, prompt=prompt, endpoint=ENV["BD_ENDPOINT"], **one,
+                              layer_only=True)  # fmt: skip
+    check(f"{prompt}: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
     check("the group's own layers unchanged", len(group.get_children()) == 1)
     check("the background unchanged", read(background, "R'G'B'A u8")[:4] == bytes((0, 0, 90, 255)))
     verdict["layers"] = names(image)

@@ -3,15 +3,19 @@ the picture the engine must then receive (tests/recording_engine.py keeps what i
 
 A background painted R = 2x, G = 3y, B = 90 (each pixel says where it is) under a transparent
 "Ink" layer with one blue stroke; Ink is the active layer; a hard rectangle is selected over
-the stroke and the background around it.
+the stroke and the background around it. Then a group on top holding a layer painted green in
+its leftmost columns and transparent elsewhere is the active layer.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
 from engine.plugin import geometry
 from engine.plugin.geometry import Rect
+from tests.recording_engine import received
 
 SCENE = {
     "selection": [30, 20, 36, 24],
@@ -20,6 +24,7 @@ SCENE = {
     "visible_prompt": "what the artist sees",
     "layer_prompt": "this layer only",
     "group_prompt": "a group is active",
+    "group_alone_prompt": "this group only",
 }
 
 
@@ -52,3 +57,24 @@ def describe(image: np.ndarray, size: tuple[int, int]) -> dict:
         "transparent_pixels": int((image[..., 3] == 0).sum()),
         "distinct_rgba": int(len(np.unique(image.reshape(-1, 4), axis=0))),
     }
+
+
+def check_received(folder: Path, size: tuple[int, int], green_columns: int) -> dict:
+    """Assert what the engine received for each of the scene's edits; what it held, to report."""
+    report = {}
+    for prompt, layer_only in ((SCENE["visible_prompt"], False), (SCENE["layer_prompt"], True)):
+        jobs = received(folder, prompt)
+        assert len(jobs) == 1, f"the engine received {len(jobs)} jobs for {prompt!r}"
+        image = jobs[0][0]
+        report[prompt] = describe(image, size)
+        want = expected(size, layer_only)
+        assert image.shape == want.shape, (image.shape, want.shape)
+        wrong = np.argwhere((image != want).any(-1))
+        assert not len(wrong), f"{prompt}: {len(wrong)} pixels differ, first {wrong[:3].tolist()}"
+    assert len(received(folder, SCENE["group_prompt"])) == 1
+    jobs = received(folder, SCENE["group_alone_prompt"])  # the group as it shows on its own
+    assert len(jobs) == 1
+    win, alpha = window(size), jobs[0][0][..., 3]
+    green = np.arange(win.x, win.x + win.width) < green_columns
+    assert (alpha[:, green] == 255).all() and (alpha[:, ~green] == 0).all()
+    return report

@@ -387,8 +387,16 @@ class Driver:
         self.check(f"{prompt}: its group right above the group, beside it",
                    after[-2:] == ["Group<grouplayer>", f"{group_name(prompt)}<grouplayer>"],
                    after)  # fmt: skip
+        doc.setActiveNode(group)
+        yield 0.3
+        prompt = scene["group_alone_prompt"]  # a group's projection: what it shows on its own
+        self.press_generate(docker, cfg["endpoint"], prompt, **one, layer_only=True)
+        done = yield from self.wait(lambda: not docker.controller.active, 120)
+        self.check(f"{prompt}: succeeded", done and docker.controller.state == "done",
+                   docker.status.text())  # fmt: skip
         self.check("the group's own layers unchanged", self.names(group) == ["Inside<paintlayer>"],
                    self.names(group))  # fmt: skip
+        docker.show_advanced.setChecked(True)  # Grow, Feather, This layer only in the screenshot
         self.screenshot(docker, cfg, "visible")
         docker.set_values({"layer_only": False})
         doc.setModified(False)
