@@ -335,11 +335,18 @@ def case_visible():
     filled(image, "Inside", lambda x, y: (40, 200, 40, 255) if x < 20 else (0, 0, 0, 0), group)
     before = ids(image.get_layers())
     prompt = scene["group_prompt"]
-    status, message, _ = call(image, group, prompt=prompt, endpoint=ENV["BD_ENDPOINT"], **one)
+    status, message, _ = call(image, group, prompt=prompt, endpoint=ENV["BD_ENDPOINT"], **one,
+                              **scene["shaping"])  # fmt: skip
     check(f"{prompt}: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
     now = ids(image.get_layers())
     check(f"{prompt}: the result right above the group, beside it (top level)",
           len(now) == len(before) + 1 and now[1:] == before, names(image))  # fmt: skip
+    result = image.get_layers()[0]
+    _, x, y = result.get_offsets()
+    gx, gy, gw, gh = scene["grown"]
+    box = [x, y, result.get_width(), result.get_height()]
+    check(f"{prompt}: grown and feathered, the result covers the grown selection",
+          x <= gx and y <= gy and x + box[2] >= gx + gw and y + box[3] >= gy + gh, box)  # fmt: skip
     prompt = scene["group_alone_prompt"]  # a group's buffer is what it shows on its own
     status, message, _ = call(image, group, prompt=prompt, endpoint=ENV["BD_ENDPOINT"], **one,
                               layer_only=True)  # fmt: skip

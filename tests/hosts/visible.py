@@ -17,14 +17,19 @@ from engine.plugin import geometry
 from engine.plugin.geometry import Rect
 from tests.recording_engine import received
 
+SELECTION, GROW = [30, 20, 36, 24], 3
 SCENE = {
-    "selection": [30, 20, 36, 24],
+    "selection": SELECTION,
     "ink": [40, 26, 12, 8],
     "ink_rgba": [30, 60, 220, 255],
     "visible_prompt": "what the artist sees",
     "layer_prompt": "this layer only",
     "group_prompt": "a group is active",
     "group_alone_prompt": "this group only",
+    "shaping": {"grow": GROW, "feather": 4},  # the group's edit, from the UI's Grow and Feather
+    # a result of that edit covers at least the selection grown by GROW
+    "grown": [SELECTION[0] - GROW, SELECTION[1] - GROW, SELECTION[2] + 2 * GROW,
+              SELECTION[3] + 2 * GROW],  # fmt: skip
 }
 
 
@@ -71,7 +76,10 @@ def check_received(folder: Path, size: tuple[int, int], green_columns: int) -> d
         assert image.shape == want.shape, (image.shape, want.shape)
         wrong = np.argwhere((image != want).any(-1))
         assert not len(wrong), f"{prompt}: {len(wrong)} pixels differ, first {wrong[:3].tolist()}"
-    assert len(received(folder, SCENE["group_prompt"])) == 1
+    jobs = received(folder, SCENE["group_prompt"])
+    assert len(jobs) == 1
+    sent = jobs[0][2]
+    assert {k: sent[k] for k in SCENE["shaping"]} == SCENE["shaping"], sent
     jobs = received(folder, SCENE["group_alone_prompt"])  # the group as it shows on its own
     assert len(jobs) == 1
     win, alpha = window(size), jobs[0][0][..., 3]

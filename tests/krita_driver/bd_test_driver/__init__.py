@@ -378,7 +378,8 @@ class Driver:
         yield 0.3
         doc.waitForDone()
         prompt = scene["group_prompt"]
-        self.press_generate(docker, cfg["endpoint"], prompt, **one, layer_only=False)
+        self.press_generate(docker, cfg["endpoint"], prompt, **one, layer_only=False,
+                            **scene["shaping"])  # fmt: skip
         done = yield from self.wait(lambda: not docker.controller.active, 120)
         self.check(f"{prompt}: succeeded", done and docker.controller.state == "done",
                    docker.status.text())  # fmt: skip
@@ -387,6 +388,13 @@ class Driver:
         self.check(f"{prompt}: its group right above the group, beside it",
                    after[-2:] == ["Group<grouplayer>", f"{group_name(prompt)}<grouplayer>"],
                    after)  # fmt: skip
+        best = doc.rootNode().childNodes()[-1].childNodes()[-1].bounds()
+        box = [best.x(), best.y(), best.width(), best.height()]
+        gx, gy, gw, gh = scene["grown"]
+        self.check(f"{prompt}: grown and feathered, the result covers the grown selection",
+                   box[0] <= gx and box[1] <= gy and box[0] + box[2] >= gx + gw
+                   and box[1] + box[3] >= gy + gh, box)  # fmt: skip
+        docker.set_values({"grow": 0, "feather": 0})
         doc.setActiveNode(group)
         yield 0.3
         prompt = scene["group_alone_prompt"]  # a group's projection: what it shows on its own
