@@ -162,6 +162,7 @@ def case_edit():
     before = snapshot(image, source)
     fields = json.loads(ENV.get("BD_FIELDS") or json.dumps(TYPED))
     verdict["fields"] = fields
+    image.clean_all()  # undo steps from here on make it dirty; undoing them all, clean again
     status, message, seconds = call(image, source, prompt=prompt, endpoint=ENV["BD_ENDPOINT"],
                                     **fields)  # fmt: skip
     verdict["edit_seconds"] = round(seconds, 2)
@@ -206,6 +207,9 @@ def case_edit():
           [la.get_name() for la in image.get_layers()])  # fmt: skip
     check("one undo leaves the selection (the step before ours)", after["selection"] == selection)
     check("one undo leaves the source", after["source"] == before["source"])
+    # reading the visible picture (a scratch image) left no undo step of its own in the image
+    check("one undo leaves the image clean: the edit was its only undo step",
+          not image.is_dirty())  # fmt: skip
     gui_action("edit-redo")
     check("one redo brings both back", [la.get_id() for la in image.get_layers()][:2] ==
           [la.get_id() for la in new])  # fmt: skip
