@@ -270,9 +270,10 @@ def case_errors():
     same_as(before, image, source, "no selection")
 
     image.select_rectangle(Gimp.ChannelOps.REPLACE, 80, 66, 10, 10)  # beside the source layer
-    before = snapshot(image, source)
-    status, message, _ = call(image, source, endpoint=live, **run)
-    check("selection off the layer: says so", "does not overlap" in message, message)
+    before = snapshot(image, source)  # only the layer alone is read: the selection misses it
+    status, message, _ = call(image, source, endpoint=live, **run, layer_only=True)
+    check("this layer only, selection off the layer: says so", "does not overlap" in message,
+          message)  # fmt: skip
     same_as(before, image, source, "selection off the layer")
 
     gray, gray_source = make_image(Gimp.ImageBaseType.GRAY)
@@ -320,6 +321,7 @@ def case_visible():
                  iy <= y < iy + ih else (0, 0, 0, 0))  # fmt: skip
     image.select_rectangle(Gimp.ChannelOps.REPLACE, *scene["selection"])
     one = {**TYPED, "variants": 1, "steps": 4}
+    images = len(Gimp.get_images())
     for prompt, fields in ((scene["visible_prompt"], {}),
                            (scene["layer_prompt"], {"layer_only": True})):  # fmt: skip
         before = ids(image.get_layers())
@@ -358,6 +360,7 @@ def case_visible():
     check("the group's own layers unchanged", len(group.get_children()) == 1)
     check("the background unchanged", read(background, "R'G'B'A u8")[:4] == bytes((0, 0, 90, 255)))
     verdict["layers"] = names(image)
+    check("no scratch image left behind", len(Gimp.get_images()) == images, Gimp.get_images())
 
 
 def ids(layers):
