@@ -132,6 +132,11 @@ def shape_selection(mask: np.ndarray, grow: int = 0, feather: int = 0) -> np.nda
         m = gaussian_blur2d(m, (k, k), (sigma, sigma), border_type="replicate")
     out = np.zeros_like(mask)
     out[y0:y1, x0:x1] = (m[0, 0] * 255).round().clamp(0, 255).byte().numpy()
+    if not out.any():  # a selection a few pixels wide, feathered far wider, fades to nothing
+        raise RegionError(
+            f"feathered by {feather} px, a selection this small ({sel.w}x{sel.h} px) fades away "
+            "entirely: lower feather, or grow it first"
+        )
     return out
 
 

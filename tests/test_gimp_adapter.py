@@ -215,6 +215,23 @@ def test_against_a_real_engine_results_carry_the_selection_as_alpha(start_engine
         assert "#" in layer.name and "[random model]" in layer.name
 
 
+def test_grow_and_feather_from_the_dialog_come_back_as_the_results_alpha(start_engine):
+    """The window read holds what the engine grows and feathers: the result covers the grown
+    selection whole, not cut at the window's edge."""
+    server = start_engine()
+    host = FakeHost(Rect(40, 30, 20, 12))
+    custom = {"preset": "custom", "variants": 1, "steps": 2, "seed": 3, "grow": 5, "feather": 0}
+    (layer,) = flow.run_edit(host, VALUES | custom | {"endpoint": server.endpoint})
+    assert (layer.x, layer.y, layer.width, layer.height) == (35, 25, 30, 22)
+    alpha = layer.rgba[3::4]
+    assert alpha[11 * 30 : 12 * 30] == b"\xff" * 30  # the middle row: 5 px more on each side
+    soft = {**custom, "feather": 6}
+    (layer,) = flow.run_edit(host, VALUES | soft | {"endpoint": server.endpoint})
+    reach = 5 + 9 + 1  # geometry.reach: grow, the blur's half kernel, one pixel
+    assert 40 - reach <= layer.x < 35 and 60 + reach >= layer.x + layer.width > 65
+    assert set(layer.rgba[3::4]) - {0, 255}  # a soft edge
+
+
 def test_a_dead_engine_is_reported_within_the_timeout():
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     values = VALUES | {"endpoint": endpoint}

@@ -193,6 +193,13 @@ def test_feather_fades_the_edge_both_ways_and_keeps_the_rest():
     assert (region.shape_selection(mask) == mask).all()  # off by default
 
 
+def test_a_tiny_selection_feathered_away_is_an_error_that_says_what_to_lower():
+    mask = _mask(20, 20, (9, 9, 1, 1))  # found by a plug-in test: 1 px feathered by 19
+    with pytest.raises(region.RegionError, match="feathered by 19 px.*1x1.*lower feather"):
+        region.shape_selection(mask, feather=19)
+    assert region.shape_selection(mask, grow=3, feather=4).any()
+
+
 def test_composite_is_alpha_times_edit_plus_the_rest_source_for_every_alpha():
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)

@@ -23,9 +23,12 @@ MODES = {Gimp.ImageBaseType.GRAY: "grayscale", Gimp.ImageBaseType.INDEXED: "inde
 
 
 class GimpHost:
-    """One layer of one image, as flow.Host."""
+    """One image and its active layer, as flow.Host: the source read is the visible picture
+    (the image's composite, its origin the image's) or, with `layer_only`, the layer itself."""
 
-    def __init__(self, image: Gimp.Image, drawables: Sequence[Gimp.Drawable]) -> None:
+    def __init__(
+        self, image: Gimp.Image, drawables: Sequence[Gimp.Drawable], layer_only: bool = False
+    ) -> None:
         if len(drawables) != 1:
             raise EditError(
                 f"Select exactly one layer to edit ({len(drawables)} are selected)."
@@ -44,11 +47,15 @@ class GimpHost:
                 f"This image is {MODES.get(mode, 'not RGB')}: Blended Diffusion edits RGB images. "
                 "Convert it with Image > Mode > RGB, then run it again."
             )
-        self.image, self.drawable = image, drawable
+        self.image, self.drawable, self.layer_only = image, drawable, layer_only
         self.name = drawable.get_name()
-        _, x, y = drawable.get_offsets()
-        self.offsets = (x, y)
-        self.size = (drawable.get_width(), drawable.get_height())
+        if layer_only:  # a group layer's buffer is its composite: what it shows on its own
+            _, x, y = drawable.get_offsets()
+            self.offsets = (x, y)
+            self.size = (drawable.get_width(), drawable.get_height())
+        else:  # any layer will do, a group or a text layer too: the results go above it
+            self.offsets = (0, 0)
+            self.size = (image.get_width(), image.get_height())
 
     def selection_bounds(self) -> Rect | None:
         _, selected, x1, y1, x2, y2 = Gimp.Selection.bounds(self.image)
@@ -57,7 +64,10 @@ class GimpHost:
     def read(self, window: Rect) -> tuple[bytes, bytes]:
         w, h = window.width, window.height
         rect = Gegl.Rectangle.new(window.x, window.y, w, h)
-        rgba = self.drawable.get_buffer().get(rect, 1.0, PIXELS, Gegl.AbyssPolicy.NONE)
+        if self.layer_only:
+            rgba = self.drawable.get_buffer().get(rect, 1.0, PIXELS, Gegl.AbyssPolicy.NONE)
+        else:
+            rgba = visible_pixels(self.image, rect)
         x, y = self.offsets  # the selection lives in image coordinates
         sel_rect = Gegl.Rectangle.new(window.x + x, window.y + y, w, h)
         # outside the canvas the abyss reads as 0: not selected
@@ -98,3 +108,16 @@ class GimpHost:
         finally:
             self.image.undo_group_end()
         Gimp.displays_flush()
+
+
+def visible_pixels(image: Gimp.Image, rect: Gegl.Rectangle) -> bytes:
+    """The image's visible composite in `rect`, made in a scratch image with no undo history
+    and no display: the artist's image and its undo steps are not touched."""
+    scratch = Gimp.Image.new(image.get_width(), image.get_height(), Gimp.ImageBaseType.RGB)
+    try:
+        scratch.undo_disable()
+        layer = Gimp.Layer.new_from_visible(image, scratch, "visible")
+        scratch.insert_layer(layer, None, 0)
+        return layer.get_buffer().get(rect, 1.0, PIXELS, Gegl.AbyssPolicy.NONE)
+    finally:
+        scratch.delete()

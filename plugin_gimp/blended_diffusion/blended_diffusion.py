@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Blended Diffusion for GIMP 3: Filters > Generic > Blended Diffusion...
 
-Sends the selected part of the active layer and a text prompt to a running engine
-(`python -m engine serve`) and adds its results as layers above the layer, the best visible,
-in one undo step. Beside this file: params (the arguments, from the shared settings table),
-flow (the edit, host-independent) and adapter (the only Gimp/Gegl pixel and layer code); the
-settings, geometry and wording both plug-ins share are in _lib/engine/plugin.
+Sends the selected part of the visible picture (or of the active layer alone) and a text prompt
+to a running engine (`python -m engine serve`) and adds its results as layers above the active
+layer, the best visible, in one undo step. Beside this file: params (the arguments, from the
+shared settings table), flow (the edit, host-independent) and adapter (the only Gimp/Gegl pixel
+and layer code); the settings, geometry and wording both plug-ins share are in
+_lib/engine/plugin.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def run(procedure, run_mode, image, drawables, config, _data):
     values = params.values(config)
     params.remember(folder, values)
     try:
-        settings.request(values)
+        layer_only = settings.request(values).layer_only
     except ValueError as e:
         return fail(procedure, str(e), Gimp.PDBStatusType.CALLING_ERROR)
     try:
@@ -87,7 +88,7 @@ def run(procedure, run_mode, image, drawables, config, _data):
 
     Gegl.init(None)
     try:
-        host = GimpHost(image, drawables)
+        host = GimpHost(image, drawables, layer_only)
         Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
         layers = flow.run_edit(host, values)
         host.add_layers(layers)
@@ -115,9 +116,10 @@ class BlendedDiffusion(Gimp.PlugIn):
         procedure.add_menu_path("<Image>/Filters/Generic/")
         procedure.set_documentation(
             "Change the selection to match a text prompt",
-            "Blended Diffusion: the selected part of the layer is edited to match the prompt by "
-            "a running engine (python -m engine serve); each variant comes back as a layer "
-            "above it, transparent outside the selection, the best one visible.",
+            "Blended Diffusion: the selected part of the visible picture (or of the active layer "
+            "alone) is edited to match the prompt by a running engine (python -m engine serve); "
+            "each variant comes back as a layer above the active layer, transparent outside the "
+            "selection, the best one visible.",
             name,
         )
         procedure.set_attribution("Blended Diffusion plug-in", "Blended Diffusion plug-in", "2026")

@@ -28,13 +28,13 @@ class EditError(Exception):
 class Host(Protocol):
     """What an edit needs from the image editor; adapter.GimpHost is GIMP's."""
 
-    name: str  # the drawable's name, for messages
-    offsets: tuple[int, int]  # the drawable's position in the image
+    name: str  # the active layer's name, for messages
+    offsets: tuple[int, int]  # where the source read (the image, or the layer) sits in the image
     size: tuple[int, int]
 
     def selection_bounds(self) -> Rect | None: ...  # image coordinates; None: nothing selected
 
-    def read(self, window: Rect) -> tuple[bytes, bytes]: ...  # RGBA8, Y8 mask; drawable coords
+    def read(self, window: Rect) -> tuple[bytes, bytes]: ...  # RGBA8, Y8 mask; source coords
 
     def progress(self, fraction: float, text: str) -> None: ...
 
@@ -81,7 +81,8 @@ def run_edit(
         info = client.hello()  # EngineUnreachable within the timeout, VersionMismatch
         request = settings.request(values, info.get("limits"))  # the engine's own limits
         max_side = int((info.get("limits") or {}).get("max_side", geometry.MAX_SIDE))
-        window = geometry.context_window(sel, host.size, settings.PADDING, max_side)
+        widen = geometry.reach(request.settings)  # the engine's grow and feather
+        window = geometry.context_window(sel, host.size, settings.PADDING, max_side, widen)
         rgba, mask = host.read(window)
         if geometry.is_blank(mask):
             raise EditError(f"The selection does not cover any pixel of the layer '{host.name}'.")

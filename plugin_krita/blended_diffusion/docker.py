@@ -159,8 +159,8 @@ class BlendedDiffusionDocker(DockWidget):
         buttons = QHBoxLayout()
         self.generate_button = QPushButton("Generate", root)
         self.generate_button.setToolTip(
-            "Edit the selection of the active layer (Ctrl+Alt+Shift+G); pressed during an "
-            "edit, it queues the next one"
+            "Edit the selection of the visible picture, results above the active layer "
+            "(Ctrl+Alt+Shift+G); pressed during an edit, it queues the next one"
         )
         self.generate_button.clicked.connect(self.generate)
         self.cancel_button = QPushButton("Cancel", root)
@@ -256,7 +256,7 @@ class BlendedDiffusionDocker(DockWidget):
         try:
             request = settings.request(values, self.info.get("limits"))
             max_side = (self.info.get("limits") or {}).get("max_side")
-            export = document.export_active(*([max_side] if max_side else []))
+            export = document.export_active(request, *([max_side] if max_side else []))
         except (UserError, ValueError) as e:
             return self._message(str(e), FAILED)
         except Exception as e:  # never into Qt: PyQt may abort Krita on an uncaught exception

@@ -3,7 +3,9 @@ the PDB the way a script would, and writes a JSON verdict for tests/test_gimp_re
 
 Environment: BD_CASE (`edit`: a real edit, needs a running engine and, for the undo check, the
 GUI under Xvfb with a D-Bus session; `errors`: the failure paths; `cancel`: a long edit for the
-test to kill), BD_VERDICT (the JSON file),
+test to kill; `visible`: edits whose active layer is a transparent layer over a painted
+background, with and without "This layer only", and a group: BD_SCENE says what to paint, the
+test checks what the engine received), BD_VERDICT (the JSON file),
 BD_ENDPOINT (a live engine), BD_DEAD_ENDPOINT (nothing listens), BD_PROMPT, BD_EXPORT (a PNG of
 the image with the best result showing), BD_EXPECT (`red`: the best result must be red),
 BD_FIELDS (JSON: the plug-in's arguments for the edit, named as in the settings table).
@@ -106,9 +108,9 @@ def same_as(before, image, source, what, keys=("layers", "selection", "source", 
         check(f"{what}: {key} unchanged", now[key] == before[key])
 
 
-def selected_box(selection):
-    """The exact box of the selection's non-zero pixels inside the source layer (image coords)."""
-    x0, y0, w, h = SOURCE
+def selected_box(selection, area=SOURCE):
+    """The exact box of the selection's non-zero pixels inside `area` (image coords)."""
+    x0, y0, w, h = area
     xs, ys = [], []
     for y in range(y0, y0 + h):
         row = selection[y * W + x0 : y * W + x0 + w]
@@ -160,6 +162,7 @@ def case_edit():
     before = snapshot(image, source)
     fields = json.loads(ENV.get("BD_FIELDS") or json.dumps(TYPED))
     verdict["fields"] = fields
+    image.clean_all()  # undo steps from here on make it dirty; undoing them all, clean again
     status, message, seconds = call(image, source, prompt=prompt, endpoint=ENV["BD_ENDPOINT"],
                                     **fields)  # fmt: skip
     verdict["edit_seconds"] = round(seconds, 2)
@@ -179,10 +182,10 @@ def case_edit():
         check(f"name of #{rank}", re.fullmatch(pattern, layer.get_name()), layer.get_name())
     check("best visible, other hidden", [la.get_visible() for la in new] == [True, False])
     selection = before["selection"]
-    box = selected_box(selection)
+    box = selected_box(selection, (0, 0, W, H))  # the visible picture: past the source layer too
     for rank, layer in enumerate(new, 1):
         got = (*layer.get_offsets()[1:], layer.get_width(), layer.get_height())
-        check(f"#{rank} covers the selection inside the source", got == box, f"{got} vs {box}")
+        check(f"#{rank} covers the selection on the canvas", got == box, f"{got} vs {box}")
         leaks, off, soft = alpha_errors(layer, selection)
         check(f"#{rank} transparent outside the selection", leaks == 0, f"{leaks} pixels")
         check(f"#{rank} alpha is the soft selection", off == 0 and soft > 0, f"{off} off, {soft}")
@@ -204,6 +207,9 @@ def case_edit():
           [la.get_name() for la in image.get_layers()])  # fmt: skip
     check("one undo leaves the selection (the step before ours)", after["selection"] == selection)
     check("one undo leaves the source", after["source"] == before["source"])
+    # reading the visible picture (a scratch image) left no undo step of its own in the image
+    check("one undo leaves the image clean: the edit was its only undo step",
+          not image.is_dirty())  # fmt: skip
     gui_action("edit-redo")
     check("one redo brings both back", [la.get_id() for la in image.get_layers()][:2] ==
           [la.get_id() for la in new])  # fmt: skip
@@ -264,9 +270,10 @@ def case_errors():
     same_as(before, image, source, "no selection")
 
     image.select_rectangle(Gimp.ChannelOps.REPLACE, 80, 66, 10, 10)  # beside the source layer
-    before = snapshot(image, source)
-    status, message, _ = call(image, source, endpoint=live, **run)
-    check("selection off the layer: says so", "does not overlap" in message, message)
+    before = snapshot(image, source)  # only the layer alone is read: the selection misses it
+    status, message, _ = call(image, source, endpoint=live, **run, layer_only=True)
+    check("this layer only, selection off the layer: says so", "does not overlap" in message,
+          message)  # fmt: skip
     same_as(before, image, source, "selection off the layer")
 
     gray, gray_source = make_image(Gimp.ImageBaseType.GRAY)
@@ -290,9 +297,84 @@ def case_cancel():
     same_as(before, image, source, "killed plug-in")
 
 
+def filled(image, name, rgba_at, parent=None):
+    """A canvas-sized RGBA layer on top of `parent` with pixel (x, y) = rgba_at(x, y)."""
+    layer = Gimp.Layer.new(image, name, W, H, Gimp.ImageType.RGBA_IMAGE, 100,
+                           Gimp.LayerMode.NORMAL)  # fmt: skip
+    image.insert_layer(layer, parent, 0)
+    data = b"".join(bytes(rgba_at(x, y)) for y in range(H) for x in range(W))
+    layer.get_buffer().set(Gegl.Rectangle.new(0, 0, W, H), "R'G'B'A u8", data)
+    layer.get_buffer().flush()
+    layer.update(0, 0, W, H)
+    return layer
+
+
+def case_visible():
+    """A painted background (R = 2x, G = 3y, B = 90) under a transparent "Ink" layer with one
+    stroke; Ink active. Then a group on top, active. Each edit succeeds and lands right above
+    the active layer; the test reads what the engine received for each prompt."""
+    scene = json.loads(ENV["BD_SCENE"])
+    ix, iy, iw, ih = scene["ink"]
+    image = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)
+    background = filled(image, "Background", lambda x, y: (2 * x, 3 * y, 90, 255))
+    ink = filled(image, "Ink", lambda x, y: scene["ink_rgba"] if ix <= x < ix + iw and
+                 iy <= y < iy + ih else (0, 0, 0, 0))  # fmt: skip
+    image.select_rectangle(Gimp.ChannelOps.REPLACE, *scene["selection"])
+    one = {**TYPED, "variants": 1, "steps": 4}
+    images = len(Gimp.get_images())
+    for prompt, fields in ((scene["visible_prompt"], {}),
+                           (scene["layer_prompt"], {"layer_only": True})):  # fmt: skip
+        before = ids(image.get_layers())
+        status, message, _ = call(image, ink, prompt=prompt, endpoint=ENV["BD_ENDPOINT"],
+                                  **one, **fields)  # fmt: skip
+        check(f"{prompt}: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
+        now = ids(image.get_layers())
+        added = [i for i in now if i not in before]
+        above = now[now.index(ink.get_id()) - 1]
+        check(f"{prompt}: one layer, right above the active layer",
+              len(added) == 1 and above == added[0], names(image))  # fmt: skip
+    try:
+        group = Gimp.GroupLayer.new(image, "Group")
+    except TypeError:  # the name argument came in a later 3.0
+        group = Gimp.GroupLayer.new(image)
+    image.insert_layer(group, None, 0)
+    filled(image, "Inside", lambda x, y: (40, 200, 40, 255) if x < 20 else (0, 0, 0, 0), group)
+    before = ids(image.get_layers())
+    prompt = scene["group_prompt"]
+    status, message, _ = call(image, group, prompt=prompt, endpoint=ENV["BD_ENDPOINT"], **one,
+                              **scene["shaping"])  # fmt: skip
+    check(f"{prompt}: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
+    now = ids(image.get_layers())
+    check(f"{prompt}: the result right above the group, beside it (top level)",
+          len(now) == len(before) + 1 and now[1:] == before, names(image))  # fmt: skip
+    result = image.get_layers()[0]
+    _, x, y = result.get_offsets()
+    gx, gy, gw, gh = scene["grown"]
+    box = [x, y, result.get_width(), result.get_height()]
+    check(f"{prompt}: grown and feathered, the result covers the grown selection",
+          x <= gx and y <= gy and x + box[2] >= gx + gw and y + box[3] >= gy + gh, box)  # fmt: skip
+    prompt = scene["group_alone_prompt"]  # a group's buffer is what it shows on its own
+    status, message, _ = call(image, group, prompt=prompt, endpoint=ENV["BD_ENDPOINT"], **one,
+                              layer_only=True)  # fmt: skip
+    check(f"{prompt}: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
+    check("the group's own layers unchanged", len(group.get_children()) == 1)
+    check("the background unchanged", read(background, "R'G'B'A u8")[:4] == bytes((0, 0, 90, 255)))
+    verdict["layers"] = names(image)
+    check("no scratch image left behind", len(Gimp.get_images()) == images, Gimp.get_images())
+
+
+def ids(layers):
+    return [la.get_id() for la in layers]
+
+
+def names(image):
+    return [la.get_name() for la in image.get_layers()]
+
+
 try:
     Gegl.init(None)
-    cases = {"edit": case_edit, "errors": case_errors, "cancel": case_cancel}
+    cases = {"edit": case_edit, "errors": case_errors, "cancel": case_cancel,
+             "visible": case_visible}  # fmt: skip
     cases[ENV.get("BD_CASE", "edit")]()
     verdict["ok"] = bool(verdict["checks"]) and all(c["ok"] for c in verdict["checks"])
 except Exception:

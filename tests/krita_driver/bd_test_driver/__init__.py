@@ -330,6 +330,85 @@ class Driver:
             self.check(f"{model}/{depth}: nothing added", self.names(other.rootNode()) == tree)
             other.setModified(False)
 
+        # 8. What the artist sees goes in, whatever the active layer.
+        if cfg.get("scene"):
+            yield from self.visible_picture(docker, cfg, cfg["scene"])
+
+    def visible_picture(self, docker, cfg: dict, scene: dict):
+        """What the artist sees goes in (tests/hosts/visible.py's scene): a transparent "Ink"
+        layer over a painted background is active, with and without "This layer only"; then a
+        group is active. The test reads what the engine received for each prompt."""
+        from engine.plugin.wording import group_name
+
+        doc = self.new_document("bd-visible")
+        yield 0.3
+        background = doc.rootNode().childNodes()[0]  # a new document's Background paint layer
+        bgra = b"".join(bytes((90, 3 * y, 2 * x, 255)) for y in range(H) for x in range(W))
+        background.setPixelData(bgra, 0, 0, W, H)
+        ink = doc.createNode("Ink", "paintlayer")
+        doc.rootNode().addChildNode(ink, background)
+        x, y, w, h = scene["ink"]
+        r, g, b, a = scene["ink_rgba"]
+        ink.setPixelData(bytes((b, g, r, a)) * (w * h), x, y, w, h)
+        doc.refreshProjection()  # a script's setPixelData leaves the projection as it was
+        self.select(doc, tuple(scene["selection"]), 0)
+        one = {"preset": "custom", "variants": 1, "steps": 4, "strength": 80, "seed": 7}
+        for prompt, layer_only in ((scene["visible_prompt"], False),
+                                   (scene["layer_prompt"], True)):  # fmt: skip
+            doc.setActiveNode(ink)
+            yield 0.3
+            doc.waitForDone()
+            before = self.names(doc.rootNode())
+            self.press_generate(docker, cfg["endpoint"], prompt, **one, layer_only=layer_only)
+            done = yield from self.wait(lambda: not docker.controller.active, 120)
+            self.check(f"{prompt}: succeeded", done and docker.controller.state == "done",
+                       docker.status.text())  # fmt: skip
+            after = self.names(doc.rootNode())
+            above = after[after.index("Ink<paintlayer>") + 1]
+            ours = f"{group_name(prompt)}<grouplayer>"
+            self.check(f"{prompt}: its group right above the active layer",
+                       len(after) == len(before) + 1 and above == ours, after)  # fmt: skip
+        group = doc.createGroupLayer("Group")
+        inside = doc.createNode("Inside", "paintlayer")
+        inside.setPixelData(bytes((40, 200, 40, 255)) * (10 * H), 0, 0, 10, H)
+        group.setChildNodes([inside])
+        doc.rootNode().addChildNode(group, None)  # on top
+        doc.refreshProjection()
+        doc.setActiveNode(group)
+        yield 0.3
+        doc.waitForDone()
+        prompt = scene["group_prompt"]
+        self.press_generate(docker, cfg["endpoint"], prompt, **one, layer_only=False,
+                            **scene["shaping"])  # fmt: skip
+        done = yield from self.wait(lambda: not docker.controller.active, 120)
+        self.check(f"{prompt}: succeeded", done and docker.controller.state == "done",
+                   docker.status.text())  # fmt: skip
+        after = self.names(doc.rootNode())
+        self.facts["visible_case_layers"] = after
+        self.check(f"{prompt}: its group right above the group, beside it",
+                   after[-2:] == ["Group<grouplayer>", f"{group_name(prompt)}<grouplayer>"],
+                   after)  # fmt: skip
+        best = doc.rootNode().childNodes()[-1].childNodes()[-1].bounds()
+        box = [best.x(), best.y(), best.width(), best.height()]
+        gx, gy, gw, gh = scene["grown"]
+        self.check(f"{prompt}: grown and feathered, the result covers the grown selection",
+                   box[0] <= gx and box[1] <= gy and box[0] + box[2] >= gx + gw
+                   and box[1] + box[3] >= gy + gh, box)  # fmt: skip
+        docker.set_values({"grow": 0, "feather": 0})
+        doc.setActiveNode(group)
+        yield 0.3
+        prompt = scene["group_alone_prompt"]  # a group's projection: what it shows on its own
+        self.press_generate(docker, cfg["endpoint"], prompt, **one, layer_only=True)
+        done = yield from self.wait(lambda: not docker.controller.active, 120)
+        self.check(f"{prompt}: succeeded", done and docker.controller.state == "done",
+                   docker.status.text())  # fmt: skip
+        self.check("the group's own layers unchanged", self.names(group) == ["Inside<paintlayer>"],
+                   self.names(group))  # fmt: skip
+        docker.show_advanced.setChecked(True)  # Grow, Feather, This layer only in the screenshot
+        self.screenshot(docker, cfg, "visible")
+        docker.set_values({"layer_only": False})
+        doc.setModified(False)
+
     def results(self, doc, job, cfg: dict, tree_before: list[str]) -> None:
         from engine.plugin import settings
         from engine.plugin.wording import group_name, layer_name
