@@ -174,11 +174,15 @@ def deploy(
     the cluster, or `replicas` on CPU, each with an equal share of the cluster's cores."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
+    cpus = int(resources.get("CPU", 1))
     n = replicas or gpus or 1
+    if n > (gpus or cpus):  # Serve would wait for them for ever
+        kind = f"{gpus} GPUs" if gpus else f"{cpus} CPUs"
+        raise ValueError(f"{n} replicas asked, the cluster has {kind}: lower --replicas")
     if gpus:
         options, threads = {"num_cpus": 1, "num_gpus": 1}, 0
     else:
-        threads = max(1, int(resources.get("CPU", 1)) // n)
+        threads = max(1, cpus // n)
         options, device = {"num_cpus": threads, "num_gpus": 0}, "cpu"
     app = EditReplica.options(num_replicas=n, ray_actor_options=options).bind(
         model, clip, unet_checkpoint, device, threads
@@ -200,7 +204,8 @@ class _Watch:
     def _watch(self) -> None:
         while self.gone is None and not self.closed.wait(_WATCH_S):
             try:
-                if self.name not in serve.status().applications:
+                app = serve.status().applications.get(self.name)
+                if app is None or app.status == "DELETING":
                     self.gone = f"the application {self.name!r} is gone from the cluster"
                 self.heard = time.monotonic()
             except Exception:  # the call failed: the silence decides
@@ -367,6 +372,7 @@ def serve_cluster(args: Any, curve: Any) -> int:
         device=args.device,
         clip=args.clip,
         unet_checkpoint=args.unet_checkpoint,
+        name=args.app,
     )
     limits = Limits(
         max_side=args.max_side, max_queue=args.max_queue, max_client_queue=args.max_client_queue
@@ -374,7 +380,7 @@ def serve_cluster(args: Any, curve: Any) -> int:
     options = {"limits": limits, "keepalive_timeout": args.keepalive_timeout, "curve": curve}
     if args.memory_budget:
         options["memory_budget"] = int(args.memory_budget * 2**30)
-    server = ClusterServer(handle, n, args.endpoint, **options)
+    server = ClusterServer(handle, n, args.endpoint, app=args.app, **options)
     endpoint = server.bind()
     handle_signals(server)
     d, secured = server.described, ", CURVE" if curve else ""
@@ -385,7 +391,7 @@ def serve_cluster(args: Any, curve: Any) -> int:
     if server.lost:
         print(f"engine stopped: lost the cluster ({server.lost})", file=sys.stderr, flush=True)
         os._exit(1)  # Ray's own shutdown would wait for the cluster that is gone
-    serve.delete(APP)
+    serve.delete(args.app)  # the replicas free their devices
     ray.shutdown()
     print("engine stopped", flush=True)
     return 0

@@ -533,6 +533,15 @@ def serve(args: Any) -> int:
     if args.curve or not is_loopback(args.endpoint):
         curve = keys.load_server_keys(Path(args.keys) if args.keys else default_key_dir())
     check_endpoint(args.endpoint, curve)  # before minutes of model loading
+    if args.cluster:  # the jobs run on Ray Serve replicas; the front end loads no models
+        try:
+            from engine.cluster import serve_cluster
+        except ModuleNotFoundError as e:
+            raise ValueError(
+                f"--cluster needs Ray Serve ({e}): `python install.py --cluster`, or "
+                "`pip install '.[cluster]'`"
+            ) from None
+        return serve_cluster(args, curve)
     models = load_models(
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
     )
