@@ -170,15 +170,15 @@ def deploy(
     unet_checkpoint: str | None = None,
     name: str = APP,
 ) -> tuple[DeploymentHandle, int]:
-    """Start the replicas (each loads the models) and wait until they are ready: one a GPU of
-    the cluster, or `replicas` on CPU, each with an equal share of the cluster's cores."""
-    resources = ray.cluster_resources()
+    """Start the replicas (each loads the models) and wait until they are ready: one a free GPU
+    of the cluster, or `replicas` on CPU, each with an equal share of the free cores."""
+    resources = ray.available_resources()
     gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
     cpus = int(resources.get("CPU", 1))
     n = replicas or gpus or 1
     if n > (gpus or cpus):  # Serve would wait for them for ever
         kind = f"{gpus} GPUs" if gpus else f"{cpus} CPUs"
-        raise ValueError(f"{n} replicas asked, the cluster has {kind}: lower --replicas")
+        raise ValueError(f"{n} replicas asked, the cluster has {kind} free: lower --replicas")
     if gpus:
         options, threads = {"num_cpus": 1, "num_gpus": 1}, 0
     else:
