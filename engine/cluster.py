@@ -313,7 +313,10 @@ class ClusterServer(Server):
             except RayActorError as e:  # the replica's process died (or cannot be reached)
                 if replica is None and attempt < _RETRIES and not job.cancel.is_set():
                     continue  # routed to a dead replica before Serve knew: nothing ran
-                self.log(f"job {job.id}: {replica or 'its replica'} died: {e}")
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                self.log(
+                    f"job {job.id}: {replica or 'its replica'} died: {type(e).__name__} {first}"
+                )
                 where = f"the cluster replica running it ({replica})" if replica else "its replica"
                 message = (
                     f"the job was lost: {where} died mid-job; the cluster starts another: "

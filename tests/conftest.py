@@ -48,14 +48,15 @@ def start_engine(tiny_models) -> Iterator:
 
 @pytest.fixture(scope="module")
 def tiny_cluster() -> Iterator:
-    """A local Ray (2 CPUs, a small object store, no dashboard) with two CPU replicas of the
-    tiny model, started once per module: (Serve handle, replicas)."""
+    """A local Ray (a small object store, no dashboard) with two CPU replicas of the tiny model,
+    started once per module: (Serve handle, replicas). Three logical CPUs: one a replica and one
+    for the replica of a `serve --cluster` command a test starts on the same cluster."""
     import ray
     from ray import serve
 
     from engine import cluster
 
-    cluster.connect("auto", num_cpus=2, object_store_mb=128, log_to_driver=False)
+    cluster.connect("auto", num_cpus=3, object_store_mb=128, log_to_driver=False)
     try:
         yield cluster.deploy("tiny", replicas=2, device="cpu")
     finally:
