@@ -183,7 +183,8 @@ def deploy(
         options, threads = {"num_cpus": 1, "num_gpus": 1}, 0
     else:
         threads = max(1, cpus // n)
-        options, device = {"num_cpus": threads, "num_gpus": 0}, "cpu"
+        options = {"num_cpus": threads, "num_gpus": 0}
+        device = "cpu" if device == "auto" else device  # a GPU Ray does not count stays asked
     app = EditReplica.options(num_replicas=n, ray_actor_options=options).bind(
         model, clip, unet_checkpoint, device, threads
     )
