@@ -10,12 +10,10 @@ import os
 import re
 import select
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from test_server import LONG, QUICK, client, first_progress, run_all, submit
+from test_server import LONG, QUICK, client, first_progress, run_all, start_serve, submit
 
 from engine import protocol
 from engine.client import Client
@@ -158,16 +156,7 @@ def test_serve_cluster_command_serves_and_tells_its_client_when_it_loses_the_clu
 
     log = (tmp_path / "serve.log").open("w")
     address = ray.get_runtime_context().gcs_address
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--endpoint", "tcp://127.0.0.1:*"]
-        + ["--model", "tiny", "--device", "cpu", "--keepalive-timeout", "5"]
-        + ["--cluster", address, "--replicas", "1", "--app", "cli-test"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
+    proc = start_serve(log, "--cluster", address, "--replicas", "1", "--app", "cli-test")
     try:
         assert select.select([proc.stdout], [], [], 300)[0], "engine did not start"
         ready = proc.stdout.readline()

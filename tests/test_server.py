@@ -424,20 +424,26 @@ def test_submit_to_first_progress_latency(start_engine, capsys):
 # -- the real command --------------------------------------------------------------------------
 
 
+def start_serve(log, *args: str) -> subprocess.Popen:
+    """`python -m engine serve` with the tiny model on a free loopback port; it prints
+    `engine ready at ENDPOINT (...)` when it serves, its log goes to `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--endpoint", "tcp://127.0.0.1:*"]
+        + ["--model", "tiny", "--device", "cpu", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+
+
 def test_serve_command_edits_for_the_cli_and_stops_cleanly_on_sigterm(tmp_path):
     from PIL import Image
 
     from engine.__main__ import main
 
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--endpoint", "tcp://127.0.0.1:*"]
-        + ["--model", "tiny", "--device", "cpu", "--keepalive-timeout", "2"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
+    proc = start_serve(log, "--keepalive-timeout", "2")
     try:
         assert select.select([proc.stdout], [], [], 180)[0], "engine did not start"
         ready = proc.stdout.readline()
