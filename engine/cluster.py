@@ -88,7 +88,9 @@ class _Runner(Server):
         return [json.dumps(header, separators=(",", ":")).encode(), *frames]
 
 
-@serve.deployment(max_ongoing_requests=1)  # one job at a time on a device, as in one process
+# one job at a time on a device, as in one process; a replica Serve stops (the application
+# deleted or redeployed) gives its edit, minutes long, only a moment: that job is lost
+@serve.deployment(max_ongoing_requests=1, graceful_shutdown_timeout_s=2)
 class EditReplica:
     def __init__(
         self, model: str, clip: str | None, unet_checkpoint: str | None, device: str, threads: int
