@@ -80,7 +80,9 @@ class _Runner(Server):
         self._start_worker()
 
     def _notify(self, kind: str, job: Job, reply: list | None) -> None:
-        self.sinks[job](kind, reply)
+        sink = self.sinks.get(job)
+        if sink is not None:  # else its stream is gone: the job was cancelled, nobody listens
+            sink(kind, reply)
 
     def _result(self, job: Job, variants: list) -> list:
         head, *frames = super()._result(job, variants)
@@ -120,19 +122,18 @@ class EditReplica:
         job.total = job.settings.steps - job.settings.skip
         self.runner.sinks[job] = lambda *e: loop.call_soon_threadsafe(events.put_nowait, e)
         self.runner._inbox.put(job)
-        yield "start", self.replica
+        ended = False
         try:
-            while True:
+            yield "start", self.replica
+            while not ended:
                 kind, reply = await events.get()
+                ended = kind != "progress"
                 yield kind, reply
-                if kind != "progress":
-                    return
-        except asyncio.CancelledError:  # the front end cancelled: stop the job within a step
-            job.cancel.set()
-            while (await events.get())[0] == "progress":  # free only once the job stopped
-                pass
-            raise
-        finally:
+        finally:  # cancelled, or the stream closed: the job stops within a step
+            if not ended:
+                job.cancel.set()
+                while (await events.get())[0] == "progress":  # free once it stopped
+                    pass
             del self.runner.sinks[job]
 
 
@@ -174,6 +175,8 @@ def deploy(
 ) -> tuple[DeploymentHandle, int]:
     """Start the replicas (each loads the models) and wait until they are ready: one a free GPU
     of the cluster, or `replicas` on CPU, each with an equal share of the free cores."""
+    if name in serve.status().applications:  # left by an engine that died: its devices back
+        serve.delete(name)
     resources = ray.available_resources()
     gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
     cpus = int(resources.get("CPU", 1))
