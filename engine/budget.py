@@ -63,6 +63,7 @@ class Facts:
     device: torch.device
     clip_image_size: int
     clip_copy_bytes: int
+    free_gb: float | None = None  # the device's free memory; None: asked when estimating
 
     @classmethod
     def of(cls, models: Models) -> Facts:
@@ -87,7 +88,7 @@ def estimate(
     if settings.guidance_mode == "full":
         unet = int(accel.activations_gb(facts.config.arch, batch, precision) * _GB)
         if accel.resolve_recompute(
-            settings.recompute, facts.config.arch, batch, precision, facts.device
+            settings.recompute, facts.config.arch, batch, precision, facts.device, facts.free_gb
         ):
             unet //= 10
     copies = batch * settings.augmentations

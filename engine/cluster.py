@@ -60,10 +60,11 @@ class Replica:
 
 @dataclass(frozen=True)
 class Described(budget.Facts):
-    """What the front end knows of the replicas' models: the budget's facts and hello's label."""
+    """What the front end knows of the replicas' models: the budget's facts, with the free
+    memory a replica's device had after loading (the front end cannot ask it), and hello's
+    label."""
 
-    label: str
-    free_bytes: int  # what the replica's device had free after loading
+    label: str = ""
 
 
 # -- the replica -------------------------------------------------------------------------------
@@ -110,9 +111,9 @@ class EditReplica:
         self.runner = _Runner(self.models, self.replica)
 
     def describe(self) -> Described:
-        facts = budget.Facts.of(self.models)
-        free = budget.available_bytes(self.models)
-        return Described(**vars(facts), label=self.models.label, free_bytes=free)
+        facts = vars(budget.Facts.of(self.models))
+        facts["free_gb"] = budget.available_bytes(self.models) / 2**30
+        return Described(**facts, label=self.models.label)
 
     async def run(self, request: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
         """("start", Replica), ("progress", frames)..., then (done|failed|cancelled, frames)."""
@@ -234,7 +235,7 @@ class ClusterServer(Server):
         self, handle: DeploymentHandle, slots: int, endpoint: str, *, app: str = APP, **options
     ) -> None:
         self.described: Described = handle.describe.remote().result()
-        options.setdefault("memory_budget", int(0.8 * self.described.free_bytes))
+        options.setdefault("memory_budget", int(0.8 * self.described.free_gb * 2**30))
         super().__init__(self.described, endpoint, **options)  # type: ignore[arg-type]
         self.handle, self.app = handle.options(stream=True), app
         self._queue = JobQueue(slots)
@@ -268,6 +269,7 @@ class ClusterServer(Server):
             else:
                 self._queue.remove(job)
                 self._finished(job, FAILED, error)
+        self._read_events()  # the running ones answered before the stop begins
         self.stop()
 
     def _hello(self) -> dict[str, Any]:
