@@ -13,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 from test_server import LONG, QUICK, client, first_progress, run_all, start_serve, submit
 
 from engine import protocol
@@ -52,6 +53,25 @@ def timed_pair(a: Client, b: Client) -> tuple[float, list]:
     jobs = [submit(a, settings={**TIMED, "seed": 1}), submit(b, settings={**TIMED, "seed": 2})]
     run_all([a, b], jobs)
     return time.perf_counter() - start, jobs
+
+
+def test_a_front_end_estimates_a_job_as_the_replica_would(tiny_models):
+    """The budget check runs where no models are: from a replica's description, with the free
+    memory its device had, never the front end's own device."""
+    from engine.budget import Facts, estimate
+    from engine.cluster import Described
+    from engine.edit import EditSettings
+
+    settings, mask = EditSettings(variants=2), np.zeros((64, 64), np.uint8)
+    mask[10:30, 10:40] = 255
+    facts = vars(Facts.of(tiny_models))
+    local = estimate(tiny_models, (64, 64, 4), mask, settings)
+    roomy = Described(**facts | {"free_gb": 1000.0}, label=tiny_models.label)
+    tight = Described(**facts | {"free_gb": 1e-6}, label=tiny_models.label)
+    assert local.parts["unet_activations"] > 0  # the tiny UNet fits here: no recompute
+    assert estimate(roomy, (64, 64, 4), mask, settings).parts == local.parts
+    tight_parts = estimate(tight, (64, 64, 4), mask, settings).parts
+    assert tight_parts["unet_activations"] == local.parts["unet_activations"] // 10  # recompute
 
 
 def test_two_clients_jobs_run_at_the_same_time_on_different_replicas(start_cluster_engine, capsys):
