@@ -41,7 +41,7 @@ from engine.server import Server
 
 APP = "blended-diffusion"  # the Serve application's name on the cluster
 _WATCH_S = 1.0  # how often the front end asks the cluster how it is
-_PATIENCE_S = 10.0  # silence after which the cluster counts as lost
+_PATIENCE_S = 15.0  # silence after which the cluster counts as lost (Ray's driver gives 60)
 _RETRIES = 3  # sends of a job that no replica started (it was routed to a dead one)
 
 
@@ -206,6 +206,9 @@ class _Watch:
         self.heard = time.monotonic()
         self.gone: str | None = None
         self.closed = threading.Event()
+
+    def start(self) -> None:
+        self.heard = time.monotonic()
         threading.Thread(target=self._watch, name="cluster-watch", daemon=True).start()
 
     def _watch(self) -> None:
@@ -236,7 +239,7 @@ class ClusterServer(Server):
     ) -> None:
         self.described: Described = handle.describe.remote().result()
         options.setdefault("memory_budget", int(0.8 * self.described.free_gb * 2**30))
-        super().__init__(self.described, endpoint, **options)  # type: ignore[arg-type]
+        super().__init__(self.described, endpoint, **options)
         self.handle, self.app = handle.options(stream=True), app
         self._queue = JobQueue(slots)
         self._lock = threading.Lock()
@@ -245,9 +248,10 @@ class ClusterServer(Server):
         self._answered: weakref.WeakSet[Job] = weakref.WeakSet()  # terminal message sent
         self.ran_on: weakref.WeakKeyDictionary[Job, Replica] = weakref.WeakKeyDictionary()
         self.lost: str | None = None
+        self._watch = _Watch(app)
 
     def _start_worker(self) -> None:
-        self._watch = _Watch(self.app)
+        self._watch.start()
 
     def _close(self) -> None:
         self._watch.closed.set()
