@@ -55,6 +55,26 @@ def timed_pair(a: Client, b: Client) -> tuple[float, list]:
     return time.perf_counter() - start, jobs
 
 
+def test_the_queue_runs_a_job_a_replica_serving_clients_in_turn():
+    from engine.jobs import DONE, Job, JobQueue
+
+    queue = JobQueue(slots=2)
+    greedy = [Job(b"a", f"a{i}", "p", None, None, None) for i in range(3)]
+    polite = Job(b"b", "b0", "p", None, None, None)
+    for job in [*greedy, polite]:
+        queue.add(job)
+    # jobs that must end before each starts: a0 and b0 start at once, a1 after one of them
+    assert [queue.position(j) for j in [*greedy, polite]] == [0, 1, 2, 0]
+    assert [queue.start_next(), queue.start_next(), queue.start_next()] == [
+        *greedy[:1],
+        polite,
+        None,
+    ]
+    assert queue.count(b"a") == 3 and len(queue) == 4
+    queue.finish(polite, DONE)
+    assert queue.start_next() is greedy[1] and queue.position(greedy[2]) == 1
+
+
 def test_a_front_end_estimates_a_job_as_the_replica_would(tiny_models):
     """The budget check runs where no models are: from a replica's description, with the free
     memory its device had, never the front end's own device."""
@@ -129,9 +149,7 @@ def test_a_cancel_reaches_the_replica_and_frees_it(start_cluster_engine, capsys)
         )
 
 
-def test_a_replica_killed_mid_job_fails_only_its_job_and_is_replaced(
-    start_cluster_engine, capsys
-):
+def test_a_replica_killed_mid_job_fails_only_its_job_and_is_replaced(start_cluster_engine, capsys):
     server = start_cluster_engine()
     survivor_settings = {**LONG, "steps": 60}
     with client(server.endpoint) as a, client(server.endpoint) as b:
