@@ -10,6 +10,8 @@ import os
 import re
 import select
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +55,15 @@ def timed_pair(a: Client, b: Client) -> tuple[float, list]:
     jobs = [submit(a, settings={**TIMED, "seed": 1}), submit(b, settings={**TIMED, "seed": 2})]
     run_all([a, b], jobs)
     return time.perf_counter() - start, jobs
+
+
+def test_the_single_process_engine_imports_nothing_of_ray():
+    code = (
+        "import sys, engine.__main__, engine.server, engine.client; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]", out.stderr
 
 
 def test_the_queue_runs_a_job_a_replica_serving_clients_in_turn():
