@@ -242,6 +242,23 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="GiB a job may use at its peak (default: 80%% of the free memory at start)",
     )
+    g = p.add_argument_group("cluster (pip install .[cluster]; README: several GPUs and machines)")
+    g.add_argument(
+        "--cluster",
+        metavar="ADDRESS|auto",
+        help="run the jobs on Ray Serve replicas: the Ray cluster at ADDRESS (HOST:6379, from "
+        "`ray start --head`), or `auto`: a Ray started here for this engine",
+    )
+    g.add_argument(
+        "--replicas",
+        type=int,
+        help="replicas, each loading the models (default: one per GPU of the cluster, else 1)",
+    )
+    g.add_argument(
+        "--app",
+        default="blended-diffusion",
+        help="the Serve application's name: one per engine sharing a cluster (default %(default)s)",
+    )
     p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("keys", help="create CURVE key pairs for a remote engine")

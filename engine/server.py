@@ -163,7 +163,7 @@ class Server:
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(self._wake, zmq.POLLIN)
         try:
-            while self._deadline is None or self._queue.running is not None:
+            while self._deadline is None or self._queue.running:
                 if self._stop.is_set() and self._deadline is None:
                     self._begin_shutdown()
                 if self._deadline is not None and time.monotonic() > self._deadline:
@@ -192,8 +192,8 @@ class Server:
 
     def _abandon_running_job(self) -> None:
         """The running step did not reach a cancel check in time: answer for it and leave."""
-        job = self._queue.finish(CANCELLED)
-        if job is not None:
+        for job in list(self._queue.running):
+            self._queue.finish(job, CANCELLED)
             self.log(f"job {job.id}: its step did not stop within {self.shutdown_grace:g} s")
             self._finished(job, CANCELLED, self._cancelled(job))
 
@@ -256,7 +256,7 @@ class Server:
                 for j in self._queue.active()
                 if j.client == client
             ]
-            fields = {"queue": len(self._queue), "busy": self._queue.running is not None}
+            fields = {"queue": len(self._queue), "busy": bool(self._queue.running)}
             self._send(client, protocol.encode("status", {**fields, "jobs": jobs}))
         elif kind == "cancel":
             job = self._queue.find(client, job_id)
@@ -384,8 +384,8 @@ class Server:
         """A worker that died (it never should) fails its job and is replaced."""
         if self._worker.is_alive():
             return
-        job = self._queue.finish(FAILED)
-        if job is not None:
+        for job in list(self._queue.running):  # the worker's one job
+            self._queue.finish(job, FAILED)
             self._finished(job, FAILED, protocol.error(protocol.INTERNAL, "worker died", job.id))
         self.log("the worker thread died: starting another")
         self._start_worker()
@@ -393,10 +393,13 @@ class Server:
     def _dispatch(self) -> None:
         if self._deadline is not None:  # stopping: nothing new starts
             return
-        job = self._queue.start_next()
-        if job is not None:
+        while (job := self._queue.start_next()) is not None:
             self._record("start", job)
-            self._inbox.put(job)
+            self._begin(job)
+
+    def _begin(self, job: Job) -> None:
+        """Where a job runs: the worker thread (engine/cluster.py: a Ray Serve replica)."""
+        self._inbox.put(job)
 
     def _read_events(self) -> None:
         try:
@@ -412,7 +415,7 @@ class Server:
             if kind == "progress":
                 self._send(job.client, reply)
             else:
-                self._queue.finish(kind)
+                self._queue.finish(job, kind)
                 self._finished(job, kind, self._cancelled(job) if kind == CANCELLED else reply)
 
     # -- worker thread -----------------------------------------------------------------------
@@ -530,6 +533,15 @@ def serve(args: Any) -> int:
     if args.curve or not is_loopback(args.endpoint):
         curve = keys.load_server_keys(Path(args.keys) if args.keys else default_key_dir())
     check_endpoint(args.endpoint, curve)  # before minutes of model loading
+    if args.cluster:  # the jobs run on Ray Serve replicas; the front end loads no models
+        try:
+            from engine.cluster import serve_cluster
+        except ModuleNotFoundError as e:
+            raise ValueError(
+                f"--cluster needs Ray Serve ({e}): `python install.py --cluster`, or "
+                "`pip install '.[cluster]'`"
+            ) from None
+        return serve_cluster(args, curve)
     models = load_models(
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
     )
