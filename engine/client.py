@@ -81,6 +81,7 @@ class Preview:
     width: int
     height: int
     png: bytes  # engine/plugin/png.py decodes it without numpy; Qt's QImage.fromData too
+    box: tuple[int, int, int, int]  # x, y, width, height in the submitted image: what it shows
 
 
 @dataclass(eq=False)
@@ -431,11 +432,11 @@ class Client:
         event = Event(kind, job_id, job)
         if kind == "progress":
             event.step, event.total = msg.header.get("step", 0), msg.header.get("total", 0)
+            box = msg.header.get("box") or {}
+            at = tuple(box.get(k, 0) for k in ("x", "y", "width", "height"))
             event.previews = [
-                Preview(
-                    p["variant"], p["seed"], p["distance"], event.step, f.width, f.height,
-                    f.packed(),
-                )  # fmt: skip
+                Preview(p["variant"], p["seed"], p["distance"], event.step, f.width, f.height,
+                        f.packed(), at)  # fmt: skip
                 for p, f in zip(msg.header.get("previews", []), msg.frames, strict=True)
             ]
         elif kind == "error":

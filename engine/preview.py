@@ -28,6 +28,7 @@ class Preview:
     seed: int
     rgba: np.ndarray  # h x w x 4 uint8: the selection's box, composited over the source
     distance: float | None  # CLIP distance of the estimate, as results are ranked (None: NaN)
+    box: region.Box  # what it shows: the selection's bounds in the picture, at image scale
 
 
 def size_for(box: region.Box, max_side: int) -> tuple[int, int]:
@@ -85,7 +86,8 @@ class Previewer:
             rgba[..., :3] += edit * alpha
             rgba[..., 3:] += 255 * alpha
             dist = dist if math.isfinite(dist) else None
-            out.append(Preview(i, self.seeds[i], (rgba + 0.5).astype(np.uint8), dist))
+            picture = (rgba + 0.5).astype(np.uint8)
+            out.append(Preview(i, self.seeds[i], picture, dist, self.sel))
         return out
 
 

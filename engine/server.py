@@ -464,7 +464,10 @@ class Server:
                 and now - shown["t"] >= protocol.PREVIEW_INTERVAL
             ):
                 shown.update(step=done, t=now)
-                progress["previews"], frames = self._previews(previews(asked["max_side"]))
+                shown_now = previews(asked["max_side"])
+                progress["previews"], frames = self._previews(shown_now)
+                box = shown_now[0].box
+                progress["box"] = {"x": box.x, "y": box.y, "width": box.w, "height": box.h}
                 self._record("preview", job, t=now)
             self._notify("progress", job, protocol.encode("progress", progress, frames))
 

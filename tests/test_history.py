@@ -14,7 +14,7 @@ SETTINGS = {"variants": 3, "seed": 40, "steps": 50, "skip": 10}
 
 def previews(step: int, distances: list[float | None]) -> list[Preview]:
     return [
-        Preview(i, 40 + i, d, step, 8, 4, f"png {step} {i}".encode())
+        Preview(i, 40 + i, d, step, 8, 4, f"png {step} {i}".encode(), (0, 0, 16, 8))
         for i, d in enumerate(distances)
     ]
 

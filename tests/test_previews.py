@@ -58,6 +58,7 @@ def test_previews_arrive_when_asked_sized_and_composited_over_the_source(start_e
         for p in event.previews:
             assert (p.width, p.height) == (128, 64)  # 300 x 150 at most 128 on its longer side
             assert p.step == event.step and isinstance(p.distance, float)
+            assert p.box == (10, 20, 300, 150)  # the selection's bounds in the image
             with Image.open(io.BytesIO(p.png)) as im:
                 assert im.format == "PNG" and im.size == (128, 64)
                 pixels = np.asarray(im.convert("RGBA"))

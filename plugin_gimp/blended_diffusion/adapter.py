@@ -20,6 +20,7 @@ from engine.plugin.wording import ResultLayer  # noqa: E402
 PIXELS = "R'G'B'A u8"  # what the engine takes (RGBA8); babl converts from any precision
 MASK = "Y u8"  # the selection's coverage: 0 keep, 255 edit, linear like the channel itself
 MODES = {Gimp.ImageBaseType.GRAY: "grayscale", Gimp.ImageBaseType.INDEXED: "indexed"}
+PREVIEW = "Blended Diffusion preview (temporary)"
 
 
 class GimpHost:
@@ -49,6 +50,7 @@ class GimpHost:
         _, x, y = drawable.get_offsets()
         self.offsets = (x, y)
         self.size = (drawable.get_width(), drawable.get_height())
+        self._preview: Gimp.Layer | None = None
 
     def selection_bounds(self) -> Rect | None:
         _, selected, x1, y1, x2, y2 = Gimp.Selection.bounds(self.image)
@@ -68,6 +70,44 @@ class GimpHost:
     def progress(self, fraction: float, text: str) -> None:
         Gimp.progress_set_text(text)
         Gimp.progress_update(fraction)
+
+    def show_preview(self, box: Rect, width: int, height: int, rgba: bytes) -> None:
+        """The preview, stretched over `box` (drawable coordinates), in one layer above the
+        source, changed with the image's undo frozen: none of it enters the undo history.
+        Frozen only while it changes, so a plug-in killed meanwhile leaves the undo working."""
+        image = self.image
+        image.undo_freeze()
+        try:
+            layer = self._preview
+            if layer is None:
+                layer = Gimp.Layer.new(image, PREVIEW, width, height, Gimp.ImageType.RGBA_IMAGE,
+                                       100.0, Gimp.LayerMode.NORMAL)  # fmt: skip
+                position = image.get_item_position(self.drawable)
+                image.insert_layer(layer, self.drawable.get_parent(), position)
+                self._preview = layer
+                image.set_selected_layers([self.drawable])  # the source stays the active layer
+            else:
+                layer.scale(width, height, False)  # back to the picture's own size
+            buffer = layer.get_buffer()
+            buffer.set(Gegl.Rectangle.new(0, 0, width, height), PIXELS, rgba)
+            buffer.flush()
+            layer.scale(box.width, box.height, False)
+            layer.set_offsets(box.x + self.offsets[0], box.y + self.offsets[1])
+            layer.update(0, 0, box.width, box.height)
+        finally:
+            image.undo_thaw()
+        Gimp.displays_flush()
+
+    def remove_preview(self) -> None:
+        if self._preview is None:
+            return
+        self.image.undo_freeze()
+        try:
+            self.image.remove_layer(self._preview)
+        finally:
+            self.image.undo_thaw()
+        self._preview = None
+        Gimp.displays_flush()
 
     def add_layers(self, layers: Sequence[ResultLayer]) -> None:
         """The results just above the source layer, best on top, as one undo step."""
