@@ -15,7 +15,7 @@ from flow import EditError  # noqa: E402
 from gi.repository import Gegl, Gimp  # noqa: E402
 
 from engine.plugin.geometry import Rect  # noqa: E402
-from engine.plugin.wording import ResultLayer  # noqa: E402
+from engine.plugin.wording import GROUP_PREFIX, ResultLayer  # noqa: E402
 
 PIXELS = "R'G'B'A u8"  # what the engine takes (RGBA8); babl converts from any precision
 MASK = "Y u8"  # the selection's coverage: 0 keep, 255 edit, linear like the channel itself
@@ -51,6 +51,7 @@ class GimpHost:
         self.offsets = (x, y)
         self.size = (drawable.get_width(), drawable.get_height())
         self._preview: Gimp.Layer | None = None
+        remove_leftover_previews(image)
 
     def selection_bounds(self) -> Rect | None:
         _, selected, x1, y1, x2, y2 = Gimp.Selection.bounds(self.image)
@@ -109,14 +110,17 @@ class GimpHost:
         self._preview = None
         Gimp.displays_flush()
 
-    def add_layers(self, layers: Sequence[ResultLayer]) -> None:
-        """The results just above the source layer, best on top, as one undo step."""
-        parent = self.drawable.get_parent()
-        position = self.image.get_item_position(self.drawable)
+    def add_layers(self, layers: Sequence[ResultLayer], group_name: str) -> None:
+        """The results in a layer group just above the source layer, best on top, as one undo
+        step."""
         self.image.undo_group_start()
         try:
-            # each insert at the source's old place pushes the earlier ones down: worst first
-            # leaves the best on top, and active as the last one inserted
+            group = Gimp.GroupLayer.new(self.image, group_name)
+            self.image.insert_layer(group, self.drawable.get_parent(),
+                                    self.image.get_item_position(self.drawable))  # fmt: skip
+            parent, position = group, 0
+            # each insert at the top pushes the earlier ones down: worst first leaves the best
+            # on top, and active as the last one inserted
             for result in reversed(layers):
                 layer = Gimp.Layer.new(
                     self.image,
@@ -138,3 +142,41 @@ class GimpHost:
         finally:
             self.image.undo_group_end()
         Gimp.displays_flush()
+
+
+def remove_leftover_previews(image: Gimp.Image) -> None:
+    """A preview layer a killed run left (GIMP's Cancel kills the plug-in before it can remove
+    it): removed, outside the undo history, when the next run starts."""
+    leftovers = [la for la in image.get_layers() if la.get_name() == PREVIEW]
+    if not leftovers:
+        return
+    image.undo_freeze()
+    try:
+        for layer in leftovers:
+            image.remove_layer(layer)
+    finally:
+        image.undo_thaw()
+
+
+def keep_visible_variant(image: Gimp.Image, drawables: Sequence[Gimp.Drawable]) -> str:
+    """Of the run the active layer belongs to (its result group), only the visible variant
+    stays, in one undo group; returns its name."""
+    layer = drawables[0] if len(drawables) == 1 else None
+    group = layer if isinstance(layer, Gimp.GroupLayer) else layer and layer.get_parent()
+    if group is None or not group.get_name().startswith(GROUP_PREFIX):
+        raise EditError("Select a layer of a Blended Diffusion run (or its group) first.")
+    children = group.get_children()
+    visible = [c for c in children if c.get_visible()]
+    if len(visible) != 1:
+        raise EditError(
+            f"{len(visible)} variants of this run are visible: show only the one to keep."
+        )
+    image.undo_group_start()
+    try:
+        for child in children:
+            if child != visible[0]:
+                image.remove_layer(child)
+    finally:
+        image.undo_group_end()
+    Gimp.displays_flush()
+    return visible[0].get_name()
