@@ -115,7 +115,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
         )
 
         def render() -> None:  # what the server does for a progress message with previews
-            for shown in previewer(estimate["x0"], 128):
+            for shown in previewer(estimate["x0"], 128, guide.take_seen()):
                 preview.encode_png(shown.rgba)
 
     x = randn(g, source.shape[1:])
@@ -130,6 +130,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
                 times.append(elapsed)
                 if part == "engine":
                     preview_times.append(_timed(render, dev))
+            guide.take_seen()  # the warm-up's (and the reference's) distances: not previewed
         peak = _peak_rss_mb()
         parts = (
             _breakdown(engine_unet, guide, mask, x, t, opts["guidance_mode"], dev)

@@ -175,8 +175,9 @@ def run_edit(
     def step(done: int, total: int, x0: torch.Tensor) -> None:
         if not torch.isfinite(x0).all():
             raise _diverged(settings, default_weight, f"at step {done} of {total}")
+        distances = guide.take_seen()  # this step's guidance distances (None: unguided)
         if on_step:
-            on_step(done, total, lambda max_side: previewer(x0, max_side))
+            on_step(done, total, lambda max_side: previewer(x0, max_side, distances))
 
     check()
     with (

@@ -2,10 +2,11 @@
 
 The sampler predicts each variant's final picture (x0) at every step. A preview is that estimate
 over the selection's bounding box, composited through the selection's alpha over the source (as
-the result layer would be), at most `max_side` pixels on its longer side, with the same CLIP
-distance the final ranking uses, so a host can show the best so far. The source and alpha at
-preview scale are made once per size; a preview then costs a resample of the small canvas, one
-unaugmented CLIP forward per variant and a PNG encode.
+the result layer would be), at most `max_side` pixels on its longer side, with a CLIP distance so
+a host can show the best so far: the step's own guidance distance when the step was guided (free:
+the guidance computed it), else the distance the final ranking uses (one CLIP forward per
+variant). The source and alpha at preview scale are made once per size; a preview then costs a
+resample of the small canvas and a PNG encode.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Preview:
     variant: int  # index in seed order (the seed is the job's + variant)
     seed: int
     rgba: np.ndarray  # h x w x 4 uint8: the selection's box, composited over the source
-    distance: float | None  # CLIP distance of the estimate, as results are ranked (None: NaN)
+    distance: float | None  # CLIP distance of the estimate (None: NaN)
     box: region.Box  # what it shows: the selection's bounds in the picture, at image scale
 
 
@@ -73,11 +74,16 @@ class Previewer:
             )
         return self._under[max_side]
 
-    def __call__(self, x0: torch.Tensor, max_side: int) -> list[Preview]:
+    def __call__(
+        self, x0: torch.Tensor, max_side: int, guided: torch.Tensor | None = None
+    ) -> list[Preview]:
+        """`guided`: the step's guidance distances per variant (Guide.take_seen), if any."""
         under, alpha = self._source(max_side)
         size = under.shape[1::-1]
         x0 = x0.detach().float().clamp(-1, 1)
-        dists = self.guide.rank_distance(x0 * self.mask_t, self.prompt).tolist()
+        if guided is None or len(guided) != len(x0):
+            guided = self.guide.rank_distance(x0 * self.mask_t, self.prompt)
+        dists = guided.float().tolist()
         canvases = x0.permute(0, 2, 3, 1).cpu().numpy()
         out = []
         for i, (canvas, dist) in enumerate(zip(canvases, dists, strict=True)):

@@ -69,6 +69,24 @@ def test_keep_discard_again_and_vary():
         history.keep(running, running.shot(40))
 
 
+class Wrapper:
+    """Like Krita's Document: a new wrapper per call, equal when the document is, unhashable."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Wrapper) and other.name == self.name
+
+    __hash__ = None
+
+
+def test_documents_are_told_apart_by_equality_not_by_hash():
+    history = History()
+    run = history.start(Wrapper("a"), "x", SETTINGS)
+    assert history.runs(Wrapper("a")) == [run] and history.runs(Wrapper("b")) == []
+
+
 def test_each_document_has_its_own_runs_and_only_the_newest_are_kept():
     history = History()
     for _ in range(LIMIT + 5):

@@ -92,26 +92,34 @@ class Run:
 
 
 class History:
-    """The runs of each open document since the host started (newest first)."""
+    """The runs of each open document since the host started (newest first). Documents are
+    told apart by `==`, not by hash: a host's document wrappers (Krita's) compare equal but
+    are not hashable, and each call may return a new wrapper of the same document."""
 
     def __init__(self) -> None:
-        self._runs: dict[Any, list[Run]] = {}
+        self._runs: list[tuple[Any, list[Run]]] = []
         self._next = 1
+
+    def _of(self, document: Any) -> list[Run] | None:
+        return next((runs for doc, runs in self._runs if doc == document), None)
 
     def start(self, document: Any, prompt: str, settings: dict[str, Any], source=None) -> Run:
         run = Run(self._next, prompt, dict(settings), source=source)
         self._next += 1
-        runs = self._runs.setdefault(document, [])
+        runs = self._of(document)
+        if runs is None:
+            runs = []
+            self._runs.append((document, runs))
         runs.insert(0, run)
         del runs[LIMIT:]
         return run
 
     def runs(self, document: Any) -> list[Run]:
         """The document's runs still in it, newest first."""
-        return [r for r in self._runs.get(document, []) if r.state != DISCARDED]
+        return [r for r in self._of(document) or [] if r.state != DISCARDED]
 
     def forget(self, document: Any) -> None:
-        self._runs.pop(document, None)
+        self._runs = [(doc, runs) for doc, runs in self._runs if doc != document]
 
     @staticmethod
     def keep(run: Run, shot: Shot) -> str:

@@ -315,7 +315,10 @@ class BlendedDiffusionDocker(DockWidget):
         self._show_runs()
 
     def _show_runs(self) -> None:
-        self.runs.show_runs(HISTORY.runs(document.active_document()))
+        try:
+            self.runs.show_runs(HISTORY.runs(document.active_document()))
+        except Exception as e:  # never into Qt: Krita shows a modal dialog for it
+            self._message(wording.describe(e), FAILED)
 
     def cancel(self) -> None:
         dropped, self._waiting = len(self._waiting), []

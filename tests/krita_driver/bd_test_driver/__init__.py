@@ -38,6 +38,9 @@ class Driver:
 
     def check(self, name: str, ok: bool, detail: object = "") -> bool:
         self.checks.append({"name": name, "ok": bool(ok), "detail": str(detail)[:2000]})
+        # so far, for a Krita that never gets to the verdict (a hang, the outer timeout)
+        with open(os.path.join(self.config["out"], "checks-so-far.json"), "w") as f:
+            json.dump(self.checks, f, indent=1)
         return ok
 
     # -- helpers -----------------------------------------------------------------------------
