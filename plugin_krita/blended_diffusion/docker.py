@@ -362,7 +362,7 @@ class BlendedDiffusionDocker(DockWidget):
             self.last_seed.setText(f"last: {progress.seed}")
         run = self._run
         if run is not None:
-            if progress.previews:
+            if progress.previews and progress.state in ACTIVE:
                 run.preview(progress.previews)
             if progress.state in (FAILED, CANCELLED):  # nothing reached the document
                 HISTORY.discard(run)

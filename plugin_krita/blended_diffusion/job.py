@@ -158,7 +158,8 @@ class Controller:
             client = self._client_for(request.endpoint)
         except (ImportError, ValueError) as e:
             return self._finish(FAILED, wording.describe(e))
-        self._update(SUBMITTING, f"Sending to {request.endpoint}…", step=0, total=0, error=False)
+        self._update(SUBMITTING, f"Sending to {request.endpoint}…", step=0, total=0, error=False,
+                     previews=[])  # fmt: skip  (the last job's are not this one's)
         self._call = Background(lambda: self._submit(client, request, pixels))
 
     def cancel(self) -> None:
