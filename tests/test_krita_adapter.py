@@ -190,11 +190,11 @@ class FakeKrita:
         return types.SimpleNamespace(trigger=self.flatten_active)
 
     def flatten_active(self) -> None:
-        """Krita's Flatten Layer on the active group: one command, a paint layer of the group's
-        name holding what its visible children show (the real test checks it)."""
+        """Krita's Flatten Layer on the active group: one command, a paint layer "<group>
+        Merged" holding what its visible children show (as seen in real Krita 5.2.9)."""
         doc = self.activeDocument()
         group = doc.active
-        flat = FakeNode(doc, group.name(), "paintlayer")
+        flat = FakeNode(doc, f"{group.name()} Merged", "paintlayer")
         for child in group.children:  # bottom first: the upper ones cover
             if child.visible():
                 flat.pixels.update(child.pixels)

@@ -181,8 +181,8 @@ def keep(export: Export, layer: str) -> None:
     doc.setActiveNode(group)
     host().action("flatten_layer").trigger()
     doc.waitForDone()
-    kept = doc.activeNode()
-    if kept is not None and kept.name() == group.name():
+    kept = doc.activeNode()  # Krita names it "<group> Merged"
+    if kept is not None and kept.name().startswith(group.name()):
         kept.setName(layer)
     export.group = None
     doc.refreshProjection()
