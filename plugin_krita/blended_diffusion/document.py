@@ -177,13 +177,14 @@ def keep(export: Export, layer: str) -> None:
     Flatten Layer turns the group into one layer holding just that variant (one command; each
     libkis remove() would be one more)."""
     group, doc = _result_group(export), export.document
+    parent, name = group.parentNode(), group.name()
     show_only(export, layer)
     doc.setActiveNode(group)
     host().action("flatten_layer").trigger()
     doc.waitForDone()
-    kept = doc.activeNode()  # Krita names it "<group> Merged"
-    if kept is not None and kept.name().startswith(group.name()):
-        kept.setName(layer)
+    for node in parent.childNodes():  # Krita names the flattened layer "<group> Merged"
+        if node.type() == "paintlayer" and node.name().startswith(name):
+            node.setName(layer)
     export.group = None
     doc.refreshProjection()
 
