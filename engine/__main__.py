@@ -73,6 +73,8 @@ def _read_inputs(image_path: str, mask_path: str):
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    if args.previews and not args.engine:
+        raise ValueError("--previews needs --engine: previews come from a running engine")
     from tqdm import tqdm
 
     from engine import region
@@ -99,7 +101,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     print(f"models: {models.label} on {models.device}", file=sys.stderr)
     bar = tqdm(total=settings.steps - settings.skip, desc="denoising", unit="step", file=sys.stderr)
 
-    def on_step(done: int, total: int) -> None:
+    def on_step(done: int, total: int, _previews) -> None:
         bar.update(done - bar.n)
 
     variants = run_edit(models, image, mask, args.prompt, settings, on_step)
@@ -137,6 +139,8 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
     from engine.edit import Variant
 
     height, width, channels = image.shape
+    if args.previews:
+        Path(args.previews).mkdir(parents=True, exist_ok=True)
     with connect(args.engine) as client:
         info = client.hello()
         print(f"models: {info['models']} on {info['device']} at {args.engine}", file=sys.stderr)
@@ -152,11 +156,20 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
                 if v is not None and k not in ("precision", "recompute", "batch")
             },
             image_format="RGBA8" if channels == 4 else "RGB8",
+            previews={"every": args.preview_every} if args.previews else None,
         )
         bar = tqdm(
             total=settings.steps - settings.skip, desc="denoising", unit="step", file=sys.stderr
         )
-        client.wait(job, on_event=lambda e: e.type == "progress" and bar.update(e.step - bar.n))
+
+        def on_event(event) -> None:
+            if event.type == "progress":
+                bar.update(event.step - bar.n)
+                for p in event.previews:  # as the engine sent them: PNG bytes
+                    name = f"step-{p.step:04d}-variant-{p.variant}.png"
+                    (Path(args.previews) / name).write_bytes(p.png)
+
+        client.wait(job, on_event=on_event)
         bar.close()
     variants = [
         Variant(
@@ -212,6 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="folder for rank-N.png and scores.json")
     p.add_argument(
         "--engine", metavar="tcp://HOST:PORT", help="edit through a running engine (`serve`)"
+    )
+    p.add_argument(
+        "--previews",
+        metavar="DIR",
+        help="with --engine: write each preview received as DIR/step-NNNN-variant-I.png",
+    )
+    p.add_argument(
+        "--preview-every", type=int, default=1, help="ask for a preview at most every N steps"
     )
     _add_model_args(p)
     _add_settings_args(p)

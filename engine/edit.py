@@ -17,7 +17,12 @@ import torch
 from engine import accel, devices, region
 from engine.guidance import Guide
 from engine.models import Models
+from engine.preview import Preview, Previewer
 from engine.sampler import blended_diffusion
+
+# what a step reports: (done, total, previews), where previews(max_side) renders the variants'
+# current estimates on demand (engine/preview.py), so a step nobody previews costs nothing more
+StepReport = Callable[[int, int, Callable[[int], list[Preview]]], None]
 
 SAMPLERS = ("ddpm", "ddim")
 GUIDANCE_MODES = ("full", "fast")
@@ -124,7 +129,7 @@ def run_edit(
     mask: np.ndarray,
     prompt: str,
     settings: EditSettings,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: StepReport | None = None,
     check: Callable[[], None] | None = None,
 ) -> list[Variant]:
     """Edit `image` (HxWx3|4 uint8) inside `mask` (HxW uint8, soft edges allowed).
@@ -134,10 +139,10 @@ def run_edit(
     alpha x edit + (1 - alpha) x source. Transparent pixels reach the model over mid-grey.
 
     Variant i draws its noise and augmentations from seed + i alone: at batch 1 that seed,
-    with variants 1, reproduces the variant's pixels. `on_step(done, total)` follows the
-    denoising; `check()` is called before every UNet and CLIP image forward and between the
-    other phases; raising in either aborts. Raises Diverged when the sample turns NaN or
-    infinite.
+    with variants 1, reproduces the variant's pixels. `on_step(done, total, previews)` follows
+    the denoising (`previews(max_side)` renders the variants' estimates at that step);
+    `check()` is called before every UNet and CLIP image forward and between the other phases;
+    raising in either aborts. Raises Diverged when the sample turns NaN or infinite.
     """
     check = check or (lambda: None)
     settings.check()
@@ -155,6 +160,7 @@ def run_edit(
     seen = torch.from_numpy(region.seen_on_canvas(mask, box, canvas))[None, None].to(dev)
     seeds = [seed + i for i in range(settings.variants)]
     guide = Guide(models.clip, settings.augmentations)
+    previewer = Previewer(guide, prompt, image, mask, box, sel, mask_t, seeds)
     precision = devices.resolve_precision(settings.precision, dev)
     batch = min(settings.batch, settings.variants)
     recompute = accel.resolve_recompute(
@@ -170,8 +176,9 @@ def run_edit(
     def step(done: int, total: int, x0: torch.Tensor) -> None:
         if not torch.isfinite(x0).all():
             raise _diverged(settings, default_weight, f"at step {done} of {total}")
+        distances = guide.take_seen()  # this step's guidance distances (None: unguided)
         if on_step:
-            on_step(done, total)
+            on_step(done, total, lambda max_side: previewer(x0, max_side, distances))
 
     check()
     with (

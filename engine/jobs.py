@@ -36,6 +36,7 @@ class Job:
     cancel_reason: str = ""  # client | disconnected | keepalive | shutdown
     submitted: float = field(default_factory=time.monotonic)
     held: int = 0  # bytes this job holds while it waits (its image and mask)
+    previews: dict[str, int] | None = None  # submit's `previews`: every, max_side (None: off)
 
     @property
     def key(self) -> tuple[bytes, str]:

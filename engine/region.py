@@ -168,14 +168,18 @@ def seen_on_canvas(mask: np.ndarray, box: Box, canvas: tuple[int, int]) -> np.nd
     return F.adaptive_avg_pool2d(alpha[None, None], canvas[::-1])[0, 0].numpy()
 
 
-def from_model(result: np.ndarray, box: Box, sel: Box) -> np.ndarray:
-    """An edited canvas (HxWx3 in [-1, 1]) back at image scale, cut to `sel` (uint8)."""
+def from_model(
+    result: np.ndarray, box: Box, sel: Box, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """An edited canvas (HxWx3 in [-1, 1]) back at image scale, cut to `sel` (uint8); at
+    `size` (width, height) instead of the image's scale when given (previews)."""
     rgb = np.clip((result + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
     # only the selection's part of the canvas is resampled: memory bounded by the selection
     sx, sy = rgb.shape[1] / box.w, rgb.shape[0] / box.h
     x, y = (sel.x - box.x) * sx, (sel.y - box.y) * sy
     source = (x, y, x + sel.w * sx, y + sel.h * sy)
-    resized = Image.fromarray(rgb).resize((sel.w, sel.h), Image.Resampling.LANCZOS, box=source)
+    size = size or (sel.w, sel.h)
+    resized = Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS, box=source)
     return np.asarray(resized)
 
 

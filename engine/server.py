@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine import __version__, budget, devices, protocol, region
+from engine import __version__, budget, devices, preview, protocol, region
 from engine.client import default_key_dir
 from engine.edit import Diverged, EditSettings, run_edit
 from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueue
@@ -322,6 +322,7 @@ class Server:
                 job_id,
             )
         job = Job(client, job_id, msg.header["prompt"], image, mask, settings, held=cost.held)
+        job.previews = msg.header["previews"]
         job.total = settings.steps - settings.skip
         position = self._queue.add(job)
         self._send(client, protocol.encode("accepted", {"job": job_id, "position": position}))
@@ -450,13 +451,28 @@ class Server:
             if job.cancel.is_set():
                 raise Cancelled
 
-        def on_step(done: int, total: int) -> None:
+        shown = {"step": 0, "t": -protocol.PREVIEW_INTERVAL}  # the last preview sent
+
+        def on_step(done: int, total: int, previews: Callable) -> None:
             job.step, job.total = done, total
             if timed:
                 step_time(done)
             check()
-            progress = {"job": job.id, "step": done, "total": total}
-            self._notify("progress", job, protocol.encode("progress", progress))
+            progress: dict[str, Any] = {"job": job.id, "step": done, "total": total}
+            frames: list[Pixels] = []
+            asked, now = job.previews, time.monotonic()
+            if (
+                asked
+                and done - shown["step"] >= asked["every"]
+                and now - shown["t"] >= protocol.PREVIEW_INTERVAL
+            ):
+                shown.update(step=done, t=now)
+                shown_now = previews(asked["max_side"])
+                progress["previews"], frames = self._previews(shown_now)
+                box = shown_now[0].box
+                progress["box"] = {"x": box.x, "y": box.y, "width": box.w, "height": box.h}
+                self._record("preview", job, t=now)
+            self._notify("progress", job, protocol.encode("progress", progress, frames))
 
         s = job.settings
         try:
@@ -483,6 +499,17 @@ class Server:
         except Exception as e:
             self.log(f"job {job.id} failed: {traceback.format_exc()}")
             return FAILED, protocol.error(protocol.INTERNAL, f"the edit failed: {e}", job.id)
+
+    @staticmethod
+    def _previews(shown: list[preview.Preview]) -> tuple[list[dict], list[Pixels]]:
+        """A progress message's `previews` entries and their PNG frames."""
+        entries = [{"variant": p.variant, "seed": p.seed, "distance": p.distance} for p in shown]
+        frames = [
+            Pixels(p.rgba.shape[1], p.rgba.shape[0], "PNG", preview.encode_png(p.rgba),
+                   name=f"preview-{p.variant}")
+            for p in shown
+        ]  # fmt: skip
+        return entries, frames
 
     def _result(self, job: Job, variants: list) -> list:
         frames = [

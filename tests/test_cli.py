@@ -116,6 +116,14 @@ def test_bench_prints_both_formulations_measured_in_one_run():
     assert set(result["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx"}
     if "avx2" in Path("/proc/cpuinfo").read_text():
         assert "avx2" in result["cpu_flags"]
+    # previews timed apart from the step they follow: their cost is a ratio of the step
+    assert result["preview_s"] > 0
+    assert result["preview_cost"] == pytest.approx(
+        result["preview_s"] / result["engine_step_s"], rel=0.1
+    )
+    assert "previews (a preview every step, worst case)" in engine(
+        "bench", "--model", "tiny", "--steps", "1", "--no-breakdown"
+    ).stdout
 
 
 def test_a_variants_reported_seed_alone_reproduces_its_pixels(picture, tmp_path):

@@ -286,6 +286,9 @@ def test_cancel_in_gimp_kills_the_plug_in_and_the_engine_drops_the_job(gimp, tin
             assert time.monotonic() < deadline, f"the engine kept the job:\n{log.read_text()}"
             time.sleep(0.1)
 
-    gimp.batch("cancel", {"BD_ENDPOINT": endpoint}, False, during=kill_plugin_mid_job)
+    dead = f"tcp://127.0.0.1:{free_port()}"  # the next run, which removes a preview left behind
+    env = {"BD_ENDPOINT": endpoint, "BD_DEAD_ENDPOINT": dead}
+    verdict = gimp.batch("cancel", env, False, during=kill_plugin_mid_job)
+    print(f"\npreview layer left by the kill: {verdict['preview_left_by_the_kill']}")
     line = next(x for x in log.read_text().splitlines() if ORPHANED.search(x))
     assert "cancelled" in line, line

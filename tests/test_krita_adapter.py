@@ -129,6 +129,15 @@ class FakeNode:
         for n in nodes:
             n.parent = self
 
+    def setName(self, name: str) -> None:
+        self._name = name
+
+    def remove(self) -> bool:
+        self.doc.undo_steps += 1  # one undo command
+        self.parent.children.remove(self)
+        self.parent = None
+        return True
+
 
 class FakeDocument:
     def __init__(self, w: int = 64, h: int = 48, model: str = "RGBA", depth: str = "U8") -> None:
@@ -195,6 +204,25 @@ class FakeKrita:
 
     def writeSetting(self, group: str, key: str, value: str) -> None:
         self.settings[(group, key)] = value
+
+    def action(self, name: str):
+        assert name == "flatten_layer"
+        return types.SimpleNamespace(trigger=self.flatten_active)
+
+    def flatten_active(self) -> None:
+        """Krita's Flatten Layer on the active group: one command, a paint layer "<group>
+        Merged" holding what its visible children show (as seen in real Krita 5.2.9)."""
+        doc = self.activeDocument()
+        group = doc.active
+        flat = FakeNode(doc, f"{group.name()} Merged", "paintlayer")
+        for child in group.children:  # bottom first: the upper ones cover
+            if child.visible():
+                flat.pixels.update(child.pixels)
+        parent = group.parent
+        parent.children[parent.children.index(group)] = flat
+        flat.parent, group.parent = parent, None
+        doc.active = flat
+        doc.undo_steps += 1
 
 
 @pytest.fixture
@@ -409,6 +437,31 @@ def test_the_window_holds_the_grown_and_feathered_selection(krita):
     assert window.width > plain.width
 
 
+def test_a_runs_variant_shown_alone_kept_or_the_run_discarded_in_one_undo_step_each(krita):
+    document = plugin_module("document")
+    doc = opened(krita)
+    doc.sel = FakeSelection(10, 10, 8, 8)
+    export = document.export_active(REQUEST)
+    layers = [layer("best", 10, 10, True, 1), layer("second", 10, 10, False, 2)]
+    document.add_results(export, "run", layers)
+    group = doc.root.children[1]
+    document.show_only(export, "second")
+    assert [(n.name(), n.visible()) for n in group.children] == [("second", True), ("best", False)]
+    steps = doc.undo_steps
+    document.keep(export, "second")
+    assert doc.undo_steps == steps + 1
+    assert [n.name() for n in doc.root.children] == ["Background", "second"]
+    assert doc.root.children[1].pixelData(10, 10, 2, 1) == bytes((2, 0, 0, 255)) * 2
+    with pytest.raises(document.UserError, match="no longer"):
+        document.discard(export)  # kept: the group is gone
+    again = document.export_active(REQUEST)
+    document.add_results(again, "run 2", layers)
+    steps = doc.undo_steps
+    document.discard(again)
+    assert doc.undo_steps == steps + 1
+    assert [n.name() for n in doc.root.children] == ["Background", "second"]
+
+
 def test_settings_go_through_kritas_store(krita):
     document = plugin_module("document")
     document.write_setting("steps", 10)
@@ -437,8 +490,11 @@ class FakeClient:
         self.info = {"models": "tiny random model"}
         return self.info
 
-    def submit(self, image, width, height, mask, prompt, settings, *, image_format, stride=0):
+    def submit(
+        self, image, width, height, mask, prompt, settings, *, image_format, stride=0, previews
+    ):
         assert image_format == "BGRA8" and len(image) == width * height * 4
+        assert previews == {"every": 1}  # the docker shows the variants' estimates
         if self.block is not None:
             self.block.wait(5)
         if self.error is not None:

@@ -198,7 +198,9 @@ def test_plugin_in_real_krita(model: str, tmp_path: Path) -> None:
         assert (imported / rel).is_file(), f"Krita's importer did not extract {rel}"
     verdict_file = out / "verdict.json"
     log = f"krita exit {krita.returncode}\n{krita.stdout[-3000:]}\n{krita.stderr[-6000:]}"
-    assert verdict_file.is_file(), f"the driver wrote no verdict\n{log}"
+    so_far = out / "checks-so-far.json"
+    last = json.loads(so_far.read_text())[-3:] if so_far.is_file() else "none"
+    assert verdict_file.is_file(), f"the driver wrote no verdict; last checks: {last}\n{log}"
     verdict = json.loads(verdict_file.read_text())
     facts = {**verdict["facts"], "model": model, **timings}
     REPORT.write_text(json.dumps(facts, indent=1))

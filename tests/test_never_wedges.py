@@ -297,7 +297,7 @@ def test_cancel_after_the_last_step_is_seen_before_ranking(tiny_models, monkeypa
     monkeypatch.setattr(Guide, "rank_distance", lambda *a: ranked.append(1) or real(*a))
     counter = Counter(tiny_models.unet)
 
-    def on_step(done: int, total: int) -> None:
+    def on_step(done: int, total: int, _previews) -> None:
         if done == total:
             counter.cancel_at = 0
 

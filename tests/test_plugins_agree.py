@@ -72,7 +72,8 @@ def krita_plugin():
     """The Krita plug-in's docker and job modules on a fake Qt and a fake `krita`."""
     qt = types.ModuleType("blended_diffusion.qt")
     for name in ("QFormLayout", "QHBoxLayout", "QLabel", "QProgressBar", "QPushButton",
-                 "QTimer", "QVBoxLayout", "QWidget"):  # fmt: skip
+                 "QTimer", "QVBoxLayout", "QWidget", "QIcon", "QImage", "QPixmap", "QSize",
+                 "QToolButton"):  # fmt: skip
         setattr(qt, name, object)
     qt.QSpinBox = qt.QDoubleSpinBox = qt.QComboBox = FakeWidget
     qt.QLineEdit = qt.QPlainTextEdit = qt.QCheckBox = FakeWidget
@@ -82,14 +83,14 @@ def krita_plugin():
     package.__path__ = [str(KRITA)]
     saved = {k: sys.modules.get(k) for k in ("krita", "blended_diffusion", "blended_diffusion.qt")}
     sys.modules.update({"krita": krita, "blended_diffusion": package, "blended_diffusion.qt": qt})
-    for name in ("document", "job", "docker"):
+    for name in ("document", "job", "docker", "runs"):
         sys.modules.pop(f"blended_diffusion.{name}", None)
     import blended_diffusion.docker as docker
     import blended_diffusion.document as document
     import blended_diffusion.job as job
 
     yield types.SimpleNamespace(docker=docker, document=document, job=job, krita=krita)
-    for name in ("document", "job", "docker"):
+    for name in ("document", "job", "docker", "runs"):
         sys.modules.pop(f"blended_diffusion.{name}", None)
     for key, module in saved.items():
         if module is None:
@@ -263,6 +264,9 @@ class GimpHost:
         return bytes(window.width * window.height * 4), b"\xff" * (window.width * window.height)
 
     def progress(self, fraction, text):
+        pass
+
+    def remove_preview(self):
         pass
 
 

@@ -39,6 +39,10 @@ def host():
     return krita.Krita.instance()
 
 
+def active_document():
+    return host().activeDocument()
+
+
 def read_setting(key: str, default: str) -> str:
     return host().readSetting(SETTINGS_GROUP, key, default)
 
@@ -80,6 +84,7 @@ class Export:
     document: object  # krita.Document
     source: object  # krita.Node: the layer the results go above
     pixels: Pixels
+    group: object = None  # krita.Node: the result group, once added
 
 
 def export_active(request: Request, max_side: int = geometry.MAX_SIDE) -> Export:
@@ -148,6 +153,7 @@ def add_results(export: Export, group_name: str, layers: list[ResultLayer]) -> s
         doc.rootNode().addChildNode(group, None)
     else:
         parent.addChildNode(group, source)
+    export.group = group
     doc.refreshProjection()
     return f"{len(nodes)} variant(s) added in the group {group_name}; the best one is visible."
 
@@ -158,3 +164,46 @@ def reactivate(export: Export) -> None:
     doc, source = export.document, export.source
     if doc in host().documents() and source.parentNode() is not None:
         doc.setActiveNode(source)
+
+
+# -- a run's variants, from the docker's history ---------------------------------------------
+
+
+def _result_group(export: Export):
+    """The run's group if it is still in its open document, else UserError."""
+    group = export.group
+    if export.document not in host().documents() or group is None or group.parentNode() is None:
+        raise UserError("That run is no longer in the image (its group was deleted).")
+    return group
+
+
+def show_only(export: Export, layer: str) -> None:
+    """Only the variant `layer` of the run visible (visibility is not an undo step)."""
+    for child in _result_group(export).childNodes():
+        child.setVisible(child.name() == layer)
+    export.document.refreshProjection()
+
+
+def keep(export: Export, layer: str) -> None:
+    """Only the variant `layer` remains, as one undo step: with the others hidden, Krita's
+    Flatten Layer turns the group into one layer holding just that variant (one command; each
+    libkis remove() would be one more)."""
+    group, doc = _result_group(export), export.document
+    parent, name = group.parentNode(), group.name()
+    show_only(export, layer)
+    doc.setActiveNode(group)
+    host().action("flatten_layer").trigger()
+    doc.waitForDone()
+    for node in parent.childNodes():  # Krita names the flattened layer "<group> Merged"
+        if node.type() == "paintlayer" and node.name().startswith(name):
+            node.setName(layer)
+    export.group = None
+    doc.refreshProjection()
+
+
+def discard(export: Export) -> None:
+    """The run's group removed, one undo step."""
+    group = _result_group(export)
+    group.remove()
+    export.group = None
+    export.document.refreshProjection()

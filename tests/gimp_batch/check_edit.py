@@ -24,6 +24,8 @@ gi.require_version("Gegl", "0.4")
 from gi.repository import Gegl, Gimp, Gio, GLib  # noqa: E402
 
 PROCEDURE = "python-fu-blended-diffusion"
+KEEP = "python-fu-blended-diffusion-keep"
+PREVIEW = "Blended Diffusion preview (temporary)"  # the plug-in's temporary layer
 W, H = 96, 80  # the canvas
 SOURCE = (10, 8, 64, 56)  # the edited layer: x, y (offsets), width, height
 ELLIPSE = (44, 26, 40, 30)  # reaches past the layer's right edge: results are clipped to it
@@ -74,9 +76,9 @@ def make_image(base=Gimp.ImageBaseType.RGB):
     return image, source
 
 
-def call(image, drawable, mode=Gimp.RunMode.NONINTERACTIVE, **args):
+def call(image, drawable, mode=Gimp.RunMode.NONINTERACTIVE, name=PROCEDURE, **args):
     """(status, message, seconds) of a run of the plug-in (non-interactive: a script's)."""
-    procedure = Gimp.get_pdb().lookup_procedure(PROCEDURE)
+    procedure = Gimp.get_pdb().lookup_procedure(name)
     if procedure is None:
         raise RuntimeError(f"{PROCEDURE} is not registered: the plug-in did not load")
     config = procedure.create_config()
@@ -100,6 +102,10 @@ def snapshot(image, source):
         "source": read(source, "R'G'B'A u8"),
         "offsets": tuple(source.get_offsets()[1:]),
     }
+
+
+def before_layers(before):
+    return [Gimp.Item.get_by_id(i) for i in before["layers"]]
 
 
 def same_as(before, image, source, what, keys=("layers", "selection", "source", "offsets")):
@@ -168,14 +174,23 @@ def case_edit():
     verdict["edit_seconds"] = round(seconds, 2)
     if not check("status success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}"):
         return
-    layers = image.get_layers()
-    new = [layer for layer in layers if layer.get_id() not in before["layers"]]
+    top = image.get_layers()
+    groups = [layer for layer in top if layer.get_id() not in before["layers"]]
+    check("no preview layer left", PREVIEW not in [la.get_name() for la in top],
+          [la.get_name() for la in top])  # fmt: skip
+    if not check("one result group", len(groups) == 1 and groups[0].is_group(),
+                 [la.get_name() for la in groups]):  # fmt: skip
+        return
+    group = groups[0]
+    check("the group right above the source", top[:2] == [group, source])
+    check("the group's name", group.get_name() == f'Blended Diffusion: "{prompt}"',
+          group.get_name())  # fmt: skip
+    new = layers = group.get_children()
     verdict["layers"] = [
         {"name": la.get_name(), "offsets": list(la.get_offsets()[1:]), "visible": la.get_visible(),
          "size": [la.get_width(), la.get_height()]} for la in layers
     ]  # fmt: skip
     check("two result layers", len(new) == 2, [la.get_name() for la in new])
-    check("results right above the source, best first", layers[:3] == [*new, source])
     quoted = re.escape(f'"{prompt}"')
     for rank, layer in enumerate(new, 1):
         pattern = rf"{quoted} #{rank} \(CLIP d=\d+\.\d{{3}}\)( \[(demo|random) model\])?"
@@ -211,15 +226,32 @@ def case_edit():
     check("one undo leaves the image clean: the edit was its only undo step",
           not image.is_dirty())  # fmt: skip
     gui_action("edit-redo")
-    check("one redo brings both back", [la.get_id() for la in image.get_layers()][:2] ==
-          [la.get_id() for la in new])  # fmt: skip
+    check("one redo brings the run back", [la.get_id() for la in image.get_layers()][:1] ==
+          [group.get_id()] and len(group.get_children()) == 2)  # fmt: skip
     verdict["undo"] = "edit-undo once: results gone, selection and source kept; edit-redo: back"
+    check_keep(image, group, new)
     check_fast_guidance(image, source, prompt)
     display.delete()
 
 
+def check_keep(image, group, variants):
+    """The second procedure: only the visible variant of the active layer's run stays, in one
+    undo step."""
+    variants[0].set_visible(False)
+    variants[1].set_visible(True)
+    status, message, _ = call(image, variants[0], name=KEEP)
+    check("keep: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
+    kept = [la.get_id() for la in group.get_children()]
+    check("keep: only the visible variant stays", kept == [variants[1].get_id()], kept)
+    gui_action("edit-undo")
+    back = [la.get_id() for la in group.get_children()]
+    check("keep: one undo brings the others back",
+          back == [la.get_id() for la in variants], back)  # fmt: skip
+    gui_action("edit-redo")
+
+
 def check_fast_guidance(image, source, prompt):
-    """The dialog's Fast guidance choice: a second edit with it adds its own two layers."""
+    """The dialog's Fast guidance choice: a second edit with it adds its own group of two."""
     before = [la.get_id() for la in image.get_layers()]
     status, message, seconds = call(
         image, source, prompt=prompt, **TYPED, fast_guidance=True, endpoint=ENV["BD_ENDPOINT"]
@@ -227,7 +259,9 @@ def check_fast_guidance(image, source, prompt):
     verdict["fast_edit_seconds"] = round(seconds, 2)
     check("fast guidance: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
     added = [la for la in image.get_layers() if la.get_id() not in before]
-    check("fast guidance: two more layers", len(added) == 2, [la.get_name() for la in added])
+    check("fast guidance: a group of two more layers",
+          len(added) == 1 and len(added[0].get_children()) == 2,
+          [la.get_name() for la in added])  # fmt: skip
 
 
 def case_errors():
@@ -294,7 +328,14 @@ def case_cancel():
     )  # fmt: skip
     verdict["killed_after_seconds"], verdict["message"] = round(seconds, 2), message
     check("killed plug-in: the call fails", status != Gimp.PDBStatusType.SUCCESS, status)
-    same_as(before, image, source, "killed plug-in")
+    # GIMP kills a cancelled plug-in before it can remove its preview layer: it may be left
+    # (outside the undo history), and the next run removes it
+    names = [la.get_name() for la in image.get_layers()]
+    verdict["preview_left_by_the_kill"] = PREVIEW in names
+    check("killed plug-in: nothing else added",
+          [n for n in names if n != PREVIEW] == [la.get_name() for la in before_layers(before)])
+    call(image, source, prompt="a red circle", endpoint=ENV["BD_DEAD_ENDPOINT"])
+    same_as(before, image, source, "killed plug-in, then the next run")
 
 
 def filled(image, name, rgba_at, parent=None):
