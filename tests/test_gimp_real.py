@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from tests.conftest import free_port
@@ -207,6 +206,7 @@ def test_edit_in_gimp_adds_layers_in_one_undo_step(gimp, tiny_engine, model: str
     png = gimp.home / f"edit-{model}.png"
     env = {"BD_PROMPT": "a red circle", "BD_UNDO": "dbus", "BD_EXPORT": f"{HOME}/{png.name}"}
     if model == "demo":
+        env["BD_EXPECT"] = "red"  # the shapes world's model must paint the selection red
         env["BD_FIELDS"] = json.dumps({"preset": "draft", "seed": 7})  # the Draft preset obeys
     with contextlib.ExitStack() as stack:
         endpoint = tiny_engine[0]
@@ -215,17 +215,7 @@ def test_edit_in_gimp_adds_layers_in_one_undo_step(gimp, tiny_engine, model: str
         verdict = gimp.batch("edit", {**env, "BD_ENDPOINT": endpoint}, True, f"edit {model}")
     assert png.is_file() and png.stat().st_size > 0
     keep(png)
-    read = ""
-    if model == "demo":  # the shapes world's model must paint the selection red
-        from PIL import Image
-
-        from tests.hosts.judge import demo_reads
-
-        seen = np.asarray(Image.open(png).convert("RGB"))
-        read = demo_reads(seen, verdict["selection_box"])
-    print(f"\n{model}: edit {verdict['edit_seconds']} s, best mean RGB {verdict['best_mean_rgb']}"
-          f", the demo CLIP reads {read!r}")  # fmt: skip
-    assert model != "demo" or read.split()[1] == "red", read
+    print(f"\n{model}: edit {verdict['edit_seconds']} s, best mean RGB {verdict['best_mean_rgb']}")
 
 
 def test_gimp_sends_the_visible_picture_and_edits_with_a_group_active(gimp, tiny_engine):

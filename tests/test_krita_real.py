@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import free_port
 
@@ -209,12 +208,6 @@ def test_plugin_in_real_krita(model: str, tmp_path: Path) -> None:
     if model != "demo":
         report = visible.check_received(engine.received, (96, 64), green_columns=10)
         print("\nKrita: the engine received", json.dumps(report))
-    if model == "demo":  # the demo CLIP reads the prompt's colour in what the artist sees
-        from tests.hosts.judge import demo_reads
-
-        w, h = facts["seen_size"]
-        bgra = np.frombuffer((out / "seen.bgra").read_bytes(), np.uint8).reshape(h, w, 4)
-        read = demo_reads(bgra[..., [2, 1, 0]], config["selection"])
+    if model == "demo":  # a red shape on some background: red must own a good part of it
         best = verdict["facts"]["variants"][0]
-        print(f"demo: the demo CLIP reads {read!r}; best variant {best}")
-        assert read.split()[1] == "red" and best["red_fraction"] >= 0.05, (read, best)
+        assert best["red_fraction"] >= 0.15, f"the best variant is not red enough: {best}"

@@ -58,6 +58,7 @@ class GimpHost:
             self.offsets = (0, 0)
             self.size = (image.get_width(), image.get_height())
         self._preview: Gimp.Layer | None = None
+        self._was_clean = False  # the image before the first preview
         remove_leftover_previews(image)
 
     def selection_bounds(self) -> Rect | None:
@@ -91,6 +92,7 @@ class GimpHost:
         try:
             layer = self._preview
             if layer is None:
+                self._was_clean = not image.is_dirty()
                 layer = Gimp.Layer.new(image, PREVIEW, width, height, Gimp.ImageType.RGBA_IMAGE,
                                        100.0, Gimp.LayerMode.NORMAL)  # fmt: skip
                 position = image.get_item_position(self.drawable)
@@ -117,6 +119,8 @@ class GimpHost:
             self.image.remove_layer(self._preview)
         finally:
             self.image.undo_thaw()
+        if self._was_clean:  # changes under a frozen undo dirty the image: it was not changed
+            self.image.clean_all()
         self._preview = None
         Gimp.displays_flush()
 

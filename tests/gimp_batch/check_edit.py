@@ -7,7 +7,7 @@ test to kill; `visible`: edits whose active layer is a transparent layer over a 
 background, with and without "This layer only", and a group: BD_SCENE says what to paint, the
 test checks what the engine received), BD_VERDICT (the JSON file),
 BD_ENDPOINT (a live engine), BD_DEAD_ENDPOINT (nothing listens), BD_PROMPT, BD_EXPORT (a PNG of
-the image with the best result showing: the test judges its colour in the demo world),
+the image with the best result showing), BD_EXPECT (`red`: the best result must be red),
 BD_FIELDS (JSON: the plug-in's arguments for the edit, named as in the settings table).
 """
 
@@ -207,7 +207,9 @@ def case_edit():
     same_as(before, image, source, "after the edit", ("selection", "source", "offsets"))
     colour, count = mean_colour(new[0])
     verdict["best_mean_rgb"], verdict["best_opaque_pixels"] = colour, count
-    verdict["selection_box"] = list(box)
+    if ENV.get("BD_EXPECT") == "red":
+        r, g, b = colour
+        check("best result is red", r > g + 40 and r > b + 40, colour)
     if ENV.get("BD_EXPORT"):  # PNG export flattens what is visible: what the user sees
         Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(
             ENV["BD_EXPORT"]), None)  # fmt: skip
