@@ -160,7 +160,7 @@ def run_edit(
     seen = torch.from_numpy(region.seen_on_canvas(mask, box, canvas))[None, None].to(dev)
     seeds = [seed + i for i in range(settings.variants)]
     guide = Guide(models.clip, settings.augmentations)
-    previewer = Previewer(guide, prompt, image, mask, box, sel, mask_t, seeds)
+    previewer = Previewer(guide, prompt, image, mask, box, sel, seen, seeds)
     precision = devices.resolve_precision(settings.precision, dev)
     batch = min(settings.batch, settings.variants)
     recompute = accel.resolve_recompute(

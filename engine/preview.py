@@ -49,13 +49,14 @@ class Previewer:
         mask: np.ndarray,
         box: region.Box,
         sel: region.Box,
-        mask_t: torch.Tensor,
+        seen: torch.Tensor,
         seeds: list[int],
     ) -> None:
-        """`mask`: the selection as edited (grown, feathered) at image scale; `mask_t` the
-        model's mask on the canvas; `box` the context box, `sel` the selection's bounds."""
+        """`mask`: the selection as edited (grown, feathered) at image scale; `seen` its alpha
+        on the canvas, what the final ranking judges through (region.seen_on_canvas); `box`
+        the context box, `sel` the selection's bounds."""
         self.guide, self.prompt, self.image, self.mask = guide, prompt, image, mask
-        self.box, self.sel, self.mask_t, self.seeds = box, sel, mask_t, seeds
+        self.box, self.sel, self.seen, self.seeds = box, sel, seen, seeds
         self._under: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # max_side -> source, alpha
 
     def _source(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +83,7 @@ class Previewer:
         size = under.shape[1::-1]
         x0 = x0.detach().float().clamp(-1, 1)
         if guided is None or len(guided) != len(x0):
-            guided = self.guide.rank_distance(x0 * self.mask_t, self.prompt)
+            guided = self.guide.rank_distance(x0 * self.seen, self.prompt)
         dists = guided.float().tolist()
         canvases = x0.permute(0, 2, 3, 1).cpu().numpy()
         out = []
