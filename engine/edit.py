@@ -166,12 +166,10 @@ def run_edit(
     recompute = accel.resolve_recompute(
         settings.recompute, models.config.arch, batch, precision, dev
     )
-    clip_weight = (
-        settings.guidance_weight
-        if settings.guidance_weight is not None
-        else models.config.guidance_weight(settings.guidance_mode)
-    )
     default_weight = models.config.guidance_weight(settings.guidance_mode)
+    clip_weight = (
+        settings.guidance_weight if settings.guidance_weight is not None else default_weight
+    )
 
     def step(done: int, total: int, x0: torch.Tensor) -> None:
         if not torch.isfinite(x0).all():

@@ -20,6 +20,7 @@ from typing import Any
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"  # `python -m engine serve`'s own default
 TIMEOUT = 5.0  # seconds a blocking client call may take: a dead engine is reported by then
 POLL_SECONDS = 0.02  # how often a host polls the client (krita-ai-diffusion polls every 20 ms)
+PREVIEWS = {"every": 1}  # what the hosts ask: as often as the engine allows (one a second)
 # The context around the selection, as a fraction of its size, always sent: the plug-ins read
 # exactly the window that holds the engine's context box for it (geometry.context_window).
 PADDING = 0.25

@@ -20,7 +20,7 @@ from engine.plugin import estimate, geometry, png, settings, wording
 from engine.plugin.geometry import Rect
 from engine.plugin.wording import ResultLayer
 
-PREFIX = "Blended Diffusion: "
+PREFIX = wording.GROUP_PREFIX  # progress and errors name the plug-in as its groups do
 
 
 class EditError(Exception):
@@ -106,7 +106,7 @@ def run_edit(
 
 def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rgba, mask):
     job = client.submit(rgba, window.width, window.height, mask, request.prompt, request.settings,
-                        previews=PREVIEWS)  # fmt: skip
+                        previews=settings.PREVIEWS)  # fmt: skip
     clock = estimate.Clock(estimate.before(info, request.settings))
     text = wording.before_run(info, request.settings, preset)
     host.progress(0.0, f"{PREFIX}{wording.waiting(job.position)} {text}")
@@ -125,9 +125,6 @@ def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rg
     if problem is not None:
         raise EditError(PREFIX + problem)
     return job
-
-
-PREVIEWS = {"every": 1}  # as often as the engine allows (one a second)
 
 
 def _show_best(host: Host, window: Rect, previews) -> None:

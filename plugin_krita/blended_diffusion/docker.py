@@ -385,7 +385,7 @@ class BlendedDiffusionDocker(DockWidget):
             s.name: settings.coerce(s, document.read_setting(s.name, str(s.default)))
             for s in settings.TABLE
         }
-        self.set_values(stored | settings.PRESETS.get(stored["preset"], {}))
+        self.set_values(settings.effective(stored))
         self._show_expected()
 
     def _save_settings(self, values: dict[str, Any]) -> None:

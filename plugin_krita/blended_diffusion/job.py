@@ -33,7 +33,6 @@ IDLE, SUBMITTING, RUNNING, DONE, FAILED, CANCELLED = (
 ACTIVE = (SUBMITTING, RUNNING)
 TIMEOUT = settings.TIMEOUT
 INTERVAL_MS = round(settings.POLL_SECONDS * 1000)
-PREVIEWS = {"every": 1}  # as often as the engine allows (one a second): thumbnails in the docker
 
 
 @dataclass
@@ -207,7 +206,7 @@ class Controller:
         w = pixels.window
         return client.submit(pixels.image, w.width, w.height, pixels.mask, request.prompt,
                              request.settings, image_format="BGRA8",
-                             previews=PREVIEWS)  # fmt: skip
+                             previews=settings.PREVIEWS)  # fmt: skip
 
     def _check_submitted(self) -> None:
         if self._call is None or not self._call.done:
