@@ -6,6 +6,7 @@
     python install.py --weights-only    only the weights (resumes a broken download)
     python install.py --uninstall       removes the plug-ins it installed, nothing else
     python install.py --dry-run         prints the plan, changes nothing
+    python install.py --cluster         with Ray Serve, for `serve --cluster` (several GPUs/boxes)
 
 The plug-ins talk to the engine over ZeroMQ, so each host's Python needs pyzmq, which no Krita or
 GIMP build ships. Where the host's Python already has it (Linux: the system python3, checked with
@@ -780,7 +781,8 @@ class Installer:
 
     def install_project(self) -> None:
         src = self.args.source
-        target = f"{src}[dev]" if self.args.dev else str(src)
+        extras = ",".join(e for e in ("dev", "cluster") if getattr(self.args, e))
+        target = f"{src}[{extras}]" if extras else str(src)
         cmd = [str(self.python), "-m", "pip", "install", "-e", target]
         if self.plan.label:  # pinned to the build: an installed torch of another build goes
             cmd += [f"{name}=={version}+{self.plan.label}" for name, version in torch_pins(src)]
@@ -1001,7 +1003,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--no-weights", action="store_true", help="skip the weights (CI)")
     p.add_argument("--with-512", action="store_true", help="also the 512x512 model (2.2 GB)")
-    p.add_argument("--dev", action="store_true", help="pip install -e '.[dev]' (tests, ruff)")
+    p.add_argument("--dev", action="store_true", help="pip install -e '.[dev]' (tests, ruff, Ray)")
+    p.add_argument("--cluster", action="store_true", help="Ray Serve, for `serve --cluster`")
     p.add_argument("--venv", type=Path, default=ROOT / ".venv", help="default: .venv here")
     p.add_argument("--torch-index", metavar="URL", help="extra pip index for torch's wheels")
     p.add_argument("--device-kind", choices=DEVICE_KINDS, default="auto",

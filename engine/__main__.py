@@ -91,6 +91,8 @@ def _read_inputs(image_path: str, mask_path: str):
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
+    if args.previews and not args.engine:
+        raise ValueError("--previews needs --engine: previews come from a running engine")
     from tqdm import tqdm
 
     from engine import region
@@ -117,7 +119,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     print(f"models: {models.label} on {models.device}", file=sys.stderr)
     bar = tqdm(total=settings.steps - settings.skip, desc="denoising", unit="step", file=sys.stderr)
 
-    def on_step(done: int, total: int) -> None:
+    def on_step(done: int, total: int, _previews) -> None:
         bar.total = total  # the refinement's steps join the count
         bar.update(done - bar.n)
 
@@ -156,6 +158,8 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
     from engine.edit import Variant
 
     height, width, channels = image.shape
+    if args.previews:
+        Path(args.previews).mkdir(parents=True, exist_ok=True)
     with connect(args.engine) as client:
         info = client.hello()
         print(f"models: {info['models']} on {info['device']} at {args.engine}", file=sys.stderr)
@@ -171,15 +175,19 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
                 if v is not None and k not in ("precision", "recompute", "batch")
             },
             image_format="RGBA8" if channels == 4 else "RGB8",
+            previews={"every": args.preview_every} if args.previews else None,
         )
         bar = tqdm(
             total=settings.steps - settings.skip, desc="denoising", unit="step", file=sys.stderr
         )
 
-        def on_event(e) -> None:
-            if e.type == "progress":
-                bar.total = e.total
-                bar.update(e.step - bar.n)
+        def on_event(event) -> None:
+            if event.type == "progress":
+                bar.total = event.total  # the refinement's steps join the count
+                bar.update(event.step - bar.n)
+                for p in event.previews:  # as the engine sent them: PNG bytes
+                    name = f"step-{p.step:04d}-variant-{p.variant}.png"
+                    (Path(args.previews) / name).write_bytes(p.png)
 
         client.wait(job, on_event=on_event)
         bar.close()
@@ -242,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--engine", metavar="tcp://HOST:PORT", help="edit through a running engine (`serve`)"
     )
+    p.add_argument(
+        "--previews",
+        metavar="DIR",
+        help="with --engine: write each preview received as DIR/step-NNNN-variant-I.png",
+    )
+    p.add_argument(
+        "--preview-every", type=int, default=1, help="ask for a preview at most every N steps"
+    )
     _add_model_args(p)
     _add_settings_args(p)
     p.set_defaults(run=cmd_edit)
@@ -270,6 +286,23 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-budget",
         type=float,
         help="GiB a job may use at its peak (default: 80%% of the free memory at start)",
+    )
+    g = p.add_argument_group("cluster (pip install .[cluster]; README: several GPUs and machines)")
+    g.add_argument(
+        "--cluster",
+        metavar="ADDRESS|auto",
+        help="run the jobs on Ray Serve replicas: the Ray cluster at ADDRESS (HOST:6379, from "
+        "`ray start --head`), or `auto`: a Ray started here for this engine",
+    )
+    g.add_argument(
+        "--replicas",
+        type=int,
+        help="replicas, each loading the models (default: one per GPU of the cluster, else 1)",
+    )
+    g.add_argument(
+        "--app",
+        default="blended-diffusion",
+        help="the Serve application's name: one per engine sharing a cluster (default %(default)s)",
     )
     p.set_defaults(run=cmd_serve)
 

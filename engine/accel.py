@@ -106,10 +106,17 @@ def activations_gb(arch: dict, batch: int, precision: str) -> float:
 
 
 def resolve_recompute(
-    setting: str, arch: dict, batch: int, precision: str, device: torch.device
+    setting: str,
+    arch: dict,
+    batch: int,
+    precision: str,
+    device: torch.device,
+    free_gb: float | None = None,
 ) -> bool:
-    """auto: recompute only when the batch's activations would not fit in 80% of free memory;
-    recomputing costs about one more UNet forward per step."""
+    """auto: recompute only when the batch's activations would not fit in 80% of free memory
+    (`free_gb`, else asked of the device now); recomputing costs about one more UNet forward
+    per step."""
     if setting != "auto":
         return setting == "on"
-    return activations_gb(arch, batch, precision) > 0.8 * devices.available_memory_gb(device)
+    free = devices.available_memory_gb(device) if free_gb is None else free_gb
+    return activations_gb(arch, batch, precision) > 0.8 * free

@@ -5,9 +5,12 @@ models are built with random weights in the named architecture: no weight files 
 the time of a step does not depend on the weights' values. The reference is the official code's
 step at batch 1 in fp32 (what it runs on a CPU); the engine runs with the settings given, at each
 batch size asked for, and its first batch is broken down into UNet forward, UNet backward,
-augmentations, CLIP and the rest. `--refine 2,4` also times a step of the refinement pass
-(engine/tiles.py: unguided, the UNet over tiles) on canvases 2x and 4x the model's side, and
-gives the pass's time relative to the base edit's.
+augmentations, CLIP and the rest. After each engine step it also renders that step's previews
+(engine/preview.py: every variant's x0 composited, ranked by CLIP and PNG-encoded, as the server
+sends them), timed apart: a step with previews on costs step + preview, so the ratio is measured
+within one process under one load, at the worst case of a preview every step. `--refine 2,4`
+also times a step of the refinement pass (engine/tiles.py: unguided, the UNet over tiles) on
+canvases 2x and 4x the model's side, and gives the pass's time relative to the base edit's.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from engine import accel, devices
+from engine import accel, devices, preview, region
 from engine.edit import EditSettings
 from engine.guidance import Guide
 from engine.models import CONFIGS, build_unet, load_clip, make_diffusion
@@ -99,18 +102,30 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
             {"y": torch.zeros(batch, dtype=torch.long, device=dev)} if config.class_cond else None
         )
         engine_unet = accel.in_precision(unet, dev, precision)
+        estimate: dict[str, torch.Tensor] = {}
 
         def step(x: torch.Tensor, t: torch.Tensor, i: int) -> torch.Tensor:
             guided = loss_fn if i % opts["guidance_every"] == 0 else None
-            x, _ = guided_step(
+            x, estimate["x0"] = guided_step(
                 diffusion, engine_unet, x, t, guided, randn(g, x.shape[1:]),
                 guidance_mode=opts["guidance_mode"], model_kwargs=kwargs,
             )  # fmt: skip
             return blend(diffusion, x, source, mask, t, randn(g, x.shape[1:]))
 
+        picture = ((source[0].permute(1, 2, 0) + 1) * 127.5).byte().cpu().numpy()
+        selection = (mask[0, 0] * 255).byte().cpu().numpy()
+        whole, sel = region.Box(0, 0, size, size), region.selection_bounds(selection)
+        previewer = preview.Previewer(
+            guide, PROMPT, picture, selection, whole, sel, mask, list(range(batch))
+        )
+
+        def render() -> None:  # what the server does for a progress message with previews
+            for shown in previewer(estimate["x0"], 128, guide.take_seen()):
+                preview.encode_png(shown.rgba)
+
     x = randn(g, source.shape[1:])
     rss_models = _peak_rss_mb()
-    times = []
+    times, preview_times = [], []
     clip_precision = devices.clip_precision(precision, dev)
     with devices.autocast(dev, clip_precision), accel.recompute(unet, recompute):
         for i in range(-1, steps):  # step -1 warms up (first-call allocations), untimed
@@ -118,6 +133,9 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
             elapsed = _timed(lambda t=t, i=i: x.copy_(step(x, t, max(i, 0))), dev)
             if i >= 0:
                 times.append(elapsed)
+                if part == "engine":
+                    preview_times.append(_timed(render, dev))
+            guide.take_seen()  # the warm-up's (and the reference's) distances: not previewed
         peak = _peak_rss_mb()
         parts = (
             _breakdown(engine_unet, guide, mask, x, t, opts["guidance_mode"], dev)
@@ -129,6 +147,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
         parts["other_s"] = round(step_s - sum(parts.values()), 3)
     return {
         "step_s": step_s,
+        "preview_s": sum(preview_times) / len(preview_times) if preview_times else 0.0,
         "peak_rss_mb": peak,
         "models_rss_mb": rss_models,
         "device_peak_mb": devices.peak_memory_mb(dev),
@@ -247,6 +266,9 @@ def run_bench(args: argparse.Namespace) -> dict:
         "peak_rss_mb": round(max(ref["peak_rss_mb"], eng["peak_rss_mb"])),
         "reference_edit_s": round(ref["step_s"] * denoising),
         "engine_breakdown": eng["breakdown"],
+        # a step with previews on (one every step, the worst case) against one without
+        "preview_s": round(eng["preview_s"], 4),
+        "preview_cost": round(eng["preview_s"] / eng["step_s"], 4),
         "engine_by_batch": [
             {
                 "batch": b,
@@ -293,6 +315,10 @@ def table(result: dict) -> str:
             f"{name:28}{r['precision']:>10}{r['step_s']:>9.2f}{r['peak_rss_mb']:>9}{r['edit_s']:>8}"
         )
     lines.append(f"ratio engine/official at batch 1: {result['ratio']}")
+    lines.append(
+        f"previews (a preview every step, worst case): {result['preview_s']:.3f} s a step, "
+        f"step with previews / without = {1 + result['preview_cost']:.4f}"
+    )
     if result["engine_breakdown"]:
         lines.append(
             "engine step: "

@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from engine import accel, devices, region
 from engine.edit import EditSettings, refinement
-from engine.models import Models
+from engine.models import Models, UNetConfig
 
 _GB = 2**30
 # Tensors of model-scale size a guided step keeps per variant besides the UNet's activations
@@ -55,10 +56,34 @@ def _clip_copy_bytes(models: Models) -> int:
     return 4 * params
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What an estimate needs of the loaded models, small and picklable: a cluster's front end
+    gets it from a replica (engine/cluster.py) and never loads the models itself."""
+
+    config: UNetConfig
+    device: torch.device
+    clip_image_size: int
+    clip_copy_bytes: int
+    downsampling: int  # the UNet's: the canvases' sides are multiples of it
+    free_gb: float | None = None  # the device's free memory; None: asked when estimating
+
+    @classmethod
+    def of(cls, models: Models) -> Facts:
+        return cls(
+            models.config,
+            models.device,
+            models.clip.image_size,
+            _clip_copy_bytes(models),
+            models.downsampling,
+        )
+
+
 def estimate(
-    models: Models, image_shape: tuple[int, ...], mask: np.ndarray, settings: EditSettings
+    models: Models | Facts, image_shape: tuple[int, ...], mask: np.ndarray, settings: EditSettings
 ) -> Estimate:
     """The peak memory of the edit of an image of `image_shape` inside `mask` with `settings`."""
+    facts = models if isinstance(models, Facts) else Facts.of(models)
     height, width = mask.shape
     channels = image_shape[2] if len(image_shape) > 2 else 4
     sel = region.selection_bounds(mask)
@@ -66,29 +91,29 @@ def estimate(
     inside = min(box.w, width) * min(box.h, height)  # only the box's part inside is read
     n = settings.variants
     batch = min(settings.batch, n)  # variants through the models together
-    size = models.config.image_size
-    precision = devices.resolve_precision(settings.precision, models.device)
+    size = facts.config.image_size
+    precision = devices.resolve_precision(settings.precision, facts.device)
     unet = 0
     if settings.guidance_mode == "full":
-        unet = int(accel.activations_gb(models.config.arch, batch, precision) * _GB)
+        unet = int(accel.activations_gb(facts.config.arch, batch, precision) * _GB)
         if accel.resolve_recompute(
-            settings.recompute, models.config.arch, batch, precision, models.device
+            settings.recompute, facts.config.arch, batch, precision, facts.device, facts.free_gb
         ):
             unet //= 10
     copies = batch * settings.augmentations
-    fine = refinement(models, box, region.canvas_size(box, size, models.downsampling), settings)
+    fine = refinement(settings, box, size, facts.downsampling)
     refine = 0
     if fine:
-        tile = int(accel.activations_gb(models.config.arch, batch, precision) * _GB) // 10
+        tile = int(accel.activations_gb(facts.config.arch, batch, precision) * _GB) // 10
         refine = n * _STEP_TENSORS * 3 * fine[0] * fine[1] * 4 + tile
-    clip_size = models.clip.image_size
+    clip_size = facts.clip_image_size
     return Estimate(
         {
             "input": height * width * (channels + 1),
             "image_scale": inside * 3 * 2 + sel.w * sel.h * 4 * n * 2,
             "model_scale": n * _STEP_TENSORS * 3 * size * size * 4,
             "unet_activations": unet,
-            "clip_copies": copies * (3 * clip_size * clip_size * 4 + _clip_copy_bytes(models)),
+            "clip_copies": copies * (3 * clip_size * clip_size * 4 + facts.clip_copy_bytes),
             "refinement": refine,
         }
     )
@@ -108,6 +133,6 @@ def advice(cost: Estimate, settings: EditSettings) -> str:
     }[part]
 
 
-def available_bytes(models: Models) -> int:
+def available_bytes(models: Models | Facts) -> int:
     """What the device has free now."""
     return int(devices.available_memory_gb(models.device) * _GB)

@@ -70,6 +70,20 @@ class Variant:
     seed: int
 
 
+@dataclass
+class Preview:
+    """A variant's estimate mid-run: the selection's box composited over the source, small."""
+
+    variant: int  # index in seed order (not a rank: nothing is ranked until the result)
+    seed: int
+    distance: float | None  # CLIP distance of the estimate (lower is closer)
+    step: int
+    width: int
+    height: int
+    png: bytes  # engine/plugin/png.py decodes it without numpy; Qt's QImage.fromData too
+    box: tuple[int, int, int, int]  # x, y, width, height in the submitted image: what it shows
+
+
 @dataclass(eq=False)
 class Job:
     id: str
@@ -81,6 +95,7 @@ class Job:
     models: str = ""  # the engine's models label, shown with the results
     error: EngineError | None = None
     cancel_reason: str = ""
+    previews: dict[int, Preview] = field(default_factory=dict)  # the latest of each variant
 
     @property
     def done(self) -> bool:
@@ -95,6 +110,7 @@ class Event:
     step: int = 0
     total: int = 0
     error: EngineError | None = None
+    previews: list[Preview] = field(default_factory=list)  # progress only, when asked for
 
 
 def load_keys(folder: str | Path, name: str = "client") -> dict[str, bytes]:
@@ -229,9 +245,12 @@ class Client:
         *,
         image_format: str = "RGBA8",
         stride: int = 0,
+        previews: dict[str, int] | None = None,
     ) -> Job:
         """Queue an edit: `image` rows of `stride` bytes (packed RGBA8 by default), `mask` one
-        byte a pixel (0 keep, 255 edit). Returns once the engine accepted it; raises
+        byte a pixel (0 keep, 255 edit). `previews` ({} for the defaults, or `every` N steps,
+        `max_side` px) asks for the variants' estimates in progress events (docs/protocol.md).
+        Returns once the engine accepted it; raises
         EngineError when it refused, or (code `limit`, nothing sent) when the request is over
         a limit the engine announced in `hello` (asked first if not yet)."""
         if image_format not in ("RGBA8", "BGRA8", "RGB8"):
@@ -249,6 +268,8 @@ class Client:
         self._check_limits(pixels, sel, prompt, settings or {})
         job = Job(uuid.uuid4().hex[:16])
         fields = {"job": job.id, "prompt": prompt, "settings": settings or {}}
+        if previews is not None:  # absent otherwise: the request as before previews existed
+            fields["previews"] = previews
         self._jobs[job.id] = job
         try:
             reply = self._request("submit", fields, [pixels, sel], job=job.id)
@@ -411,12 +432,20 @@ class Client:
         event = Event(kind, job_id, job)
         if kind == "progress":
             event.step, event.total = msg.header.get("step", 0), msg.header.get("total", 0)
+            box = msg.header.get("box") or {}
+            at = tuple(box.get(k, 0) for k in ("x", "y", "width", "height"))
+            event.previews = [
+                Preview(p["variant"], p["seed"], p["distance"], event.step, f.width, f.height,
+                        f.packed(), at)  # fmt: skip
+                for p, f in zip(msg.header.get("previews", []), msg.frames, strict=True)
+            ]
         elif kind == "error":
             event.error = self._engine_error(msg)
         if job is None:
             return [event]
         if kind == "progress":
             job.state, job.step, job.total = "running", event.step, event.total
+            job.previews.update((p.variant, p) for p in event.previews)
         elif kind == "result":
             job.variants = [
                 Variant(

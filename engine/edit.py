@@ -17,7 +17,12 @@ import torch
 from engine import accel, devices, region, tiles
 from engine.guidance import Guide
 from engine.models import Models
+from engine.preview import Preview, Previewer
 from engine.sampler import StepCallback, blended_diffusion
+
+# what a step reports: (done, total, previews), where previews(max_side) renders the variants'
+# current estimates on demand (engine/preview.py), so a step nobody previews costs nothing more
+StepReport = Callable[[int, int, Callable[[int], list[Preview]]], None]
 
 SAMPLERS = ("ddpm", "ddim")
 GUIDANCE_MODES = ("full", "fast")
@@ -141,21 +146,24 @@ def _checked_forwards(models: Models, check: Callable[[], None]) -> Iterator[Non
 
 def _on_canvas(
     image: np.ndarray, mask: np.ndarray, box: region.Box, canvas: tuple[int, int], dev
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The context box on a canvas as the sampler takes it: source 1x3xHxW, hard mask 1x1xHxW."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The context box on a canvas as the sampler takes it: source 1x3xHxW, hard mask 1x1xHxW
+    and the selection's alpha 1x1xHxW that CLIP judges through (region.seen_on_canvas)."""
     rgb, m = region.to_model(image, mask, box, canvas)
     source = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().to(dev)
-    return source, torch.from_numpy(m)[None, None].to(dev)
+    seen = torch.from_numpy(region.seen_on_canvas(mask, box, canvas))[None, None].to(dev)
+    return source, torch.from_numpy(m)[None, None].to(dev), seen
 
 
 def refinement(
-    models: Models, box: region.Box, canvas: tuple[int, int], settings: EditSettings
+    settings: EditSettings, box: region.Box, native: int, factor: int
 ) -> tuple[int, int] | None:
-    """The refinement pass's canvas for the context `box` edited on `canvas`; None: no pass."""
+    """The refinement pass's canvas for the context `box` with the model's `native` side and
+    downsampling `factor`; None: no pass."""
     if not settings.refine:
         return None
-    native = models.config.image_size
-    return tiles.refine_canvas(box, canvas, native, models.downsampling, settings.refine_cap)
+    base = region.canvas_size(box, native, factor)
+    return tiles.refine_canvas(box, base, native, factor, settings.refine_cap)
 
 
 def run_edit(
@@ -164,7 +172,7 @@ def run_edit(
     mask: np.ndarray,
     prompt: str,
     settings: EditSettings,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: StepReport | None = None,
     check: Callable[[], None] | None = None,
 ) -> list[Variant]:
     """Edit `image` (HxWx3|4 uint8) inside `mask` (HxW uint8, soft edges allowed).
@@ -174,10 +182,10 @@ def run_edit(
     alpha x edit + (1 - alpha) x source. Transparent pixels reach the model over mid-grey.
 
     Variant i draws its noise and augmentations from seed + i alone: at batch 1 that seed,
-    with variants 1, reproduces the variant's pixels. `on_step(done, total)` follows the
-    denoising; `check()` is called before every UNet and CLIP image forward and between the
-    other phases; raising in either aborts. Raises Diverged when the sample turns NaN or
-    infinite.
+    with variants 1, reproduces the variant's pixels. `on_step(done, total, previews)` follows
+    the denoising (`previews(max_side)` renders the variants' estimates at that step);
+    `check()` is called before every UNet and CLIP image forward and between the other phases;
+    raising in either aborts. Raises Diverged when the sample turns NaN or infinite.
     """
     check = check or (lambda: None)
     settings.check()
@@ -189,31 +197,31 @@ def run_edit(
     box = region.context_box(mask, settings.padding)
     dev = models.device
     canvas = region.canvas_size(box, models.config.image_size, models.downsampling)
-    source, mask_t = _on_canvas(image, mask, box, canvas, dev)
+    source, mask_t, seen = _on_canvas(image, mask, box, canvas, dev)
     seeds = [seed + i for i in range(settings.variants)]
     guide = Guide(models.clip, settings.augmentations)
+    previewer = Previewer(guide, prompt, image, mask, box, sel, seen, seeds)
     precision = devices.resolve_precision(settings.precision, dev)
     batch = min(settings.batch, settings.variants)
     recompute = accel.resolve_recompute(
         settings.recompute, models.config.arch, batch, precision, dev
     )
-    clip_weight = (
-        settings.guidance_weight
-        if settings.guidance_weight is not None
-        else models.config.guidance_weight(settings.guidance_mode)
-    )
     default_weight = models.config.guidance_weight(settings.guidance_mode)
+    clip_weight = (
+        settings.guidance_weight if settings.guidance_weight is not None else default_weight
+    )
 
-    fine = refinement(models, box, canvas, settings)
+    fine = refinement(settings, box, models.config.image_size, models.downsampling)
     base_steps = settings.steps - settings.skip
     total = base_steps + (settings.refine_steps if fine else 0)
 
-    def progress(offset: int) -> StepCallback:  # the passes' steps counted as one run
+    def progress(offset: int, previewer: Previewer) -> StepCallback:  # both passes as one run
         def step(done: int, _: int, x0: torch.Tensor) -> None:
             if not torch.isfinite(x0).all():
                 raise _diverged(settings, default_weight, f"at step {offset + done} of {total}")
+            distances = guide.take_seen()  # this step's guidance distances (None: unguided)
             if on_step:
-                on_step(offset + done, total)
+                on_step(offset + done, total, lambda side: previewer(x0, side, distances))
 
         return step
 
@@ -239,24 +247,28 @@ def run_edit(
             range_weight=settings.range_weight,
             guidance_mode=settings.guidance_mode,
             guidance_every=settings.guidance_every,
-            callback=progress(0),
+            callback=progress(0, previewer),
+            seen=seen,
             **sampler,
         )
         if fine:
             check()
-            source, mask_t = _on_canvas(image, mask, box, fine, dev)
+            source, mask_t, seen = _on_canvas(image, mask, box, fine, dev)
+            previewer = Previewer(guide, prompt, image, mask, box, sel, seen, seeds)
             native = models.config.image_size
             out = tiles.refine(
                 unet, diffusion, guide, source, mask_t, out, prompt, generators,
                 steps=settings.refine_steps, tile=(native, native),
-                overlap=settings.refine_overlap, callback=progress(base_steps), **sampler,
+                overlap=settings.refine_overlap, seen=seen,
+                callback=progress(base_steps, previewer), **sampler,
             )  # fmt: skip
     out = out.float()
     if not torch.isfinite(out).all():
         raise _diverged(settings, default_weight, "in the result")
     out = out.clamp(-1, 1)
     dists = []
-    for one in out * mask_t:  # one variant at a time, so a cancel is seen during ranking
+    # ranked by what the artist will see; one variant at a time, so a cancel is seen in ranking
+    for one in out * seen:
         check()
         dists += guide.rank_distance(one[None], prompt).tolist()
     if not all(map(math.isfinite, dists)):

@@ -82,6 +82,7 @@ class Guide:
         self.mean = torch.tensor(clip.mean, device=dev).view(1, 3, 1, 1)
         self.std = torch.tensor(clip.std, device=dev).view(1, 3, 1, 1)
         self._text: dict[str, torch.Tensor] = {}
+        self._seen: list[torch.Tensor] = []  # each loss's per-image distances since take_seen
 
     def text(self, prompt: str) -> torch.Tensor:
         if prompt not in self._text:
@@ -101,7 +102,15 @@ class Guide:
         (`streams`: each image's own augmentation generator, see Augment)."""
         n = masked.shape[0]
         dists = spherical_distance(self.embed(self.augment(masked, streams)), self.text(prompt))
-        return dists.view(-1, n).mean(dim=0).sum()
+        per_image = dists.view(-1, n).mean(dim=0)
+        self._seen.append(per_image.detach())
+        return per_image.sum()
+
+    def take_seen(self) -> torch.Tensor | None:
+        """The per-image distances the losses computed since the last call, in call order (a
+        step's variants: what a preview ranks by, for free), or None when none ran."""
+        seen, self._seen = self._seen, []
+        return torch.cat(seen) if seen else None
 
     @torch.no_grad()
     def rank_distance(self, masked: torch.Tensor, prompt: str) -> torch.Tensor:

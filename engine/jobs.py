@@ -36,6 +36,7 @@ class Job:
     cancel_reason: str = ""  # client | disconnected | keepalive | shutdown
     submitted: float = field(default_factory=time.monotonic)
     held: int = 0  # bytes this job holds while it waits (its image and mask)
+    previews: dict[str, int] | None = None  # submit's `previews`: every, max_side (None: off)
 
     @property
     def key(self) -> tuple[bytes, str]:
@@ -52,18 +53,20 @@ class Job:
 
 
 class JobQueue:
-    """Waiting jobs, one line per client, plus the one running job. The next job is the first of
-    the client served least recently (a client not served yet first, in order of its oldest job):
-    round-robin, where a client that just arrived waits for no client that was just served."""
+    """Waiting jobs, one line per client, plus the running ones (at most `slots`: one worker
+    here, one per replica in a cluster). The next job is the first of the client served least
+    recently (a client not served yet first, in order of its oldest job): round-robin, where a
+    client that just arrived waits for no client that was just served."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int = 1) -> None:
+        self.slots = slots
         self.lines: dict[bytes, deque[Job]] = {}  # client -> its waiting jobs, in order
         self.served: dict[bytes, int] = {}  # client -> when it last started a job (a counter)
         self.starts = 0
-        self.running: Job | None = None
+        self.running: list[Job] = []
 
     def __len__(self) -> int:
-        return sum(map(len, self.lines.values())) + (self.running is not None)
+        return sum(map(len, self.lines.values())) + len(self.running)
 
     @property
     def waiting(self) -> list[Job]:
@@ -86,18 +89,18 @@ class JobQueue:
         return None
 
     def active(self) -> list[Job]:
-        return ([self.running] if self.running else []) + self.waiting
+        return self.running + self.waiting
 
     def count(self, client: bytes) -> int:
         """The client's active jobs, running or waiting."""
-        running = self.running is not None and self.running.client == client
+        running = sum(j.client == client for j in self.running)
         return len(self.lines.get(client, ())) + running
 
     def position(self, job: Job) -> int:
-        """How many jobs run before this one (0: running or next)."""
-        if job is self.running:
+        """How many jobs must end before this one starts (0: running or next)."""
+        if job in self.running:
             return 0
-        return self.waiting.index(job) + (self.running is not None)
+        return max(0, self.waiting.index(job) + len(self.running) - self.slots + 1)
 
     def add(self, job: Job) -> int:
         self.lines.setdefault(job.client, deque()).append(job)
@@ -110,7 +113,7 @@ class JobQueue:
             del self.lines[job.client]
 
     def start_next(self) -> Job | None:
-        if self.running is not None or not self.lines:
+        if len(self.running) >= self.slots or not self.lines:
             return None
         job = self.waiting[0]
         self.remove(job)
@@ -118,12 +121,10 @@ class JobQueue:
         self.served[job.client] = self.starts
         # a client with nothing waiting starts afresh when it comes back
         self.served = {c: n for c, n in self.served.items() if c in self.lines or c == job.client}
-        self.running = job
+        self.running.append(job)
         job.state = RUNNING
         return job
 
-    def finish(self, state: str) -> Job | None:
-        job, self.running = self.running, None
-        if job is not None:
-            job.state = state
-        return job
+    def finish(self, job: Job, state: str) -> None:
+        self.running.remove(job)
+        job.state = state

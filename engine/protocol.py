@@ -20,6 +20,15 @@ PROTOCOL_VERSION = 1
 
 # Channels per pixel of each layout; rows are `stride` bytes apart, top row first.
 FORMATS = {"RGBA8": 4, "BGRA8": 4, "RGB8": 3, "Y8": 1}
+# Compressed pictures (a file's bytes, `stride` 0): the previews in `progress`.
+ENCODED = ("PNG",)
+
+# Previews (`submit`'s `previews`): the x0 estimate of each variant, at most every `every` steps,
+# at most one every PREVIEW_INTERVAL seconds, at most `max_side` pixels on the longer side.
+PREVIEW_INTERVAL = 1.0
+PREVIEW_MAX_SIDE = 128
+PREVIEW_MIN_SIDE = 16
+PREVIEW_MAX_EVERY = 1000
 
 # Mirrors engine.edit's SAMPLERS, GUIDANCE_MODES, MAX_SHAPING and MAX_REFINE_CAP (that module
 # imports torch).
@@ -107,7 +116,7 @@ class Pixels:
     name: str = ""
 
     def __post_init__(self) -> None:
-        if not self.stride:
+        if not self.stride and self.format in FORMATS:
             self.stride = self.width * FORMATS[self.format]
 
     def describe(self) -> dict[str, Any]:
@@ -120,7 +129,10 @@ class Pixels:
         }
 
     def packed(self) -> bytes:
-        """The pixels without row padding (`width * channels` bytes a row)."""
+        """The pixels without row padding (`width * channels` bytes a row); an encoded
+        picture's bytes as they are."""
+        if self.format in ENCODED:
+            return bytes(self.data)
         row = self.width * FORMATS[self.format]
         data = bytes(self.data)
         if self.stride == row:
@@ -254,7 +266,12 @@ def read_frames(header: dict[str, Any], frames: list, limits: Limits) -> list[Pi
         what = f"frame {i + 1} ({name:.20})" if name else f"frame {i + 1}"
         w = _int(d.get("width"), f"{what} width", 1, limits.max_side, LIMIT)
         h = _int(d.get("height"), f"{what} height", 1, limits.max_side, LIMIT)
-        fmt = _choice(d.get("format"), f"{what} format", tuple(FORMATS))
+        fmt = _choice(d.get("format"), f"{what} format", (*FORMATS, *ENCODED))
+        if fmt in ENCODED:  # a file's bytes: its size is its own
+            if not 0 < len(data) <= limits.max_frame:
+                raise ProtocolError(BAD_FRAME, f"{what}: {len(data)} bytes of {fmt}")
+            out.append(Pixels(w, h, fmt, data, 0, name))
+            continue
         stride = _int(d.get("stride"), f"{what} stride", w * FORMATS[fmt], limits.max_frame)
         if stride * h > limits.max_frame:
             raise ProtocolError(LIMIT, f"{what}: {stride * h} bytes, over {limits.max_frame}")
@@ -310,6 +327,23 @@ def check_settings(settings: Any, limits: Limits) -> dict[str, Any]:
     return {k: checks[k](v, f"settings.{k}") for k, v in settings.items()}
 
 
+def check_previews(previews: Any) -> dict[str, int] | None:
+    """`submit`'s `previews`: absent or null = none; an object asks for them (defaults filled)."""
+    if previews is None:
+        return None
+    if not isinstance(previews, dict):
+        raise ProtocolError(BAD_FIELD, "previews must be an object ({} for the defaults) or null")
+    unknown = sorted(k for k in previews if k not in ("every", "max_side"))
+    if unknown:
+        raise ProtocolError(BAD_FIELD, f"unknown previews fields {', '.join(unknown)[:200]}")
+    every = previews.get("every", 1)
+    side = previews.get("max_side", PREVIEW_MAX_SIDE)
+    return {
+        "every": _int(every, "previews.every", 1, PREVIEW_MAX_EVERY),
+        "max_side": _int(side, "previews.max_side", PREVIEW_MIN_SIDE, PREVIEW_MAX_SIDE),
+    }
+
+
 def _check_submit(header: dict[str, Any], frames: list[Pixels], limits: Limits) -> None:
     prompt = header.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
@@ -319,6 +353,7 @@ def _check_submit(header: dict[str, Any], frames: list[Pixels], limits: Limits) 
             LIMIT, f"prompt is {len(prompt)} characters, over the limit of {limits.max_prompt}"
         )
     header["settings"] = check_settings(header.get("settings", {}), limits)
+    header["previews"] = check_previews(header.get("previews"))
     if len(frames) != 2:
         raise ProtocolError(
             BAD_MESSAGE, f"submit needs 2 pixel frames (image, mask), not {len(frames)}"

@@ -132,6 +132,11 @@ def shape_selection(mask: np.ndarray, grow: int = 0, feather: int = 0) -> np.nda
         m = gaussian_blur2d(m, (k, k), (sigma, sigma), border_type="replicate")
     out = np.zeros_like(mask)
     out[y0:y1, x0:x1] = (m[0, 0] * 255).round().clamp(0, 255).byte().numpy()
+    if not out.any():  # a selection a few pixels wide, feathered far wider, fades to nothing
+        raise RegionError(
+            f"feathered by {feather} px, a selection this small ({sel.w}x{sel.h} px) fades away "
+            "entirely: lower feather, or grow it first"
+        )
     return out
 
 
@@ -155,14 +160,26 @@ def to_model(
     return rgb / 127.5 - 1.0, hard
 
 
-def from_model(result: np.ndarray, box: Box, sel: Box) -> np.ndarray:
-    """An edited canvas (HxWx3 in [-1, 1]) back at image scale, cut to `sel` (uint8)."""
+def seen_on_canvas(mask: np.ndarray, box: Box, canvas: tuple[int, int]) -> np.ndarray:
+    """The selection's alpha on the canvas (HxW in [0, 1], area-averaged): how much of each
+    canvas pixel the artist will see. CLIP judges the edit through it, so a feathered edge,
+    editable in full under the hard mask, counts as faintly as it will show."""
+    alpha = torch.from_numpy(mask[box.y : box.y + box.h, box.x : box.x + box.w]).float() / 255
+    return F.adaptive_avg_pool2d(alpha[None, None], canvas[::-1])[0, 0].numpy()
+
+
+def from_model(
+    result: np.ndarray, box: Box, sel: Box, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """An edited canvas (HxWx3 in [-1, 1]) back at image scale, cut to `sel` (uint8); at
+    `size` (width, height) instead of the image's scale when given (previews)."""
     rgb = np.clip((result + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
     # only the selection's part of the canvas is resampled: memory bounded by the selection
     sx, sy = rgb.shape[1] / box.w, rgb.shape[0] / box.h
     x, y = (sel.x - box.x) * sx, (sel.y - box.y) * sy
     source = (x, y, x + sel.w * sx, y + sel.h * sy)
-    resized = Image.fromarray(rgb).resize((sel.w, sel.h), Image.Resampling.LANCZOS, box=source)
+    size = size or (sel.w, sel.h)
+    resized = Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS, box=source)
     return np.asarray(resized)
 
 

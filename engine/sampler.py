@@ -2,8 +2,9 @@
 
 All of the method's math is here. Per step t, from k = T - skip down to 0:
     x0_hat, mean, var = the model's DDPM posterior at x_t          (one UNet forward, with grad)
-    L = clip_weight * D_clip(augment(mix * m), prompt) + range_weight * range(x0_hat)
+    L = clip_weight * D_clip(augment(mix * a), prompt) + range_weight * range(x0_hat)
         with mix = x0_hat * sqrt(1 - abar_t) + x_t * (1 - sqrt(1 - abar_t))   (official input mix)
+        and a the selection's alpha (m where it has no soft edge, as in the official code)
     x_fg = mean - var * dL/dx_t + sqrt(var) * z                    (CLIP-guided DDPM step)
     x_{t-1} = x_fg * m + q_sample(source, t) * (1 - m)             (the blend, noised to level t)
 result = x0_hat of the last step. The official code then pastes the source outside the mask in the
@@ -138,11 +139,13 @@ def blended_diffusion(
     class_cond: bool = False,
     batch: int = 1,
     callback: StepCallback | None = None,
+    seen: torch.Tensor | None = None,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Edit `source` (1x3xHxW in [-1, 1]) inside `mask` (1x1xHxW in [0, 1]): one variant per
-    generator. Returns the variants' last predictions x0_hat (Nx3xHxW): the caller pastes them
-    over the source.
+    generator. CLIP judges the edit through `seen` (the selection's soft alpha, default `mask`).
+    Returns the variants' last predictions x0_hat (Nx3xHxW): the caller pastes them over the
+    source.
     `guidance_every` N > 1 guides one step in N (a speed trade; the paper guides every step).
     `batch` variants go through the models together. With 1, each variant's pixels depend on
     its own generator alone (batched kernels round differently, and chaos amplifies it), so a
@@ -158,8 +161,9 @@ def blended_diffusion(
         torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g, device=g.device)))
         for g in generators
     ]
+    seen = mask if seen is None else seen
     loss_fns = [
-        clip_loss_fn(diffusion, guide, mask, prompt, clip_weight, range_weight, streams[c])
+        clip_loss_fn(diffusion, guide, seen, prompt, clip_weight, range_weight, streams[c])
         for c in chunks
     ]
     steps = list(range(diffusion.num_timesteps - skip))[::-1]

@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine import __version__, budget, devices, protocol, region
+from engine import __version__, budget, devices, preview, protocol, region
 from engine.client import default_key_dir
 from engine.edit import Diverged, EditSettings, run_edit
 from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueue
@@ -163,7 +163,7 @@ class Server:
         poller.register(self._monitor, zmq.POLLIN)
         poller.register(self._wake, zmq.POLLIN)
         try:
-            while self._deadline is None or self._queue.running is not None:
+            while self._deadline is None or self._queue.running:
                 if self._stop.is_set() and self._deadline is None:
                     self._begin_shutdown()
                 if self._deadline is not None and time.monotonic() > self._deadline:
@@ -192,8 +192,8 @@ class Server:
 
     def _abandon_running_job(self) -> None:
         """The running step did not reach a cancel check in time: answer for it and leave."""
-        job = self._queue.finish(CANCELLED)
-        if job is not None:
+        for job in list(self._queue.running):
+            self._queue.finish(job, CANCELLED)
             self.log(f"job {job.id}: its step did not stop within {self.shutdown_grace:g} s")
             self._finished(job, CANCELLED, self._cancelled(job))
 
@@ -256,7 +256,7 @@ class Server:
                 for j in self._queue.active()
                 if j.client == client
             ]
-            fields = {"queue": len(self._queue), "busy": self._queue.running is not None}
+            fields = {"queue": len(self._queue), "busy": bool(self._queue.running)}
             self._send(client, protocol.encode("status", {**fields, "jobs": jobs}))
         elif kind == "cancel":
             job = self._queue.find(client, job_id)
@@ -322,6 +322,7 @@ class Server:
                 job_id,
             )
         job = Job(client, job_id, msg.header["prompt"], image, mask, settings, held=cost.held)
+        job.previews = msg.header["previews"]
         job.total = settings.steps - settings.skip
         position = self._queue.add(job)
         self._send(client, protocol.encode("accepted", {"job": job_id, "position": position}))
@@ -384,8 +385,8 @@ class Server:
         """A worker that died (it never should) fails its job and is replaced."""
         if self._worker.is_alive():
             return
-        job = self._queue.finish(FAILED)
-        if job is not None:
+        for job in list(self._queue.running):  # the worker's one job
+            self._queue.finish(job, FAILED)
             self._finished(job, FAILED, protocol.error(protocol.INTERNAL, "worker died", job.id))
         self.log("the worker thread died: starting another")
         self._start_worker()
@@ -393,10 +394,13 @@ class Server:
     def _dispatch(self) -> None:
         if self._deadline is not None:  # stopping: nothing new starts
             return
-        job = self._queue.start_next()
-        if job is not None:
+        while (job := self._queue.start_next()) is not None:
             self._record("start", job)
-            self._inbox.put(job)
+            self._begin(job)
+
+    def _begin(self, job: Job) -> None:
+        """Where a job runs: the worker thread (engine/cluster.py: a Ray Serve replica)."""
+        self._inbox.put(job)
 
     def _read_events(self) -> None:
         try:
@@ -412,7 +416,7 @@ class Server:
             if kind == "progress":
                 self._send(job.client, reply)
             else:
-                self._queue.finish(kind)
+                self._queue.finish(job, kind)
                 self._finished(job, kind, self._cancelled(job) if kind == CANCELLED else reply)
 
     # -- worker thread -----------------------------------------------------------------------
@@ -447,13 +451,28 @@ class Server:
             if job.cancel.is_set():
                 raise Cancelled
 
-        def on_step(done: int, total: int) -> None:
+        shown = {"step": 0, "t": -protocol.PREVIEW_INTERVAL}  # the last preview sent
+
+        def on_step(done: int, total: int, previews: Callable) -> None:
             job.step, job.total = done, total
             if timed:
                 step_time(done)
             check()
-            progress = {"job": job.id, "step": done, "total": total}
-            self._notify("progress", job, protocol.encode("progress", progress))
+            progress: dict[str, Any] = {"job": job.id, "step": done, "total": total}
+            frames: list[Pixels] = []
+            asked, now = job.previews, time.monotonic()
+            if (
+                asked
+                and done - shown["step"] >= asked["every"]
+                and now - shown["t"] >= protocol.PREVIEW_INTERVAL
+            ):
+                shown.update(step=done, t=now)
+                shown_now = previews(asked["max_side"])
+                progress["previews"], frames = self._previews(shown_now)
+                box = shown_now[0].box
+                progress["box"] = {"x": box.x, "y": box.y, "width": box.w, "height": box.h}
+                self._record("preview", job, t=now)
+            self._notify("progress", job, protocol.encode("progress", progress, frames))
 
         s = job.settings
         try:
@@ -480,6 +499,17 @@ class Server:
         except Exception as e:
             self.log(f"job {job.id} failed: {traceback.format_exc()}")
             return FAILED, protocol.error(protocol.INTERNAL, f"the edit failed: {e}", job.id)
+
+    @staticmethod
+    def _previews(shown: list[preview.Preview]) -> tuple[list[dict], list[Pixels]]:
+        """A progress message's `previews` entries and their PNG frames."""
+        entries = [{"variant": p.variant, "seed": p.seed, "distance": p.distance} for p in shown]
+        frames = [
+            Pixels(p.rgba.shape[1], p.rgba.shape[0], "PNG", preview.encode_png(p.rgba),
+                   name=f"preview-{p.variant}")
+            for p in shown
+        ]  # fmt: skip
+        return entries, frames
 
     def _result(self, job: Job, variants: list) -> list:
         frames = [
@@ -530,6 +560,15 @@ def serve(args: Any) -> int:
     if args.curve or not is_loopback(args.endpoint):
         curve = keys.load_server_keys(Path(args.keys) if args.keys else default_key_dir())
     check_endpoint(args.endpoint, curve)  # before minutes of model loading
+    if args.cluster:  # the jobs run on Ray Serve replicas; the front end loads no models
+        try:
+            from engine.cluster import serve_cluster
+        except ModuleNotFoundError as e:
+            raise ValueError(
+                f"--cluster needs Ray Serve ({e}): `python install.py --cluster`, or "
+                "`pip install '.[cluster]'`"
+            ) from None
+        return serve_cluster(args, curve)
     models = load_models(
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
     )

@@ -108,7 +108,8 @@ def refine(
     `source` (1x3xHxW) inside the hard `mask` (1x1xHxW): enlarged, noised to the last `steps`
     of `diffusion`'s schedule and denoised over tiles of `tile` (height, width), blended with the
     noised source at every step. `clip_weight` > 0 guides the pass (the README's measurements:
-    off by default); the other keywords go to `blended_diffusion` (sampler, batch, callback)."""
+    off by default); the other keywords go to `blended_diffusion` (sampler, batch, callback,
+    `seen`: the selection's alpha on this canvas, which CLIP judges through)."""
     start = F.interpolate(edits, size=source.shape[-2:], mode="bicubic").clamp(-1, 1)
     start = start * mask + source * (1 - mask)
     return blended_diffusion(

@@ -43,10 +43,43 @@ def start_engine(tiny_models) -> Iterator:
     (`server.endpoint`); every engine started is stopped after the test."""
     from engine.server import Server
 
+    yield from _engines(lambda endpoint, **options: Server(tiny_models, endpoint, **options))
+
+
+@pytest.fixture(scope="module")
+def tiny_cluster() -> Iterator:
+    """A local Ray (a small object store, no dashboard) with two CPU replicas of the tiny model,
+    started once per module: (Serve handle, replicas). Three logical CPUs: one a replica and one
+    for the replica of a `serve --cluster` command a test starts on the same cluster."""
+    import ray
+    from ray import serve
+
+    from engine import cluster
+
+    cluster.connect("auto", num_cpus=3, object_store_mb=128, log_to_driver=False)
+    try:
+        yield cluster.deploy("tiny", replicas=2, device="cpu")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture
+def start_cluster_engine(tiny_cluster) -> Iterator:
+    """As `start_engine`, a front end whose jobs run on `tiny_cluster`'s replicas."""
+    from engine.cluster import ClusterServer
+
+    handle, replicas = tiny_cluster
+    yield from _engines(
+        lambda endpoint, **options: ClusterServer(handle, replicas, endpoint, **options)
+    )
+
+
+def _engines(make) -> Iterator:
     running = []
 
     def start(endpoint: str = "tcp://127.0.0.1:*", **options):
-        server = Server(tiny_models, endpoint, **options)
+        server = make(endpoint, **options)
         server.bind()
         thread = threading.Thread(target=server.run, name="engine-socket", daemon=True)
         thread.start()

@@ -29,13 +29,17 @@ def picture(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "in.png", tmp_path / "mask.png"
 
 
+def tiny_edit(picture, out: Path, *options: str) -> subprocess.CompletedProcess:
+    """`edit` of the test picture with the tiny model, "a red circle", results in `out`."""
+    image, mask = picture
+    return engine("edit", str(image), "--mask", str(mask), "--prompt", "a red circle",
+                  "--out", str(out), "--model", "tiny", *options)  # fmt: skip
+
+
 def test_edit_writes_ranked_full_size_results_and_sorted_scores(picture, tmp_path):
     image, mask = picture
     out = tmp_path / "out"
-    done = engine(
-        "edit", str(image), "--mask", str(mask), "--prompt", "a red circle", "--out", str(out),
-        "--model", "tiny", "--variants", "3", "--steps", "10", "--skip", "2", "--seed", "9",
-    )  # fmt: skip
+    done = tiny_edit(picture, out, "--variants", "3", "--steps", "10", "--skip", "2", "--seed", "9")
     assert done.returncode == 0, done.stderr
     scores = json.loads((out / "scores.json").read_text())
     assert "random weights" in scores["models"]  # the tiny model never passes for a real one
@@ -55,13 +59,10 @@ def test_edit_writes_ranked_full_size_results_and_sorted_scores(picture, tmp_pat
 
 
 def test_edit_grows_and_feathers_the_selection_and_keeps_the_rest(picture, tmp_path):
-    image, mask = picture
+    image, _ = picture
     out = tmp_path / "out"
-    done = engine(
-        "edit", str(image), "--mask", str(mask), "--prompt", "a red circle", "--out", str(out),
-        "--model", "tiny", "--variants", "1", "--steps", "6", "--skip", "2", "--seed", "1",
-        "--grow", "3", "--feather", "4",
-    )  # fmt: skip
+    done = tiny_edit(picture, out, "--variants", "1", "--steps", "6", "--skip", "2", "--seed", "1",
+                     "--grow", "3", "--feather", "4")  # fmt: skip
     assert done.returncode == 0, done.stderr
     source = np.asarray(Image.open(image)).astype(int)
     result = np.asarray(Image.open(out / "rank-1.png")).astype(int)
@@ -116,6 +117,14 @@ def test_bench_prints_both_formulations_measured_in_one_run():
     assert set(result["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx"}
     if "avx2" in Path("/proc/cpuinfo").read_text():
         assert "avx2" in result["cpu_flags"]
+    # previews timed apart from the step they follow: their cost is a ratio of the step
+    assert result["preview_s"] > 0
+    assert result["preview_cost"] == pytest.approx(
+        result["preview_s"] / result["engine_step_s"], rel=0.1
+    )
+    assert "previews (a preview every step, worst case)" in engine(
+        "bench", "--model", "tiny", "--steps", "1", "--no-breakdown"
+    ).stdout
 
 
 def test_a_variants_reported_seed_alone_reproduces_its_pixels(picture, tmp_path):

@@ -7,10 +7,12 @@ real in-process engine. tests/test_gimp_real.py runs the whole plug-in inside re
 from __future__ import annotations
 
 import ast
+import io
 import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 PLUGIN = Path(__file__).resolve().parents[1] / "plugin_gimp" / "blended_diffusion"
 sys.path.insert(0, str(PLUGIN))  # the plug-in's modules import each other by plain name
@@ -62,6 +64,15 @@ class FakeHost:
     def progress(self, fraction: float, text: str) -> None:
         self.steps.append((fraction, text))
 
+    # the preview layer: its states, in order ("removed" at the end, whatever happened)
+    previews: list
+
+    def show_preview(self, box: Rect, width: int, height: int, rgba: bytes) -> None:
+        self.__dict__.setdefault("previews", []).append((box, width, height, rgba))
+
+    def remove_preview(self) -> None:
+        self.__dict__.setdefault("previews", []).append("removed")
+
 
 class FakeClient:
     """Answers like engine.client.Client; `script` is what poll() returns, call by call."""
@@ -77,7 +88,8 @@ class FakeClient:
         return {"models": self.models, "device": "cpu", "limits": self.limits,
                 "step_seconds": {"full": {"2": 0.5}}}  # fmt: skip
 
-    def submit(self, image, width, height, mask, prompt, settings):
+    def submit(self, image, width, height, mask, prompt, settings, previews=None):
+        assert previews == {"every": 1}  # the image shows the best variant while it runs
         if self.submit_error:
             raise self.submit_error
         assert len(image) == width * height * 4 and len(mask) == width * height
@@ -89,8 +101,10 @@ class FakeClient:
         kind, *rest = self.script.pop(0)
         job = self.job
         if kind == "progress":
-            job.state, job.step, job.total = "running", *rest
-            return [engine_client.Event("progress", job.id, job, step=rest[0], total=rest[1])]
+            job.state, job.step, job.total = "running", *rest[:2]
+            event = engine_client.Event("progress", job.id, job, step=rest[0], total=rest[1])
+            event.previews = rest[2] if len(rest) > 2 else []
+            return [event]
         if kind == "result":
             w, h, _, _, _ = self.submitted
             job.variants = [
@@ -195,6 +209,31 @@ def test_engine_failures_become_messages_and_the_client_closes(client, words):
     assert client.closed
 
 
+def preview(variant: int, distance: float | None, colour: int) -> engine_client.Preview:
+    """A 2 x 1 PNG preview of the box (3, 4, 10, 5) in the window."""
+    buffer = io.BytesIO()
+    Image.new("RGBA", (2, 1), (colour, 0, 0, 255)).save(buffer, "PNG")
+    return engine_client.Preview(variant, 7 + variant, distance, 1, 2, 1, buffer.getvalue(),
+                                 (3, 4, 10, 5))  # fmt: skip
+
+
+@pytest.mark.parametrize("end", [("result",), ("error", "internal", "boom"), ("cancelled", "x")])
+def test_the_best_preview_is_shown_over_the_box_and_removed_whatever_the_end(end):
+    host = FakeHost(Rect(40, 30, 20, 12))
+    shown = [preview(0, 0.9, 10), preview(1, 0.4, 20), preview(2, None, 30)]
+    client = FakeClient([("progress", 1, 8, shown), ("progress", 2, 8), end])
+    if end[0] == "result":
+        run(host, client)
+    else:
+        with pytest.raises(flow.EditError):
+            run(host, client)
+    crop = host.reads[0]
+    box, width, height, rgba = host.previews[0]
+    assert box == Rect(crop.x + 3, crop.y + 4, 10, 5)  # drawable coordinates
+    assert (width, height, rgba) == (2, 1, bytes((20, 0, 0, 255)) * 2)  # the closest: variant 1
+    assert host.previews[1:] == ["removed"]
+
+
 def test_a_malformed_address_is_a_message():
     with pytest.raises(flow.EditError, match="Not an engine address"):
         flow.run_edit(FakeHost(Rect(40, 30, 20, 12)), VALUES | {"endpoint": "tcp://127.0.0.1:x"})
@@ -213,6 +252,23 @@ def test_against_a_real_engine_results_carry_the_selection_as_alpha(start_engine
         assert (layer.x, layer.y, layer.width, layer.height) == (40, 30, 20, 12)
         assert set(layer.rgba[3::4]) == {255}  # a hard rectangle: fully opaque inside
         assert "#" in layer.name and "[random model]" in layer.name
+
+
+def test_grow_and_feather_from_the_dialog_come_back_as_the_results_alpha(start_engine):
+    """The window read holds what the engine grows and feathers: the result covers the grown
+    selection whole, not cut at the window's edge."""
+    server = start_engine()
+    host = FakeHost(Rect(40, 30, 20, 12))
+    custom = {"preset": "custom", "variants": 1, "steps": 2, "seed": 3, "grow": 5, "feather": 0}
+    (layer,) = flow.run_edit(host, VALUES | custom | {"endpoint": server.endpoint})
+    assert (layer.x, layer.y, layer.width, layer.height) == (35, 25, 30, 22)
+    alpha = layer.rgba[3::4]
+    assert alpha[11 * 30 : 12 * 30] == b"\xff" * 30  # the middle row: 5 px more on each side
+    soft = {**custom, "feather": 6}
+    (layer,) = flow.run_edit(host, VALUES | soft | {"endpoint": server.endpoint})
+    reach = 5 + 9 + 1  # geometry.reach: grow, the blur's half kernel, one pixel
+    assert 40 - reach <= layer.x < 35 and 60 + reach >= layer.x + layer.width > 65
+    assert set(layer.rgba[3::4]) - {0, 255}  # a soft edge
 
 
 def test_a_dead_engine_is_reported_within_the_timeout():

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.hosts import trixie
+from tests.hosts import trixie, visible
 
 REPO = Path(__file__).resolve().parents[1]
 GIMP_PYTHON, PLATFORM = "3.13", "manylinux_2_28_x86_64"  # trixie's Python, its glibc's wheels
@@ -153,14 +153,16 @@ def gimp(tmp_path_factory) -> Iterator[GimpRoot]:
 
 @contextlib.contextmanager
 def engine(model: str, log: Path) -> Iterator[str]:
-    """`python -m engine serve --model MODEL` on a free loopback port, until the block ends."""
+    """`python -m engine serve --model MODEL` on a free loopback port, until the block ends;
+    what its jobs received is kept in `received` beside the log (tests/recording_engine.py)."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     # a short keep-alive timeout: the cancel test waits for it
     args = ["--endpoint", endpoint, "--model", model, "--keepalive-timeout", str(KEEPALIVE)]
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "engine", "serve", *args],
+            [sys.executable, "-m", "tests.recording_engine", "serve", *args],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, "BD_RECEIVED": str(log.parent / "received")},
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 180
@@ -194,11 +196,6 @@ MODELS = [
                 not ((DEMO / "demo_unet.pt").is_file() and (DEMO / "demo_clip.pt").is_file()),
                 reason="the demo model is not trained yet (engine/demo/weights)",
             ),
-            # KNOWN, open in issue 14: every pixel GIMP's 8 px feather touches is now editable
-            # (the hard mask), and the Draft preset's best variant over this selection comes
-            # back as a dark disc with a red band above it, not red where alpha is full (looked
-            # at); every other check of this case passes
-            pytest.mark.xfail(reason="demo colour over a wide GIMP feather (issue 14)"),
         ],
     ),
 ]
@@ -219,6 +216,19 @@ def test_edit_in_gimp_adds_layers_in_one_undo_step(gimp, tiny_engine, model: str
     assert png.is_file() and png.stat().st_size > 0
     keep(png)
     print(f"\n{model}: edit {verdict['edit_seconds']} s, best mean RGB {verdict['best_mean_rgb']}")
+
+
+def test_gimp_sends_the_visible_picture_and_edits_with_a_group_active(gimp, tiny_engine):
+    """A transparent layer over a painted background is active: the engine receives what the
+    artist sees (the background through it), or with "This layer only" the layer alone; a
+    group as the active layer works, the result right above it, and alone it sends what it
+    shows on its own."""
+    endpoint, log = tiny_engine
+    env = {"BD_ENDPOINT": endpoint, "BD_SCENE": json.dumps(visible.SCENE)}
+    gimp.batch("visible", env, gui=False)
+    folder, size = log.parent / "received", (96, 80)  # check_edit.py's canvas
+    report = visible.check_received(folder, size, green_columns=20)
+    print("\nGIMP: the engine received", json.dumps(report))
 
 
 def test_failures_in_gimp_are_messages_and_change_nothing(gimp: GimpRoot):
@@ -271,6 +281,9 @@ def test_cancel_in_gimp_kills_the_plug_in_and_the_engine_drops_the_job(gimp, tin
             assert time.monotonic() < deadline, f"the engine kept the job:\n{log.read_text()}"
             time.sleep(0.1)
 
-    gimp.batch("cancel", {"BD_ENDPOINT": endpoint}, False, during=kill_plugin_mid_job)
+    dead = f"tcp://127.0.0.1:{free_port()}"  # the next run, which removes a preview left behind
+    env = {"BD_ENDPOINT": endpoint, "BD_DEAD_ENDPOINT": dead}
+    verdict = gimp.batch("cancel", env, False, during=kill_plugin_mid_job)
+    print(f"\npreview layer left by the kill: {verdict['preview_left_by_the_kill']}")
     line = next(x for x in log.read_text().splitlines() if ORPHANED.search(x))
     assert "cancelled" in line, line

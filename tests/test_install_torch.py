@@ -195,6 +195,12 @@ def test_without_a_gpu_the_command_is_the_plain_one(monkeypatch, capsys, tmp_pat
     assert "no GPU found" in "\n".join(out) and "warning" not in out[-1]
 
 
+def test_cluster_adds_ray_serve_to_the_project_install(monkeypatch, capsys, tmp_path):
+    out = run_dry(monkeypatch, capsys, tmp_path, [], "linux", "--cluster")
+    pip = next(line for line in out if "would run" in line)
+    assert pip.endswith(f"-m pip install -e '{install.ROOT}[dev,cluster]'")
+
+
 def test_this_machine_gets_the_plan_it_had():
     if install.find_gpus():
         pytest.skip("this machine has a GPU")

@@ -11,6 +11,7 @@ import threading
 import time
 import types
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from engine.plugin.geometry import Rect
 from engine.plugin.wording import ResultLayer
 
 ROOT = Path(__file__).resolve().parent.parent
+REQUEST = settings.request({"prompt": "a red ball"})  # the defaults: the visible picture
 PLUGIN = ROOT / "plugin_krita"
 PACKAGE = PLUGIN / "blended_diffusion"
 
@@ -86,6 +88,21 @@ class FakeNode:
             self.pixels.get((i, j), empty) for j in range(y, y + h) for i in range(x, x + w)
         )
 
+    def projectionPixelData(self, x: int, y: int, w: int, h: int) -> bytes:
+        """The node as it shows: a group's visible children over each other (alpha 0 or 255
+        only: a pixel of the topmost child that covers it)."""
+        if self.kind != "grouplayer":
+            return self.pixelData(x, y, w, h)
+        out = bytearray(w * h * 4)
+        for child in self.children:  # bottom first
+            if not child.visible():
+                continue
+            data = child.projectionPixelData(x, y, w, h)
+            for k in range(0, len(data), 4):
+                if data[k + 3]:
+                    out[k : k + 4] = data[k : k + 4]
+        return bytes(out)
+
     def setPixelData(self, data: bytes, x: int, y: int, w: int, h: int) -> bool:
         assert len(data) == w * h * 4
         for j in range(h):
@@ -111,6 +128,15 @@ class FakeNode:
         self.children = list(nodes)  # no undo command (seen in Krita 5.2)
         for n in nodes:
             n.parent = self
+
+    def setName(self, name: str) -> None:
+        self._name = name
+
+    def remove(self) -> bool:
+        self.doc.undo_steps += 1  # one undo command
+        self.parent.children.remove(self)
+        self.parent = None
+        return True
 
 
 class FakeDocument:
@@ -149,6 +175,9 @@ class FakeDocument:
     def waitForDone(self) -> None:
         pass
 
+    def pixelData(self, x: int, y: int, w: int, h: int) -> bytes:
+        return self.root.projectionPixelData(x, y, w, h)  # the projection: what the artist sees
+
     def refreshProjection(self) -> None:
         pass
 
@@ -175,6 +204,25 @@ class FakeKrita:
 
     def writeSetting(self, group: str, key: str, value: str) -> None:
         self.settings[(group, key)] = value
+
+    def action(self, name: str):
+        assert name == "flatten_layer"
+        return types.SimpleNamespace(trigger=self.flatten_active)
+
+    def flatten_active(self) -> None:
+        """Krita's Flatten Layer on the active group: one command, a paint layer "<group>
+        Merged" holding what its visible children show (as seen in real Krita 5.2.9)."""
+        doc = self.activeDocument()
+        group = doc.active
+        flat = FakeNode(doc, f"{group.name()} Merged", "paintlayer")
+        for child in group.children:  # bottom first: the upper ones cover
+            if child.visible():
+                flat.pixels.update(child.pixels)
+        parent = group.parent
+        parent.children[parent.children.index(group)] = flat
+        flat.parent, group.parent = parent, None
+        doc.active = flat
+        doc.undo_steps += 1
 
 
 @pytest.fixture
@@ -227,7 +275,7 @@ def test_export_reads_the_window_around_the_clamped_selection(krita):
     document = plugin_module("document")
     doc = opened(krita)
     doc.sel = FakeSelection(50, 10, 30, 20)  # reaches past the right edge
-    export = document.export_active()
+    export = document.export_active(REQUEST)
     pixels = export.pixels
     w = pixels.window
     # the clamped selection (50, 10, 14, 20) and the engine's least context (48) each side
@@ -242,10 +290,9 @@ def test_export_reads_the_window_around_the_clamped_selection(krita):
     ("setup", "message"),
     [
         (lambda app, doc: app.docs.clear(), "Open an image"),
-        (lambda app, doc: setattr(doc.active, "kind", "grouplayer"), "paint layer"),
-        (lambda app, doc: setattr(doc, "active", None), "paint layer"),
-        (lambda app, doc: setattr(doc.active, "model", "CMYKA"), "CMYKA/U8"),
-        (lambda app, doc: setattr(doc.active, "depth", "U16"), "RGBA/U16"),
+        (lambda app, doc: setattr(doc, "active", None), "no layer is active"),
+        (lambda app, doc: setattr(doc, "model", "CMYKA"), "The image is CMYKA/U8"),
+        (lambda app, doc: setattr(doc, "depth", "U16"), "The image is RGBA/U16"),
         (lambda app, doc: setattr(doc, "sel", None), "no selection"),
         (lambda app, doc: setattr(doc, "sel", FakeSelection(0, 0, 0, 0)), "empty"),
         (lambda app, doc: setattr(doc, "sel", FakeSelection(100, 0, 5, 5)), "outside"),
@@ -259,7 +306,18 @@ def test_export_refuses_with_a_clear_message(krita, setup, message):
     doc.sel = FakeSelection(10, 10, 8, 8)
     setup(krita, doc)
     with pytest.raises(document.UserError, match=message):
-        document.export_active(max_side=40)
+        document.export_active(REQUEST, max_side=40)
+
+
+@pytest.mark.parametrize(("model", "depth"), [("CMYKA", "U8"), ("RGBA", "U16")])
+def test_this_layer_only_needs_an_8_bit_rgb_layer_not_the_visible_picture(krita, model, depth):
+    document = plugin_module("document")
+    doc = opened(krita)
+    doc.sel = FakeSelection(10, 10, 8, 8)
+    doc.active.model, doc.active.depth = model, depth  # the image itself is RGBA/U8
+    with pytest.raises(document.UserError, match=f'layer "Background" is {model}/{depth}'):
+        document.export_active(replace(REQUEST, layer_only=True))
+    assert document.export_active(REQUEST).pixels.image
 
 
 def layer(name: str, x: int, y: int, visible: bool, value: int = 7):
@@ -273,7 +331,7 @@ def test_results_are_one_filled_group_above_the_source_in_one_undo_step(krita):
     source = doc.active
     top = FakeNode(doc, "on top", "paintlayer")
     doc.root.setChildNodes([source, top])
-    export = document.export_active()
+    export = document.export_active(REQUEST)
     before = source.pixelData(0, 0, doc.w, doc.h)
     layers = [layer("best", 10, 10, True, 1), layer("second", 10, 11, False, 2)]
     summary = document.add_results(export, "Blended Diffusion: x", layers)
@@ -294,7 +352,7 @@ def test_results_when_the_source_or_the_image_went_away(krita):
     document = plugin_module("document")
     doc = opened(krita)
     doc.sel = FakeSelection(10, 10, 8, 8)
-    export = document.export_active()
+    export = document.export_active(REQUEST)
     doc.root.setChildNodes([])
     export.source.parent = None  # the user deleted the layer meanwhile: the result goes on top
     document.add_results(export, "g", [layer("best", 10, 10, True)])
@@ -302,6 +360,106 @@ def test_results_when_the_source_or_the_image_went_away(krita):
     krita.docs.clear()
     with pytest.raises(document.UserError, match="closed"):
         document.add_results(export, "g", [layer("best", 10, 10, True)])
+
+
+def ink_over_background(app: FakeKrita) -> tuple[FakeDocument, FakeNode]:
+    """A painted background and above it a transparent paint layer with one blue stroke."""
+    doc = opened(app)
+    ink = FakeNode(doc, "Ink", "paintlayer")
+    for x in range(20, 30):
+        ink.pixels[(x, 12)] = bytes((220, 60, 30, 255))  # B, G, R, A: blue
+    doc.root.setChildNodes([doc.active, ink])
+    doc.active, doc.sel = ink, FakeSelection(10, 10, 30, 8)
+    return doc, ink
+
+
+def test_the_engine_gets_the_visible_picture_whatever_layer_is_active(krita):
+    document = plugin_module("document")
+    doc, ink = ink_over_background(krita)
+    pixels = document.export_active(REQUEST).pixels
+    w = pixels.window
+    visible = doc.root.projectionPixelData(w.x, w.y, w.width, w.height)
+    assert pixels.image == visible
+    at = 4 * ((12 - w.y) * w.width + 25 - w.x)
+    assert pixels.image[at : at + 4] == bytes((220, 60, 30, 255))  # the stroke
+    at = 4 * ((15 - w.y) * w.width + 25 - w.x)
+    assert pixels.image[at : at + 4] == bytes((25, 15, 100, 255))  # the background, not black
+    # "This layer only": the active layer as it shows on its own, transparent around the stroke
+    alone = document.export_active(replace(REQUEST, layer_only=True)).pixels.image
+    assert alone == ink.pixelData(w.x, w.y, w.width, w.height) and alone[at : at + 4] == bytes(4)
+
+
+@pytest.mark.parametrize("kind", ["grouplayer", "vectorlayer", "filllayer", "filelayer"])
+def test_any_active_layer_works_and_the_results_go_right_above_it(krita, kind):
+    document = plugin_module("document")
+    doc, ink = ink_over_background(krita)
+    active = FakeNode(doc, "Active", kind)
+    if kind == "grouplayer":
+        active.setChildNodes([ink])  # the stroke inside a group
+        doc.root.setChildNodes([doc.root.children[0], active])
+    else:
+        doc.root.setChildNodes([*doc.root.children, active])
+    doc.active = active
+    export = document.export_active(REQUEST)
+    w = export.pixels.window
+    assert export.pixels.image == doc.root.projectionPixelData(w.x, w.y, w.width, w.height)
+    if kind == "grouplayer":  # alone, a group shows its children
+        alone = document.export_active(replace(REQUEST, layer_only=True)).pixels.image
+        assert alone == ink.pixelData(w.x, w.y, w.width, w.height)
+    document.add_results(export, "g", [layer("best", 10, 10, True)])
+    # above the active layer, beside it: the result is seen as the engine made it, not through
+    # a group's blending mode, opacity or masks, and the group's own layers stay its own
+    assert [n.name() for n in doc.root.children][-2:] == ["Active", "g"]
+    assert doc.undo_steps == 1
+
+
+def test_an_active_mask_puts_the_results_above_its_layer(krita):
+    document = plugin_module("document")
+    doc, ink = ink_over_background(krita)
+    mask = FakeNode(doc, "Mask", "transparencymask")
+    ink.setChildNodes([mask])
+    doc.active = mask
+    export = document.export_active(REQUEST)
+    assert export.source is ink
+    document.add_results(export, "g", [layer("best", 10, 10, True)])
+    assert [n.name() for n in doc.root.children] == ["Background", "Ink", "g"]
+
+
+def test_the_window_holds_the_grown_and_feathered_selection(krita):
+    document = plugin_module("document")
+    doc = opened(krita, w=250, h=200)
+    doc.sel = FakeSelection(140, 90, 10, 10)
+    plain = document.export_active(REQUEST).pixels.window
+    shaped = settings.request({"prompt": "x", "grow": 20, "feather": 10})
+    window = document.export_active(shaped).pixels.window
+    widen = 20 + 15 + 1  # engine/region.py shape_selection's reach
+    assert window.x <= 140 - widen - 48 and window.x + window.width >= 150 + widen + 48
+    assert window.width > plain.width
+
+
+def test_a_runs_variant_shown_alone_kept_or_the_run_discarded_in_one_undo_step_each(krita):
+    document = plugin_module("document")
+    doc = opened(krita)
+    doc.sel = FakeSelection(10, 10, 8, 8)
+    export = document.export_active(REQUEST)
+    layers = [layer("best", 10, 10, True, 1), layer("second", 10, 10, False, 2)]
+    document.add_results(export, "run", layers)
+    group = doc.root.children[1]
+    document.show_only(export, "second")
+    assert [(n.name(), n.visible()) for n in group.children] == [("second", True), ("best", False)]
+    steps = doc.undo_steps
+    document.keep(export, "second")
+    assert doc.undo_steps == steps + 1
+    assert [n.name() for n in doc.root.children] == ["Background", "second"]
+    assert doc.root.children[1].pixelData(10, 10, 2, 1) == bytes((2, 0, 0, 255)) * 2
+    with pytest.raises(document.UserError, match="no longer"):
+        document.discard(export)  # kept: the group is gone
+    again = document.export_active(REQUEST)
+    document.add_results(again, "run 2", layers)
+    steps = doc.undo_steps
+    document.discard(again)
+    assert doc.undo_steps == steps + 1
+    assert [n.name() for n in doc.root.children] == ["Background", "second"]
 
 
 def test_settings_go_through_kritas_store(krita):
@@ -332,8 +490,11 @@ class FakeClient:
         self.info = {"models": "tiny random model"}
         return self.info
 
-    def submit(self, image, width, height, mask, prompt, settings, *, image_format, stride=0):
+    def submit(
+        self, image, width, height, mask, prompt, settings, *, image_format, stride=0, previews
+    ):
         assert image_format == "BGRA8" and len(image) == width * height * 4
+        assert previews == {"every": 1}  # the docker shows the variants' estimates
         if self.block is not None:
             self.block.wait(5)
         if self.error is not None:

@@ -297,7 +297,7 @@ def test_cancel_after_the_last_step_is_seen_before_ranking(tiny_models, monkeypa
     monkeypatch.setattr(Guide, "rank_distance", lambda *a: ranked.append(1) or real(*a))
     counter = Counter(tiny_models.unet)
 
-    def on_step(done: int, total: int) -> None:
+    def on_step(done: int, total: int, _previews) -> None:
         if done == total:
             counter.cancel_at = 0
 
@@ -328,6 +328,14 @@ def test_cancel_latency(start_engine, capsys):
 # -- the whole accepted range -------------------------------------------------------------------
 
 weights = st.sampled_from([0, 1e-6, 1, 50, 1000, 1e6]) | st.floats(0, 1e6)
+shaping = st.sampled_from([0, 1, protocol.MAX_SHAPING]) | st.integers(0, protocol.MAX_SHAPING)
+preview_requests = st.none() | st.fixed_dictionaries(
+    {},
+    optional={
+        "every": st.sampled_from([1, protocol.PREVIEW_MAX_EVERY]),
+        "max_side": st.sampled_from([protocol.PREVIEW_MIN_SIDE, protocol.PREVIEW_MAX_SIDE]),
+    },
+)
 
 
 @st.composite
@@ -353,6 +361,8 @@ def requests(draw):
                                 | st.floats(0.01, min(1, 3 / steps))),  # fmt: skip
         "refine_overlap": draw(st.sampled_from([0, 0.75]) | st.floats(0, 0.75)),
         "refine_cap": draw(st.sampled_from([0, 1, 16]) | st.floats(1, 16)),
+        "grow": draw(shaping),
+        "feather": draw(shaping),
     }
     kind = draw(st.sampled_from(["pixel", "soft", "full", "box"]))
     mask = np.zeros((height, width), np.uint8)
@@ -369,7 +379,9 @@ def requests(draw):
     channels = protocol.FORMATS[fmt]
     image = np.random.default_rng(width * height).integers(0, 256, (height, width, channels))
     prompt = draw(st.text(min_size=1, max_size=500).filter(str.strip))
-    return image.astype(np.uint8).tobytes(), width, height, mask.tobytes(), prompt, settings, fmt
+    previews = draw(preview_requests)
+    pixels = image.astype(np.uint8).tobytes()
+    return pixels, width, height, mask.tobytes(), prompt, settings, fmt, previews
 
 
 def test_every_accepted_job_ends_with_exactly_one_terminal_event(start_engine):
@@ -382,9 +394,10 @@ def test_every_accepted_job_ends_with_exactly_one_terminal_event(start_engine):
         )
         @given(requests())
         def one_job(request) -> None:
-            image, width, height, mask, prompt, options, fmt = request
+            image, width, height, mask, prompt, options, fmt, previews = request
             try:
-                job = c.submit(image, width, height, mask, prompt, options, image_format=fmt)
+                job = c.submit(image, width, height, mask, prompt, options, image_format=fmt,
+                               previews=previews)  # fmt: skip
             except EngineError as e:  # refused before it was accepted: over the budget
                 assert e.code == protocol.LIMIT, e
                 counts["refused"] = counts.get("refused", 0) + 1
@@ -394,7 +407,7 @@ def test_every_accepted_job_ends_with_exactly_one_terminal_event(start_engine):
             assert not (end.type == "error" and end.error.code == protocol.INTERNAL), end.error
             outcome = end.error.code if end.error else end.type
             counts[outcome] = counts.get(outcome, 0) + 1
-            ends = [e for e in events_of(server, job.id) if e["event"] != "start"]
+            ends = [e for e in events_of(server, job.id) if e["event"] not in ("start", "preview")]
             assert [e["event"] for e in ends] in (["done"], ["failed"], ["cancelled"])
 
         one_job()

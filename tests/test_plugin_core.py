@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from engine import protocol, region
+from engine import edit, protocol, region
 from engine.plugin import estimate, geometry, settings, wording
 from engine.plugin.geometry import Rect
 from engine.steptime import StepTimes
@@ -227,6 +227,55 @@ def test_window_changes_nothing_the_engine_sees():
         assert (inside.x + win.x, inside.y + win.y, inside.w, inside.h) == (
             whole.x, whole.y, whole.w, whole.h
         )
+
+
+def test_grow_and_feather_are_the_engines_with_its_range():
+    for name in ("grow", "feather"):
+        s = settings.BY_NAME[name]
+        assert (s.low, s.high, s.default) == (0, edit.MAX_SHAPING, 0) and s.advanced
+    shaped = settings.request(VALUES | {"grow": 4, "feather": 9}).settings
+    assert (shaped["grow"], shaped["feather"]) == (4, 9)
+    protocol.check_settings(shaped, protocol.Limits())
+    assert "grow" not in settings.request(VALUES).settings  # off: what engines before it took
+    # the preset never decides them, nor the source read
+    custom = VALUES | {"preset": "draft", "grow": 4, "layer_only": True}
+    assert settings.matching_preset(settings.effective(custom)) == "draft"
+    assert settings.request(custom).layer_only and not settings.request(VALUES).layer_only
+
+
+@hypothesis_settings(deadline=None, max_examples=60)
+@given(
+    size=st.tuples(st.integers(8, 160), st.integers(8, 160)),
+    data=st.data(),
+    grow=st.integers(0, 30),
+    feather=st.integers(0, 30),
+)
+def test_window_holds_what_the_engine_grows_and_feathers(size, data, grow, feather):
+    """The engine grows and feathers the selection in the window the plug-in sends exactly as
+    it would in the whole picture, and places the same context box: the window's `widen` is
+    the reach of engine/region.py's shape_selection."""
+    width, height = size
+    x, y = data.draw(st.integers(0, width - 1)), data.draw(st.integers(0, height - 1))
+    w = data.draw(st.integers(1, width - x))
+    h = data.draw(st.integers(1, height - y))
+    mask = np.zeros((height, width), np.uint8)
+    mask[y : y + h, x : x + w] = 255
+    try:
+        whole = region.shape_selection(mask, grow, feather)
+    except region.RegionError:  # feathered away: the engine says so, nothing to place
+        return
+    widen = geometry.reach({"grow": grow, "feather": feather})
+    reach = Rect(x, y, w, h).grown(widen).intersect(Rect(0, 0, width, height))
+    ys, xs = np.nonzero(whole)
+    assert reach.x <= xs.min() and xs.max() < reach.x + reach.width
+    assert reach.y <= ys.min() and ys.max() < reach.y + reach.height
+    win = geometry.context_window(Rect(x, y, w, h), size, widen=widen)
+    part = region.shape_selection(mask[win.y : win.y + win.height, win.x : win.x + win.width],
+                                  grow, feather)  # fmt: skip
+    cut = whole[win.y : win.y + win.height, win.x : win.x + win.width]
+    assert np.array_equal(part, cut) and cut.sum() == whole.sum()
+    box, inside = region.context_box(whole), region.context_box(part)
+    assert (inside.x + win.x, inside.y + win.y, inside.w, inside.h) == (box.x, box.y, box.w, box.h)
 
 
 def test_place_and_blank():

@@ -72,7 +72,8 @@ def krita_plugin():
     """The Krita plug-in's docker and job modules on a fake Qt and a fake `krita`."""
     qt = types.ModuleType("blended_diffusion.qt")
     for name in ("QFormLayout", "QHBoxLayout", "QLabel", "QProgressBar", "QPushButton",
-                 "QTimer", "QVBoxLayout", "QWidget"):  # fmt: skip
+                 "QTimer", "QVBoxLayout", "QWidget", "QIcon", "QImage", "QPixmap", "QSize",
+                 "QToolButton"):  # fmt: skip
         setattr(qt, name, object)
     qt.QSpinBox = qt.QDoubleSpinBox = qt.QComboBox = FakeWidget
     qt.QLineEdit = qt.QPlainTextEdit = qt.QCheckBox = FakeWidget
@@ -82,14 +83,14 @@ def krita_plugin():
     package.__path__ = [str(KRITA)]
     saved = {k: sys.modules.get(k) for k in ("krita", "blended_diffusion", "blended_diffusion.qt")}
     sys.modules.update({"krita": krita, "blended_diffusion": package, "blended_diffusion.qt": qt})
-    for name in ("document", "job", "docker"):
+    for name in ("document", "job", "docker", "runs"):
         sys.modules.pop(f"blended_diffusion.{name}", None)
     import blended_diffusion.docker as docker
     import blended_diffusion.document as document
     import blended_diffusion.job as job
 
     yield types.SimpleNamespace(docker=docker, document=document, job=job, krita=krita)
-    for name in ("document", "job", "docker"):
+    for name in ("document", "job", "docker", "runs"):
         sys.modules.pop(f"blended_diffusion.{name}", None)
     for key, module in saved.items():
         if module is None:
@@ -200,26 +201,32 @@ INPUTS = [
     {"prompt": "a red ball", "preset": "paper"},
     {"prompt": "a cat", "preset": "custom", "variants": 3, "strength": 40, "steps": 60,
      "fast_guidance": True, "guidance_weight": 250.0, "seed": -1},  # fmt: skip
+    {"prompt": "a moon", "preset": "draft", "grow": 3, "feather": 6, "layer_only": True},
 ]
 
 
 class KritaDoc:
-    """A canvas whose reads cost nothing: for large selections."""
+    """A canvas whose reads cost nothing: for large selections. `reads`: the windows read, of
+    the visible picture (the document's projection) or of the active layer on its own."""
 
     def __init__(self, size, selection) -> None:
-        self.size, self.sel, self.reads = size, selection, []
+        self.size, self.sel, self.reads, self.sources = size, selection, [], []
         node = types.SimpleNamespace(type=lambda: "paintlayer", name=lambda: "Paint",
                                      colorModel=lambda: "RGBA", colorDepth=lambda: "U8",
-                                     pixelData=self.read)  # fmt: skip
+                                     projectionPixelData=lambda *a: self.read(*a, source="layer"),
+                                     parentNode=lambda: None)  # fmt: skip
         x, y, w, h = selection
         self.selection_ = types.SimpleNamespace(x=lambda: x, y=lambda: y, width=lambda: w,
                                                 height=lambda: h,
                                                 pixelData=lambda x, y, w, h: b"\xff" * (w * h))
         self.node = node
 
-    def read(self, x, y, w, h):
+    def read(self, x, y, w, h, source="visible"):
         self.reads.append(Rect(x, y, w, h))
+        self.sources.append(source)
         return bytes(w * h * 4)
+
+    pixelData = read  # the document's: its projection
 
     def activeNode(self):
         return self.node
@@ -259,6 +266,9 @@ class GimpHost:
     def progress(self, fraction, text):
         pass
 
+    def remove_preview(self):
+        pass
+
 
 def krita_sends(krita_plugin, values, size=(64, 48), selection=(10, 10, 8, 8)):
     """What the Krita plug-in sends for these typed values: fields -> request -> client."""
@@ -272,8 +282,10 @@ def krita_sends(krita_plugin, values, size=(64, 48), selection=(10, 10, 8, 8)):
     krita_plugin.krita.Krita = types.SimpleNamespace(instance=lambda: app)
     engine = Engine()
     controller = job.Controller(connect=lambda e: engine)
-    export = krita_plugin.document.export_active()
-    controller.start(settings.request(typed), export.pixels, lambda g, ls: "")
+    request = settings.request(typed)
+    export = krita_plugin.document.export_active(request)
+    assert doc.sources == ["layer" if request.layer_only else "visible"]
+    controller.start(request, export.pixels, lambda g, ls: "")
     deadline = time.monotonic() + 5
     while engine.sent is None and time.monotonic() < deadline:
         controller.tick()
@@ -297,10 +309,25 @@ def gimp_sends(gimp_plugin, values, size=(64, 48), selection=(10, 10, 8, 8)):
 
 @pytest.mark.parametrize("values", INPUTS)
 def test_both_plugins_send_the_same_request(krita_plugin, gimp_plugin, values):
-    krita, _ = krita_sends(krita_plugin, values)
-    gimp, _ = gimp_sends(gimp_plugin, values)
-    assert krita == gimp
+    krita, krita_reads = krita_sends(krita_plugin, values)
+    gimp, gimp_reads = gimp_sends(gimp_plugin, values)
+    assert krita == gimp and krita_reads == gimp_reads
     assert krita["settings"] == settings.request(values).settings
+
+
+def test_grow_and_feather_reach_the_engine_and_widen_the_window_in_both(krita_plugin, gimp_plugin):
+    size, selection = (400, 300), (100, 100, 20, 20)
+    plain = gimp_sends(gimp_plugin, INPUTS[0], size, selection)[1][0]
+    shaped = INPUTS[0] | {"grow": 10, "feather": 20}
+    krita, krita_reads = krita_sends(krita_plugin, shaped, size, selection)
+    gimp, gimp_reads = gimp_sends(gimp_plugin, shaped, size, selection)
+    assert krita_reads == gimp_reads
+    assert krita["settings"]["grow"] == 10 and krita["settings"]["feather"] == 20
+    assert "grow" not in settings.request(INPUTS[0]).settings  # off: the selection as it is
+    # the engine's grown and feathered selection reaches 10 + 30 + 1 px past the selection; the
+    # window holds its context: wider than the plain selection's
+    window = gimp_reads[0]
+    assert window.width > plain.width and window.x < plain.x
 
 
 def test_a_large_selection_gets_the_same_capped_window_in_both(krita_plugin, gimp_plugin):

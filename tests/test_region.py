@@ -139,6 +139,26 @@ def test_the_hard_mask_holds_every_canvas_pixel_the_selection_touches():
             assert hard[cy, cx] == mask[y0:y1, x0:x1].any()
 
 
+def test_clip_sees_the_selection_as_faintly_as_the_artist_will():
+    mask = region.shape_selection(_mask(200, 200, (60, 60, 80, 80)), feather=16)
+    box = region.context_box(mask)
+    canvas = region.canvas_size(box, 32, 4)
+    _, hard = region.to_model(np.zeros((200, 200, 3), np.uint8), mask, box, canvas)
+    seen = region.seen_on_canvas(mask, box, canvas)
+    assert seen.shape == hard.shape and (seen <= hard).all()  # seen only where editable
+    assert seen.max() == 1.0 and seen[hard == 0].max() == 0.0
+    band = (hard == 1) & (seen < 0.99)
+    assert band.sum() >= 0.3 * hard.sum()  # the feather: editable in full, seen in part
+    assert np.isclose(seen.mean(), mask[box.y : box.y + box.h, box.x : box.x + box.w].mean() / 255,
+                      rtol=0.02)  # fmt: skip
+    unfeathered = _mask(200, 200, (60, 60, 80, 80))
+    box = region.context_box(unfeathered)
+    canvas = region.canvas_size(box, 32, 4)
+    _, hard = region.to_model(np.zeros((200, 200, 3), np.uint8), unfeathered, box, canvas)
+    seen = region.seen_on_canvas(unfeathered, box, canvas)
+    assert (seen[hard == 1] > 0).all() and (seen == 1).sum() >= 0.75 * hard.sum()
+
+
 def test_transparent_pixels_reach_the_model_as_neutral_grey():
     image = np.zeros((60, 60, 4), np.uint8)
     image[..., :3] = (0, 0, 0)  # Krita's hidden RGB under transparency
@@ -171,6 +191,13 @@ def test_feather_fades_the_edge_both_ways_and_keeps_the_rest():
     assert (soft[:, :20] == 0).all() and (soft[70:] == 0).all()  # beyond the feather: untouched
     assert soft[0, 60] == 255  # the picture's border is not an edge of the selection
     assert (region.shape_selection(mask) == mask).all()  # off by default
+
+
+def test_a_tiny_selection_feathered_away_is_an_error_that_says_what_to_lower():
+    mask = _mask(20, 20, (9, 9, 1, 1))  # found by a plug-in test: 1 px feathered by 19
+    with pytest.raises(region.RegionError, match="feathered by 19 px.*1x1.*lower feather"):
+        region.shape_selection(mask, feather=19)
+    assert region.shape_selection(mask, grow=3, feather=4).any()
 
 
 def test_composite_is_alpha_times_edit_plus_the_rest_source_for_every_alpha():

@@ -111,6 +111,24 @@ def test_fast_mode_sends_no_gradient_through_the_unet(tiny):
     assert seen == [False, True]
 
 
+def test_clip_pulls_only_where_the_selection_will_be_seen(tiny):
+    """Under the hard mask a feathered band is editable in full; CLIP judges it through the
+    selection's alpha, so where that is 0 its gradient is 0 too."""
+    diffusion, guide = tiny.diffusion(20), Guide(tiny.clip, copies=2)
+    _, mask, x, _, _ = _inputs()
+    seen = mask.clone()
+    seen[..., :, 13:] = 0.0  # the right part of the selection is never seen
+    t = torch.full((2,), 12, dtype=torch.long)
+    x = x.requires_grad_()
+    grads = []
+    for judged in (mask, seen):
+        loss = clip_loss_fn(diffusion, guide, judged, "a red circle", 1000.0, 0.0)(x, x * 0.5, t)
+        grads.append(torch.autograd.grad(loss, x)[0])
+    assert grads[0][..., 8:24, 13:20].abs().sum() > 0
+    assert grads[1][..., 8:24, 13:20].abs().sum() == 0
+    assert grads[1][..., 8:24, 6:13].abs().sum() > 0
+
+
 def _soft_disc(h: int, w: int, cx: float, cy: float, r: float) -> np.ndarray:
     yy, xx = np.mgrid[:h, :w]
     d = np.hypot(xx - cx, yy - cy)

@@ -29,20 +29,18 @@ def _textured(size: int) -> np.ndarray:
 
 @pytest.mark.parametrize("picture", [_flat, _textured])
 def test_a_feathered_edge_gets_the_edit_at_full_strength_faded_once(tiny_models, picture):
-    """Every alpha band changes the picture as much, per unit of alpha, as the interior; and
-    exactly: the feathered result is alpha x (the same edit under the hard selection) +
-    (1 - alpha) x source, within 1/255."""
+    """Every alpha band changes the picture as much, per unit of alpha, as the interior: the
+    whole selection is editable (the hard mask), and the layer fades the edit once, by exactly
+    the selection's alpha. (CLIP judges the edit through that alpha, so the band's content is
+    not the hard selection's edit.)"""
     image, mask = picture(64), _feathered_disc(64, 24, 12)
     a = mask / 255.0
     soft = run_edit(tiny_models, image, mask, "a red circle", EditSettings(**FAST))
-    hard = run_edit(tiny_models, image, (mask > 0) * np.uint8(255), "a red circle",
-                    EditSettings(**FAST))  # fmt: skip
     strengths = {0.3: [], 0.5: [], 0.7: []}
-    for s, h in zip(soft, hard, strict=True):
-        assert s.seed == h.seed
+    for s in soft:
+        b = s.box
+        assert (s.rgba[..., 3] == mask[b.y : b.y + b.h, b.x : b.x + b.w]).all()
         out = composite(image, s.rgba, s.box).astype(float)
-        full = composite(image, h.rgba, h.box).astype(float)
-        assert np.abs(out - (a[..., None] * full + (1 - a[..., None]) * image)).max() <= 1.0
         change = np.abs(out - image).mean(axis=2)
         inside = change[mask == 255].mean()
         assert inside > 20  # the edit is there to measure

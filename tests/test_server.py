@@ -1,5 +1,7 @@
 """The engine over real sockets with the tiny model: queue order, progress routing, cancel,
-orphaned jobs, rejections, a fuzz of malformed messages, and the real `serve` command."""
+orphaned jobs, rejections, a fuzz of malformed messages, and the real `serve` command. The
+engine's tests run twice: against the single-process engine and against the Ray Serve front end
+(engine/cluster.py, two CPU replicas), whose protocol must behave the same."""
 
 from __future__ import annotations
 
@@ -65,6 +67,13 @@ def events_of(server, job_id: str) -> list[dict]:
     return [e for e in list(server.history) if e["job"] == job_id]
 
 
+@pytest.fixture(params=["process", "cluster"])
+def start_engine(request, start_engine):
+    if request.param == "cluster":
+        return request.getfixturevalue("start_cluster_engine")
+    return start_engine
+
+
 def test_hello_reports_protocol_models_device_and_limits(start_engine, tiny_models):
     server = start_engine()
     with client(server.endpoint) as c:
@@ -77,17 +86,22 @@ def test_hello_reports_protocol_models_device_and_limits(start_engine, tiny_mode
 def test_two_clients_run_in_order_and_see_only_their_own_progress(start_engine):
     server = start_engine()
     with client(server.endpoint) as a, client(server.endpoint) as b:
+        replicas = a.hello().get("replicas", 1)  # a cluster runs one job a replica at once
         job_a = submit(a, BOX_A, {**QUICK, "seed": 10})
         job_b = submit(b, BOX_B, {**QUICK, "seed": 20})
-        assert job_b.position == 1
+        assert job_b.position == (1 if replicas == 1 else 0)
         events_a, events_b = run_all([a, b], [job_a, job_b])
     order = [(e["event"], e["job"]) for e in list(server.history)]
-    assert order == [
-        ("start", job_a.id),
-        ("done", job_a.id),
-        ("start", job_b.id),
-        ("done", job_b.id),
-    ]
+    if replicas == 1:
+        assert order == [
+            ("start", job_a.id),
+            ("done", job_a.id),
+            ("start", job_b.id),
+            ("done", job_b.id),
+        ]
+    else:  # both started before either ended
+        assert order[:2] == [("start", job_a.id), ("start", job_b.id)]
+        assert sorted(order[2:]) == sorted([("done", job_a.id), ("done", job_b.id)])
     for job, events, box, seed in ((job_a, events_a, BOX_A, 10), (job_b, events_b, BOX_B, 20)):
         assert {e.job_id for e in events} == {job.id}  # nothing of the other client's
         assert [e.step for e in events if e.type == "progress"] == [1, 2, 3]
@@ -116,14 +130,16 @@ def test_cancel_stops_the_running_job_within_one_step(start_engine):
 def test_cancel_of_a_queued_job_removes_it(start_engine):
     server = start_engine()
     with client(server.endpoint) as c:
-        running, queued = submit(c, settings=LONG), submit(c, settings=LONG)
+        running = [submit(c, settings=LONG) for _ in range(c.hello().get("replicas", 1))]
+        queued = submit(c, settings=LONG)
         assert queued.position == 1
         c.cancel(queued)
         run_all([c], [queued])
         assert queued.state == "cancelled"
-        assert [j["job"] for j in c.status()["jobs"]] == [running.id]
-        c.cancel(running)
-        run_all([c], [running])
+        assert [j["job"] for j in c.status()["jobs"]] == [j.id for j in running]
+        for job in running:
+            c.cancel(job)
+        run_all([c], running)
     assert [e["event"] for e in events_of(server, queued.id)] == ["cancelled"]  # never started
 
 
@@ -408,20 +424,26 @@ def test_submit_to_first_progress_latency(start_engine, capsys):
 # -- the real command --------------------------------------------------------------------------
 
 
+def start_serve(log, *args: str) -> subprocess.Popen:
+    """`python -m engine serve` with the tiny model on a free loopback port; it prints
+    `engine ready at ENDPOINT (...)` when it serves, its log goes to `log`."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--endpoint", "tcp://127.0.0.1:*"]
+        + ["--model", "tiny", "--device", "cpu", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+    )
+
+
 def test_serve_command_edits_for_the_cli_and_stops_cleanly_on_sigterm(tmp_path):
     from PIL import Image
 
     from engine.__main__ import main
 
     log = (tmp_path / "serve.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--endpoint", "tcp://127.0.0.1:*"]
-        + ["--model", "tiny", "--device", "cpu", "--keepalive-timeout", "2"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
+    proc = start_serve(log, "--keepalive-timeout", "2")
     try:
         assert select.select([proc.stdout], [], [], 180)[0], "engine did not start"
         ready = proc.stdout.readline()

@@ -89,11 +89,21 @@ def test_the_pass_runs_for_a_large_selection_counts_its_steps_and_keeps_outside_
     settings = EditSettings(**FAST, feather=6)
     shaped = region.shape_selection(mask, 0, 6)
     box = region.context_box(shaped)
-    assert refinement(tiny, box, region.canvas_size(box, 32, tiny.downsampling), settings)
-    steps = []
-    (v,) = run_edit(tiny, image, mask, "x", settings, lambda d, n: steps.append((d, n)))
-    total = FAST["steps"] - FAST["skip"] + settings.refine_steps
+    assert refinement(settings, box, 32, tiny.downsampling)
+    steps, shown = [], []
+
+    def on_step(done, total, previews):
+        steps.append((done, total))
+        shown.append(previews(16)[0])
+
+    (v,) = run_edit(tiny, image, mask, "x", settings, on_step)
+    base = FAST["steps"] - FAST["skip"]
+    total = base + settings.refine_steps
     assert steps == [(d, total) for d in range(1, total + 1)]
+    # previews go on through the pass, of the same box and size, showing the refined estimate
+    assert {(p.box, p.rgba.shape) for p in shown} == {(v.box, (16, 16, 4))}
+    assert all(isinstance(p.distance, float) for p in shown)
+    assert not np.array_equal(shown[base - 1].rgba, shown[-1].rgba)
     out = region.composite(image, v.rgba, v.box)
     sel = region.selection_bounds(shaped)
     assert (v.box, v.rgba[..., 3].tolist()) == (sel, shaped[sel.y : sel.y + sel.h,
@@ -112,7 +122,7 @@ def test_cancel_stops_inside_the_pass_before_the_next_tile(tiny):
     base = FAST["steps"] - FAST["skip"]
     seen = {"steps": 0, "forwards_after": 0, "cancelled": False}
 
-    def on_step(done, total):
+    def on_step(done, total, _previews):
         seen["steps"] = done
         seen["cancelled"] = done > base  # the artist cancels during the pass's first step
 

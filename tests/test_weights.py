@@ -24,7 +24,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 class FileServer:
     """Serves `files` by path with Range support; `break_after[path]` drops the next transfer of
-    that path after so many bytes. Every request is logged as (method, path, Range, bytes sent)."""
+    that path after so many bytes. Every request is logged, as it is answered, as (method, path, Range, bytes sent)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
@@ -48,18 +48,18 @@ class FileServer:
                 data = server.files.get(path)
                 rng = self.headers.get("Range")
                 if data is None:
+                    server.log.append((self.command, path, rng, 0))
                     self.send_response(404)
                     self.send_header("Content-Length", "0")
                     self.end_headers()
-                    server.log.append((self.command, path, rng, 0))
                     return
                 start = int(re.fullmatch(r"bytes=(\d+)-", rng)[1]) if rng else 0
                 if start >= len(data) and rng:
+                    server.log.append((self.command, path, rng, 0))
                     self.send_response(416)
                     self.send_header("Content-Range", f"bytes */{len(data)}")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
-                    server.log.append((self.command, path, rng, 0))
                     return
                 part = data[start:]
                 self.send_response(206 if rng else 200)
@@ -70,16 +70,17 @@ class FileServer:
                 for k, v in server.headers.get(path, {}).items():
                     self.send_header(k, v)
                 self.end_headers()
-                sent = 0
+                cut = server.break_after.pop(path, None) if body else None
+                sent = 0 if not body else len(part) if cut is None else cut
+                # Logged before the body goes out: the client may finish reading and the test
+                # look at the log before this thread runs again.
+                server.log.append((self.command, path, rng, sent))
                 if body:
-                    cut = server.break_after.pop(path, None)
-                    sent = len(part) if cut is None else cut
                     self.wfile.write(part[:sent])
                     if cut is not None:
                         self.wfile.flush()
                         self.close_connection = True
                         self.connection.shutdown(2)  # the peer sees a short body
-                server.log.append((self.command, path, rng, sent))
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True

@@ -5,11 +5,15 @@ the plug-in reads: Krita reads the canvas, so its source is the image; GIMP read
 top-left pixel sits at its offsets in the image). The window sent is the selection plus the
 engine's whole context box around it (engine/region.py), so cropping changes no result, only
 the bytes sent; and it is at most the engine's `max_side` a side, else the engine refuses it.
+With `grow` or `feather` the engine widens the selection first: the window holds the widened one.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from engine.plugin.settings import PADDING
 
@@ -27,6 +31,9 @@ class Rect:
     @property
     def empty(self) -> bool:
         return self.width <= 0 or self.height <= 0
+
+    def grown(self, n: int) -> Rect:
+        return Rect(self.x - n, self.y - n, self.width + 2 * n, self.height + 2 * n)
 
     def moved(self, dx: int, dy: int) -> Rect:
         return Rect(self.x + dx, self.y + dy, self.width, self.height)
@@ -50,24 +57,39 @@ def selection_in_source(
     return None if clipped.empty else clipped
 
 
+def reach(settings: Mapping[str, Any]) -> int:
+    """How far past the selection's bounds the engine's `grow` and `feather` may select
+    (engine/region.py shape_selection: the grow, the blur kernel's half and one pixel)."""
+    grow, feather = int(settings.get("grow", 0)), int(settings.get("feather", 0))
+    if not grow and not feather:
+        return 0
+    return grow + math.ceil(3 * feather / 2) + 1
+
+
 def context_window(
-    selection: Rect, size: tuple[int, int], padding: float = PADDING, max_side: int = MAX_SIDE
+    selection: Rect,
+    size: tuple[int, int],
+    padding: float = PADDING,
+    max_side: int = MAX_SIDE,
+    widen: int = 0,
 ) -> Rect:
-    """The part of the source to send: the selection plus, on every side, the side of the
-    engine's context box for it, on the source, shrunk to `max_side` around the selection's
-    centre where larger. ValueError when the selection itself is larger than `max_side`."""
+    """The part of the source to send: the selection widened by `widen` (`reach`), plus, on
+    every side, the side of the engine's context box for it, on the source, shrunk to `max_side`
+    around the selection's centre where larger. ValueError when the selection itself is larger
+    than `max_side`."""
+    if widen:
+        selection = selection.grown(widen).intersect(Rect(0, 0, *size))
     if max(selection.width, selection.height) > max_side:
         raise ValueError(
-            f"The selection is {selection.width}x{selection.height} pixels; the engine takes at "
-            f"most {max_side} a side. Select a smaller region (or start the engine with a larger "
-            "--max-side)."
+            f"The selection is {selection.width}x{selection.height} pixels"
+            + (" grown and feathered" if widen else "")
+            + f"; the engine takes at most {max_side} a side. Select a smaller region (or start "
+            "the engine with a larger --max-side)."
         )
     side = max(selection.width, selection.height)
     # the engine's box is at most this long a side, and holds the selection
     margin = max(side + 2 * round(padding * side), MIN_CONTEXT)
-    grown = Rect(selection.x - margin, selection.y - margin, selection.width + 2 * margin,
-                 selection.height + 2 * margin)  # fmt: skip
-    window = grown.intersect(Rect(0, 0, *size))
+    window = selection.grown(margin).intersect(Rect(0, 0, *size))
     x, width = _fit(window.x, window.width, selection.x, selection.width, max_side)
     y, height = _fit(window.y, window.height, selection.y, selection.height, max_side)
     return Rect(x, y, width, height)

@@ -5,7 +5,9 @@ An artist sets Strength (how much of the selection may change, in %) rather than
 `skip` (steps left out at the start), and picks a preset: "Draft" (fewer steps and variants:
 chosen from measurements in the demo world, see README), "Paper" (the official
 defaults: 4 variants, 100 steps, 75% strength) or "Custom" (the Advanced settings as set).
-A preset other than Custom decides the Advanced settings; the UIs show its values in them.
+A preset other than Custom decides the Advanced settings it names (quality and speed); the UIs
+show its values in them. The other Advanced settings (grow, feather, this layer only) are the
+artist's whatever the preset.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"  # `python -m engine serve`'s own default
 TIMEOUT = 5.0  # seconds a blocking client call may take: a dead engine is reported by then
 POLL_SECONDS = 0.02  # how often a host polls the client (krita-ai-diffusion polls every 20 ms)
+PREVIEWS = {"every": 1}  # what the hosts ask: as often as the engine allows (one a second)
 # The context around the selection, as a fraction of its size, always sent: the plug-ins read
 # exactly the window that holds the engine's context box for it (geometry.context_window).
 PADDING = 0.25
@@ -110,6 +113,35 @@ TABLE: tuple[Setting, ...] = (
         -1.0,
         1e6,
         special="model default",
+        advanced=True,
+    ),
+    Setting(
+        "grow",
+        "Grow px",
+        "Grow the selection by this many pixels before the edit (0: the selection as it is)",
+        0,
+        0,
+        1000,
+        special="off",
+        advanced=True,
+    ),
+    Setting(
+        "feather",
+        "Feather px",
+        "Soften a hard selection's edge over about this many pixels, so the edit fades into "
+        "the picture (0: the selection as it is)",
+        0,
+        0,
+        1000,
+        special="off",
+        advanced=True,
+    ),
+    Setting(
+        "layer_only",
+        "This layer only",
+        "Send only the active layer's pixels to the engine (its transparent parts as grey), "
+        "not the visible picture; the active layer must then be an 8-bit RGB layer",
+        False,
         advanced=True,
     ),
     Setting(
@@ -215,6 +247,7 @@ class Request:
     prompt: str
     endpoint: str
     settings: dict[str, Any]
+    layer_only: bool = False  # read the active layer's pixels, not the visible picture
 
 
 def request(values: Mapping[str, Any], limits: Mapping[str, Any] | None = None) -> Request:
@@ -247,9 +280,12 @@ def request(values: Mapping[str, Any], limits: Mapping[str, Any] | None = None) 
         settings["seed"] = int(v["seed"])
     if v["guidance_weight"] >= 0:
         settings["guidance_weight"] = float(v["guidance_weight"])
+    for name in ("grow", "feather"):  # done by the engine; 0 (off) is its default
+        if v[name] > 0:
+            settings[name] = int(v[name])
     if not v["refine"]:  # on is the engine's default
         settings["refine"] = False
-    return Request(prompt, endpoint, settings)
+    return Request(prompt, endpoint, settings, bool(v["layer_only"]))
 
 
 class PresetFollower:

@@ -72,8 +72,11 @@ def layer_name(prompt: str, rank: int, distance: float, models: str = "") -> str
     return f'"{shorten(prompt)}" #{rank} (CLIP d={distance:.3f}){model_mark(models)}'
 
 
+GROUP_PREFIX = "Blended Diffusion: "  # every run's group: how a host finds a run's layers
+
+
 def group_name(prompt: str) -> str:
-    return f'Blended Diffusion: "{shorten(prompt)}"'
+    return f'{GROUP_PREFIX}"{shorten(prompt)}"'
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Blended Diffusion for GIMP 3: Filters > Generic > Blended Diffusion...
 
-Sends the selected part of the active layer and a text prompt to a running engine
-(`python -m engine serve`) and adds its results as layers above the layer, the best visible,
-in one undo step. Beside this file: params (the arguments, from the shared settings table),
-flow (the edit, host-independent) and adapter (the only Gimp/Gegl pixel and layer code); the
-settings, geometry and wording both plug-ins share are in _lib/engine/plugin.
+Sends the selected part of the visible picture (or of the active layer alone) and a text prompt
+to a running engine (`python -m engine serve`) and adds its results as layers above the active
+layer, the best visible, in one undo step. Beside this file: params (the arguments, from the
+shared settings table), flow (the edit, host-independent) and adapter (the only Gimp/Gegl pixel
+and layer code); the settings, geometry and wording both plug-ins share are in
+_lib/engine/plugin.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
 from engine.plugin import settings, wording  # noqa: E402
 
 PROCEDURE = "python-fu-blended-diffusion"
+KEEP = "python-fu-blended-diffusion-keep"
 RW = GObject.ParamFlags.READWRITE
 
 
@@ -76,7 +78,8 @@ def run(procedure, run_mode, image, drawables, config, _data):
     values = params.values(config)
     params.remember(folder, values)
     try:
-        settings.request(values)
+        request = settings.request(values)
+        layer_only, group = request.layer_only, wording.group_name(request.prompt)
     except ValueError as e:
         return fail(procedure, str(e), Gimp.PDBStatusType.CALLING_ERROR)
     try:
@@ -87,10 +90,10 @@ def run(procedure, run_mode, image, drawables, config, _data):
 
     Gegl.init(None)
     try:
-        host = GimpHost(image, drawables)
+        host = GimpHost(image, drawables, layer_only)
         Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
         layers = flow.run_edit(host, values)
-        host.add_layers(layers)
+        host.add_layers(layers, group)
     except flow.EditError as e:
         return fail(procedure, str(e))
     except Exception as e:  # a bug: still give its message rather than GIMP's "unexpected EOF"
@@ -100,14 +103,42 @@ def run(procedure, run_mode, image, drawables, config, _data):
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
 
 
+def run_keep(procedure, run_mode, image, drawables, config, _data):
+    """Keep only the visible variant of the active layer's run (one undo group)."""
+    from adapter import keep_visible_variant
+    from flow import EditError
+
+    try:
+        keep_visible_variant(image, drawables)
+    except EditError as e:
+        return fail(procedure, str(e))
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+
+
 class BlendedDiffusion(Gimp.PlugIn):
     def do_set_i18n(self, _name):
         return False  # no translations: also silences GIMP's locale warnings
 
     def do_query_procedures(self):
-        return [PROCEDURE]
+        return [PROCEDURE, KEEP]
 
     def do_create_procedure(self, name):
+        if name == KEEP:
+            procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run_keep,
+                                                None)  # fmt: skip
+            procedure.set_image_types("*")
+            procedure.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
+            procedure.set_menu_label("Blended Diffusion: _Keep Visible Variant")
+            procedure.add_menu_path("<Image>/Filters/Generic/")
+            procedure.set_documentation(
+                "Keep only the visible variant of a Blended Diffusion run",
+                "Of the run (layer group) the active layer belongs to, the visible variant stays "
+                "and the others are removed, in one undo step.",
+                name,
+            )
+            procedure.set_attribution("Blended Diffusion plug-in", "Blended Diffusion plug-in",
+                                      "2026")  # fmt: skip
+            return procedure
         procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, run, None)
         procedure.set_image_types("*")  # gray and indexed get a message, not a greyed-out item
         procedure.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
@@ -115,9 +146,10 @@ class BlendedDiffusion(Gimp.PlugIn):
         procedure.add_menu_path("<Image>/Filters/Generic/")
         procedure.set_documentation(
             "Change the selection to match a text prompt",
-            "Blended Diffusion: the selected part of the layer is edited to match the prompt by "
-            "a running engine (python -m engine serve); each variant comes back as a layer "
-            "above it, transparent outside the selection, the best one visible.",
+            "Blended Diffusion: the selected part of the visible picture (or of the active layer "
+            "alone) is edited to match the prompt by a running engine (python -m engine serve); "
+            "each variant comes back as a layer above the active layer, transparent outside the "
+            "selection, the best one visible.",
             name,
         )
         procedure.set_attribution("Blended Diffusion plug-in", "Blended Diffusion plug-in", "2026")

@@ -4,7 +4,9 @@ window it needs, wait while showing progress, and describe the result layers.
 No gi import: GIMP is reached only through a `Host` (adapter.py in GIMP, a fake in the tests).
 No threads: GIMP is not thread-safe, so the wait is a loop of short polls. GIMP never tells a
 plug-in that its progress was cancelled, it kills it; the engine then misses the keep-alive
-`poll()` sends and drops the job, so nothing here handles a cancel. Settings, geometry and
+`poll()` sends and drops the job, so nothing here handles a cancel. While the engine works, the
+best variant's preview is shown in the image through the host's temporary preview layer, which
+is removed whatever the outcome. Settings, geometry and
 wording are the shared core's (engine/plugin), as in the Krita plug-in.
 """
 
@@ -14,11 +16,11 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from engine import client as engine_client
-from engine.plugin import estimate, geometry, settings, wording
+from engine.plugin import estimate, geometry, png, settings, wording
 from engine.plugin.geometry import Rect
 from engine.plugin.wording import ResultLayer
 
-PREFIX = "Blended Diffusion: "
+PREFIX = wording.GROUP_PREFIX  # progress and errors name the plug-in as its groups do
 
 
 class EditError(Exception):
@@ -28,15 +30,21 @@ class EditError(Exception):
 class Host(Protocol):
     """What an edit needs from the image editor; adapter.GimpHost is GIMP's."""
 
-    name: str  # the drawable's name, for messages
-    offsets: tuple[int, int]  # the drawable's position in the image
+    name: str  # the active layer's name, for messages
+    offsets: tuple[int, int]  # where the source read (the image, or the layer) sits in the image
     size: tuple[int, int]
 
     def selection_bounds(self) -> Rect | None: ...  # image coordinates; None: nothing selected
 
-    def read(self, window: Rect) -> tuple[bytes, bytes]: ...  # RGBA8, Y8 mask; drawable coords
+    def read(self, window: Rect) -> tuple[bytes, bytes]: ...  # RGBA8, Y8 mask; source coords
 
     def progress(self, fraction: float, text: str) -> None: ...
+
+    # the preview: RGBA8 `width` x `height` stretched over `box` (drawable coordinates), shown
+    # without an undo step; removed without one, leaving nothing
+    def show_preview(self, box: Rect, width: int, height: int, rgba: bytes) -> None: ...
+
+    def remove_preview(self) -> None: ...
 
 
 Connect = Callable[[str], "engine_client.Client"]
@@ -81,7 +89,8 @@ def run_edit(
         info = client.hello()  # EngineUnreachable within the timeout, VersionMismatch
         request = settings.request(values, info.get("limits"))  # the engine's own limits
         max_side = int((info.get("limits") or {}).get("max_side", geometry.MAX_SIDE))
-        window = geometry.context_window(sel, host.size, settings.PADDING, max_side)
+        widen = geometry.reach(request.settings)  # the engine's grow and feather
+        window = geometry.context_window(sel, host.size, settings.PADDING, max_side, widen)
         rgba, mask = host.read(window)
         if geometry.is_blank(mask):
             raise EditError(f"The selection does not cover any pixel of the layer '{host.name}'.")
@@ -96,17 +105,31 @@ def run_edit(
 
 
 def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rgba, mask):
-    job = client.submit(rgba, window.width, window.height, mask, request.prompt, request.settings)
+    job = client.submit(rgba, window.width, window.height, mask, request.prompt, request.settings,
+                        previews=settings.PREVIEWS)  # fmt: skip
     clock = estimate.Clock(estimate.before(info, request.settings))
     text = wording.before_run(info, request.settings, preset)
     host.progress(0.0, f"{PREFIX}{wording.waiting(job.position)} {text}")
-    while not job.done:
-        for event in client.poll(settings.POLL_SECONDS * 2):
-            if event.job is job and event.type == "progress" and event.total:
-                left = clock.left(event.step, event.total)
-                text = wording.progress(event.step, event.total, left)
-                host.progress(event.step / event.total, PREFIX + text)
+    try:
+        while not job.done:
+            for event in client.poll(settings.POLL_SECONDS * 2):
+                if event.job is job and event.type == "progress" and event.total:
+                    left = clock.left(event.step, event.total)
+                    text = wording.progress(event.step, event.total, left)
+                    host.progress(event.step / event.total, PREFIX + text)
+                    if event.previews:
+                        _show_best(host, window, event.previews)
+    finally:
+        host.remove_preview()
     problem = wording.outcome(job)
     if problem is not None:
         raise EditError(PREFIX + problem)
     return job
+
+
+def _show_best(host: Host, window: Rect, previews) -> None:
+    """The closest variant so far, over the selection's box in the drawable."""
+    best = min(previews, key=lambda p: (p.distance is None, p.distance or 0.0))
+    width, height, rgba = png.decode(best.png)
+    x, y, w, h = best.box
+    host.show_preview(Rect(window.x + x, window.y + y, w, h), width, height, rgba)

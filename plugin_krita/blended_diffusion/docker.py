@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.plugin import settings, wording
+from engine.plugin.history import History, Run, Shot
 from engine.plugin.settings import Setting
 
 from . import document
@@ -33,11 +34,13 @@ from .qt import (
     QVBoxLayout,
     QWidget,
 )
+from .runs import RunsPanel
 
 DOCKER_ID = "blended_diffusion_docker"
 TITLE = "Blended Diffusion"
 COLORS = {FAILED: "#d04040", DONE: "#40a040", CANCELLED: "#b08030"}
 MAX_WAITING = 3  # Generates queued behind the running one
+HISTORY = History()  # every document's runs since Krita started, shared by all windows
 
 
 def make_field(setting: Setting):
@@ -108,6 +111,7 @@ class BlendedDiffusionDocker(DockWidget):
         self.controller = Controller(self._show)
         self.info: dict[str, Any] = {}  # the engine's hello: model, device, limits, step times
         self._waiting: list[tuple[settings.Request, document.Export]] = []
+        self._run: Run | None = None  # the running job's entry in HISTORY
         self._probe: Probe | None = None
         self._timer = QTimer(self)
         self._timer.setInterval(INTERVAL_MS)
@@ -159,8 +163,8 @@ class BlendedDiffusionDocker(DockWidget):
         buttons = QHBoxLayout()
         self.generate_button = QPushButton("Generate", root)
         self.generate_button.setToolTip(
-            "Edit the selection of the active layer (Ctrl+Alt+Shift+G); pressed during an "
-            "edit, it queues the next one"
+            "Edit the selection of the visible picture, results above the active layer "
+            "(Ctrl+Alt+Shift+G); pressed during an edit, it queues the next one"
         )
         self.generate_button.clicked.connect(self.generate)
         self.cancel_button = QPushButton("Cancel", root)
@@ -176,6 +180,8 @@ class BlendedDiffusionDocker(DockWidget):
         self.status = QLabel("Select a region, describe it, press Generate.", root)
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
+        self.runs = RunsPanel(root, self._act)
+        layout.addWidget(self.runs)
         layout.addStretch(1)
         self.setWidget(root)
 
@@ -256,11 +262,14 @@ class BlendedDiffusionDocker(DockWidget):
         try:
             request = settings.request(values, self.info.get("limits"))
             max_side = (self.info.get("limits") or {}).get("max_side")
-            export = document.export_active(*([max_side] if max_side else []))
+            export = document.export_active(request, *([max_side] if max_side else []))
         except (UserError, ValueError) as e:
             return self._message(str(e), FAILED)
         except Exception as e:  # never into Qt: PyQt may abort Krita on an uncaught exception
             return self._message(wording.describe(e), FAILED)
+        self._launch(request, export)
+
+    def _launch(self, request: settings.Request, export: document.Export) -> None:
         if self.controller.active:
             self._waiting.append((request, export))
             return self._message(
@@ -269,13 +278,47 @@ class BlendedDiffusionDocker(DockWidget):
         self._start(request, export)
 
     def _start(self, request: settings.Request, export: document.Export) -> None:
+        run = HISTORY.start(export.document, request.prompt, request.settings, export)
+        self._run = run
+
         def apply(group_name: str, layers) -> str:
             summary = document.add_results(export, group_name, layers)
+            run.finish(group_name, self.controller.job.variants, layers)
             QTimer.singleShot(0, lambda: document.reactivate(export))
             return summary
 
         self.controller.start(request, export.pixels, apply)
         self._timer.start()
+        self._show_runs()
+
+    def _act(self, action: str, run: Run, shot: Shot | None) -> None:
+        """A history button: show a variant alone, keep it, discard the run, run it again."""
+        export = run.source
+        try:
+            if action == "show":
+                document.show_only(export, shot.layer)
+            elif action == "keep":
+                document.keep(export, shot.layer)
+                HISTORY.keep(run, shot)
+            elif action == "discard":
+                document.discard(export)
+                HISTORY.discard(run)
+            else:  # again, vary: the same pixels and selection as the run read
+                change = run.again() if action == "again" else run.vary(shot)
+                request = settings.Request(run.prompt, self._endpoint(), change)
+                self._launch(request, document.Export(export.document, export.source,
+                                                      export.pixels))  # fmt: skip
+        except UserError as e:
+            self._message(str(e), FAILED)
+        except Exception as e:  # never into Qt: PyQt may abort Krita on an uncaught exception
+            self._message(wording.describe(e), FAILED)
+        self._show_runs()
+
+    def _show_runs(self) -> None:
+        try:
+            self.runs.show_runs(HISTORY.runs(document.active_document()))
+        except Exception as e:  # never into Qt: Krita shows a modal dialog for it
+            self._message(wording.describe(e), FAILED)
 
     def cancel(self) -> None:
         dropped, self._waiting = len(self._waiting), []
@@ -317,6 +360,14 @@ class BlendedDiffusionDocker(DockWidget):
             self.progress_bar.setValue(1 if progress.state == DONE else 0)
         if progress.seed is not None:
             self.last_seed.setText(f"last: {progress.seed}")
+        run = self._run
+        if run is not None:
+            if progress.previews and progress.state in ACTIVE:
+                run.preview(progress.previews)
+            if progress.state in (FAILED, CANCELLED):  # nothing reached the document
+                HISTORY.discard(run)
+            if progress.previews or progress.state in (DONE, FAILED, CANCELLED):
+                self._show_runs()
         waiting = f" ({len(self._waiting)} waiting)" if active and self._waiting else ""
         self._message(progress.message + waiting, progress.state)
         if progress.state in (DONE, FAILED, CANCELLED):
@@ -334,7 +385,7 @@ class BlendedDiffusionDocker(DockWidget):
             s.name: settings.coerce(s, document.read_setting(s.name, str(s.default)))
             for s in settings.TABLE
         }
-        self.set_values(stored | settings.PRESETS.get(stored["preset"], {}))
+        self.set_values(settings.effective(stored))
         self._show_expected()
 
     def _save_settings(self, values: dict[str, Any]) -> None:

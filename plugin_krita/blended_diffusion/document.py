@@ -1,13 +1,14 @@
 """The Krita adapter: the only module that imports `krita`.
 
-It reads the active paint layer and the selection, adds the result layers, and hands the other
-modules what they need from Krita (base classes, settings, the active window) so that they stay
-testable without it. Facts about Krita 5.2 this relies on (checked in real Krita, see
-tests/test_krita_real.py): `pixelData`/`setPixelData` take image coordinates, also for a moved
-layer; an RGBA/U8 layer's bytes are B, G, R, A; `selection()` is None without a selection and
-0x0 when empty, its bounds may reach past the canvas; each `addChildNode` is one undo step while
-`setChildNodes` on a group not yet in the image adds none, so a filled group attached once is one
-undo step.
+It reads the visible picture (or the active layer alone) and the selection, adds the result
+layers, and hands the other modules what they need from Krita (base classes, settings, the active
+window) so that they stay testable without it. Facts about Krita 5.2 this relies on (checked in
+real Krita, see tests/test_krita_real.py): `Document.pixelData` is the projection (what the artist
+sees), `Node.projectionPixelData` a node as it shows on its own; both, and `pixelData`/
+`setPixelData`, take image coordinates, also for a moved layer; RGBA/U8 bytes are B, G, R, A;
+`selection()` is None without a selection and 0x0 when empty, its bounds may reach past the
+canvas; each `addChildNode` is one undo step while `setChildNodes` on a group not yet in the image
+adds none, so a filled group attached once is one undo step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import krita
 
 from engine.plugin import geometry
 from engine.plugin.geometry import Rect
+from engine.plugin.settings import Request
 from engine.plugin.wording import ResultLayer
 
 from .job import Pixels
@@ -26,6 +28,7 @@ DockWidget = krita.DockWidget
 Extension = krita.Extension
 SETTINGS_GROUP = "blended_diffusion"
 SUPPORTED = ("RGBA", "U8")  # Krita's colour model and depth ids for 8-bit RGB with alpha
+MASKS = ("transparencymask", "filtermask", "transformmask", "selectionmask", "colorizemask")
 
 
 class UserError(Exception):
@@ -34,6 +37,10 @@ class UserError(Exception):
 
 def host():
     return krita.Krita.instance()
+
+
+def active_document():
+    return host().activeDocument()
 
 
 def read_setting(key: str, default: str) -> str:
@@ -75,24 +82,30 @@ class Export:
     """The pixels of one Generate and where they came from, to put the result back."""
 
     document: object  # krita.Document
-    source: object  # krita.Node: the paint layer that was read
+    source: object  # krita.Node: the layer the results go above
     pixels: Pixels
+    group: object = None  # krita.Node: the result group, once added
 
 
-def export_active(max_side: int = geometry.MAX_SIDE) -> Export:
-    """The active paint layer and the document's selection, around the selection, in a window
-    of at most `max_side` (the engine's limit) a side."""
+def export_active(request: Request, max_side: int = geometry.MAX_SIDE) -> Export:
+    """What the artist sees (the document's projection) or, with `request.layer_only`, the
+    active layer on its own, and the document's selection, around the selection, in a window of
+    at most `max_side` (the engine's limit) a side.
+
+    With the visible picture any active layer will do, a group or a vector layer too: it only
+    says where the results go (above it; above its layer for a mask)."""
     doc = host().activeDocument()
     if doc is None:
         raise UserError("Open an image first.")
     node = doc.activeNode()
-    if node is None or node.type() != "paintlayer":
-        kind = node.type() if node is not None else "nothing"
-        raise UserError(f"Select a paint layer to edit (the active layer is {kind}).")
-    for what, model, depth in (
-        (f'The layer "{node.name()}"', node.colorModel(), node.colorDepth()),
-        ("The image", doc.colorModel(), doc.colorDepth()),
-    ):
+    if node is not None and node.type() in MASKS:
+        node = node.parentNode()
+    if node is None:
+        raise UserError("Select the layer to put the results above (no layer is active).")
+    checks = [("The image", doc.colorModel(), doc.colorDepth())]
+    if request.layer_only:
+        checks.insert(0, (f'The layer "{node.name()}"', node.colorModel(), node.colorDepth()))
+    for what, model, depth in checks:
         problem = unsupported_color(model, depth, what)
         if problem:
             raise UserError(problem)
@@ -105,7 +118,8 @@ def export_active(max_side: int = geometry.MAX_SIDE) -> Export:
     if bounds is None:
         raise UserError("The selection is empty or outside the canvas: select a region to edit.")
     try:
-        window = geometry.context_window(bounds, canvas, max_side=max_side)
+        widen = geometry.reach(request.settings)
+        window = geometry.context_window(bounds, canvas, max_side=max_side, widen=widen)
     except ValueError as e:
         raise UserError(str(e)) from None
     doc.waitForDone()  # strokes still being applied would be half in the pixels read
@@ -113,7 +127,10 @@ def export_active(max_side: int = geometry.MAX_SIDE) -> Export:
     mask = bytes(selection.pixelData(*area))
     if geometry.is_blank(mask):
         raise UserError("The selection is empty: select a region to edit.")
-    return Export(doc, node, Pixels(window, bytes(node.pixelData(*area)), mask))
+    # the node's projection: the layer as it shows on its own (a group's children, a vector
+    # layer's shapes, a paint layer through its own masks)
+    read = node.projectionPixelData if request.layer_only else doc.pixelData
+    return Export(doc, node, Pixels(window, bytes(read(*area)), mask))
 
 
 def add_results(export: Export, group_name: str, layers: list[ResultLayer]) -> str:
@@ -136,6 +153,7 @@ def add_results(export: Export, group_name: str, layers: list[ResultLayer]) -> s
         doc.rootNode().addChildNode(group, None)
     else:
         parent.addChildNode(group, source)
+    export.group = group
     doc.refreshProjection()
     return f"{len(nodes)} variant(s) added in the group {group_name}; the best one is visible."
 
@@ -146,3 +164,46 @@ def reactivate(export: Export) -> None:
     doc, source = export.document, export.source
     if doc in host().documents() and source.parentNode() is not None:
         doc.setActiveNode(source)
+
+
+# -- a run's variants, from the docker's history ---------------------------------------------
+
+
+def _result_group(export: Export):
+    """The run's group if it is still in its open document, else UserError."""
+    group = export.group
+    if export.document not in host().documents() or group is None or group.parentNode() is None:
+        raise UserError("That run is no longer in the image (its group was deleted).")
+    return group
+
+
+def show_only(export: Export, layer: str) -> None:
+    """Only the variant `layer` of the run visible (visibility is not an undo step)."""
+    for child in _result_group(export).childNodes():
+        child.setVisible(child.name() == layer)
+    export.document.refreshProjection()
+
+
+def keep(export: Export, layer: str) -> None:
+    """Only the variant `layer` remains, as one undo step: with the others hidden, Krita's
+    Flatten Layer turns the group into one layer holding just that variant (one command; each
+    libkis remove() would be one more)."""
+    group, doc = _result_group(export), export.document
+    parent, name = group.parentNode(), group.name()
+    show_only(export, layer)
+    doc.setActiveNode(group)
+    host().action("flatten_layer").trigger()
+    doc.waitForDone()
+    for node in parent.childNodes():  # Krita names the flattened layer "<group> Merged"
+        if node.type() == "paintlayer" and node.name().startswith(name):
+            node.setName(layer)
+    export.group = None
+    doc.refreshProjection()
+
+
+def discard(export: Export) -> None:
+    """The run's group removed, one undo step."""
+    group = _result_group(export)
+    group.remove()
+    export.group = None
+    export.document.refreshProjection()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.plugin import estimate, settings, wording
@@ -53,6 +53,7 @@ class Progress:
     error: bool = False
     seed: int | None = None  # the best variant's seed of the last result
     models: str = ""  # what the engine said it runs
+    previews: list = field(default_factory=list)  # the last step's (engine.client.Preview)
 
 
 def connect(endpoint: str):
@@ -156,7 +157,8 @@ class Controller:
             client = self._client_for(request.endpoint)
         except (ImportError, ValueError) as e:
             return self._finish(FAILED, wording.describe(e))
-        self._update(SUBMITTING, f"Sending to {request.endpoint}…", step=0, total=0, error=False)
+        self._update(SUBMITTING, f"Sending to {request.endpoint}…", step=0, total=0, error=False,
+                     previews=[])  # fmt: skip  (the last job's are not this one's)
         self._call = Background(lambda: self._submit(client, request, pixels))
 
     def cancel(self) -> None:
@@ -203,7 +205,8 @@ class Controller:
             client.hello()
         w = pixels.window
         return client.submit(pixels.image, w.width, w.height, pixels.mask, request.prompt,
-                             request.settings, image_format="BGRA8")  # fmt: skip
+                             request.settings, image_format="BGRA8",
+                             previews=settings.PREVIEWS)  # fmt: skip
 
     def _check_submitted(self) -> None:
         if self._call is None or not self._call.done:
@@ -230,7 +233,8 @@ class Controller:
             left = self._clock.left(event.step, event.total)
             text = wording.progress(event.step, event.total, left)
             text = "Cancelling…" if self._cancel else text
-            self._update(RUNNING, text, step=event.step, total=event.total)
+            self._update(RUNNING, text, step=event.step, total=event.total,
+                         previews=event.previews)  # fmt: skip
         elif event.type == "result" and self._cancel:  # crossed the cancel: nothing asked for
             self._finish(CANCELLED, "Cancelled.")
         elif event.type in ("result", "error", "cancelled"):

@@ -24,8 +24,8 @@ def _binding() -> str:
 
 
 if _binding() == "PyQt6":
-    from PyQt6.QtCore import QObject, Qt, QTimer
-    from PyQt6.QtGui import QAction, QKeySequence
+    from PyQt6.QtCore import QObject, QSize, Qt, QTimer
+    from PyQt6.QtGui import QAction, QIcon, QImage, QKeySequence, QPixmap
     from PyQt6.QtWidgets import (
         QCheckBox,
         QComboBox,
@@ -38,14 +38,15 @@ if _binding() == "PyQt6":
         QProgressBar,
         QPushButton,
         QSpinBox,
+        QToolButton,
         QVBoxLayout,
         QWidget,
     )
 
     QT_VERSION = 6
 else:
-    from PyQt5.QtCore import QObject, Qt, QTimer
-    from PyQt5.QtGui import QKeySequence
+    from PyQt5.QtCore import QObject, QSize, Qt, QTimer
+    from PyQt5.QtGui import QIcon, QImage, QKeySequence, QPixmap
     from PyQt5.QtWidgets import (
         QAction,
         QCheckBox,
@@ -59,6 +60,7 @@ else:
         QProgressBar,
         QPushButton,
         QSpinBox,
+        QToolButton,
         QVBoxLayout,
         QWidget,
     )
@@ -68,6 +70,11 @@ else:
 __all__ = [
     "QT_VERSION",
     "QAction",
+    "QIcon",
+    "QImage",
+    "QPixmap",
+    "QSize",
+    "QToolButton",
     "QCheckBox",
     "QComboBox",
     "QDoubleSpinBox",
