@@ -103,6 +103,11 @@ def test_a_front_end_estimates_a_job_as_the_replica_would(tiny_models):
     assert estimate(roomy, (64, 64, 4), mask, settings).parts == local.parts
     tight_parts = estimate(tight, (64, 64, 4), mask, settings).parts
     assert tight_parts["unet_activations"] == local.parts["unet_activations"] // 10  # recompute
+    large = np.zeros((256, 256), np.uint8)  # 8x the tiny model's side: the refinement's part too
+    large[20:220, 30:240] = 255
+    local = estimate(tiny_models, (256, 256, 4), large, settings)
+    assert estimate(roomy, (256, 256, 4), large, settings).parts == local.parts
+    assert local.parts["refinement"] > 0
 
 
 def test_two_clients_jobs_run_at_the_same_time_on_different_replicas(start_cluster_engine, capsys):

@@ -343,6 +343,7 @@ def requests(draw):
     # up to 40 px, or 64 px: over 1.5x the tiny model's side, where the refinement pass runs
     width, height = (draw(st.integers(1, 40) | st.just(64)) for _ in range(2))
     steps = draw(st.sampled_from([2, 3, 1000]))
+    strongest = max(0.01, min(1, 3 / steps))
     settings = {
         "variants": draw(st.integers(1, 8)),
         "seed": draw(st.none() | st.integers(0, 2**32 - 1)),
@@ -356,9 +357,8 @@ def requests(draw):
         "guidance_every": draw(st.integers(1, 100)),
         "padding": draw(st.sampled_from([0, 4]) | st.floats(0, 4)),
         "refine": draw(st.booleans()),
-        # at most 3 of the pass's steps, as for the base edit's
-        "refine_strength": draw(st.sampled_from([0.01, min(1, 3 / steps)])
-                                | st.floats(0.01, min(1, 3 / steps))),  # fmt: skip
+        # at most 3 of the pass's steps, as for the base edit's (10 at the least strength of 1000)
+        "refine_strength": draw(st.sampled_from([0.01, strongest]) | st.floats(0.01, strongest)),
         "refine_overlap": draw(st.sampled_from([0, 0.75]) | st.floats(0, 0.75)),
         "refine_cap": draw(st.sampled_from([0, 1, 16]) | st.floats(1, 16)),
         "grow": draw(shaping),
@@ -407,6 +407,9 @@ def test_every_accepted_job_ends_with_exactly_one_terminal_event(start_engine):
             assert not (end.type == "error" and end.error.code == protocol.INTERNAL), end.error
             outcome = end.error.code if end.error else end.type
             counts[outcome] = counts.get(outcome, 0) + 1
+            if any(e.type == "progress" and e.total > options["steps"] - options["skip"]
+                   for e in events):  # fmt: skip
+                counts["refined"] = counts.get("refined", 0) + 1  # the pass ran
             ends = [e for e in events_of(server, job.id) if e["event"] not in ("start", "preview")]
             assert [e["event"] for e in ends] in (["done"], ["failed"], ["cancelled"])
 
