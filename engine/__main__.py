@@ -64,6 +64,12 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
         default=d.refine_cap,
         help="its largest side in model sides, e.g. 2 or 4 (default 0: the image's own scale)",
     )
+    p.add_argument(
+        "--refine-guidance",
+        type=float,
+        default=d.refine_guidance,
+        help="its CLIP guidance, a share of the edit's (0: unguided)",
+    )
 
 
 def _settings(args: argparse.Namespace):

@@ -28,6 +28,7 @@ SAMPLERS = ("ddpm", "ddim")
 GUIDANCE_MODES = ("full", "fast")
 MAX_SHAPING = 1000  # the largest grow or feather, in pixels
 MAX_REFINE_CAP = 16  # the largest refinement canvas side, in model sides
+MAX_REFINE_GUIDANCE = 10  # the refinement's largest guidance, as a share of the edit's
 
 
 @dataclass
@@ -53,11 +54,14 @@ class EditSettings:
     # the refinement pass (engine/tiles.py) for a context box larger than the model's canvas:
     # `refine_strength` of the schedule's noise levels denoised again at the box's resolution,
     # its side capped at `refine_cap` x the model's (0: the image's own scale), over tiles
-    # sharing `refine_overlap` of their side (defaults measured in the demo world, README)
+    # sharing `refine_overlap` of their side (defaults measured in the demo world, README);
+    # `refine_guidance`: its CLIP guidance as a share of the edit's, in fast mode (a backward
+    # through every tile would keep all their activations); 0: unguided
     refine: bool = True
     refine_strength: float = 0.3
     refine_overlap: float = 0.25
     refine_cap: float = 0.0
+    refine_guidance: float = 0.0
 
     @property
     def refine_steps(self) -> int:
@@ -97,6 +101,8 @@ class EditSettings:
             raise region.RegionError(
                 f"refine_cap must be 0 (the image's own scale) or 1 to {MAX_REFINE_CAP}"
             )
+        if not 0 <= self.refine_guidance <= MAX_REFINE_GUIDANCE:
+            raise region.RegionError(f"refine_guidance must be 0 to {MAX_REFINE_GUIDANCE}")
 
 
 @dataclass
@@ -259,7 +265,8 @@ def run_edit(
             out = tiles.refine(
                 unet, diffusion, guide, source, mask_t, out, prompt, generators,
                 steps=settings.refine_steps, tile=(native, native),
-                overlap=settings.refine_overlap, seen=seen,
+                overlap=settings.refine_overlap, seen=seen, clip_weight=settings.refine_guidance
+                * clip_weight * models.config.guidance_weight("fast") / default_weight,
                 callback=progress(base_steps, previewer), **sampler,
             )  # fmt: skip
     out = out.float()

@@ -30,12 +30,13 @@ PREVIEW_MAX_SIDE = 128
 PREVIEW_MIN_SIDE = 16
 PREVIEW_MAX_EVERY = 1000
 
-# Mirrors engine.edit's SAMPLERS, GUIDANCE_MODES, MAX_SHAPING and MAX_REFINE_CAP (that module
-# imports torch).
+# Mirrors engine.edit's SAMPLERS, GUIDANCE_MODES, MAX_SHAPING, MAX_REFINE_CAP and
+# MAX_REFINE_GUIDANCE (that module imports torch).
 SAMPLERS = ("ddpm", "ddim")
 GUIDANCE_MODES = ("full", "fast")
 MAX_SHAPING = 1000
 MAX_REFINE_CAP = 16
+MAX_REFINE_GUIDANCE = 10
 
 REQUESTS = ("hello", "submit", "cancel", "status", "ping")
 MAX_FRAMES = 3  # a header and at most two pixel frames (a submit's image and mask)
@@ -317,6 +318,7 @@ def check_settings(settings: Any, limits: Limits) -> dict[str, Any]:
         "refine_strength": lambda v, n: _number(v, n, 0.01, 1),
         "refine_overlap": lambda v, n: _number(v, n, 0, 0.75),
         "refine_cap": _refine_cap,
+        "refine_guidance": lambda v, n: _number(v, n, 0, MAX_REFINE_GUIDANCE),
     }
     unknown = sorted(k for k in settings if k not in checks)
     if unknown:

@@ -107,9 +107,10 @@ def refine(
     """The refinement of `edits` (Nx3xhxw, the base pass's predictions) on the canvas of
     `source` (1x3xHxW) inside the hard `mask` (1x1xHxW): enlarged, noised to the last `steps`
     of `diffusion`'s schedule and denoised over tiles of `tile` (height, width), blended with the
-    noised source at every step. `clip_weight` > 0 guides the pass (the README's measurements:
-    off by default); the other keywords go to `blended_diffusion` (sampler, batch, callback,
-    `seen`: the selection's alpha on this canvas, which CLIP judges through)."""
+    noised source at every step. `clip_weight` > 0 guides the pass in fast mode (the UNet's
+    output taken as a constant: no tile's activations kept for a backward); the other keywords
+    go to `blended_diffusion` (sampler, batch, callback, `seen`: the selection's alpha on this
+    canvas, which CLIP judges through)."""
     start = F.interpolate(edits, size=source.shape[-2:], mode="bicubic").clamp(-1, 1)
     start = start * mask + source * (1 - mask)
     return blended_diffusion(
@@ -123,6 +124,7 @@ def refine(
         skip=diffusion.num_timesteps - steps,
         clip_weight=clip_weight,
         range_weight=0.0,
+        guidance_mode="fast",
         start=start,
         **sampler,
     )

@@ -361,6 +361,7 @@ def requests(draw):
         "refine_strength": draw(st.sampled_from([0.01, strongest]) | st.floats(0.01, strongest)),
         "refine_overlap": draw(st.sampled_from([0, 0.75]) | st.floats(0, 0.75)),
         "refine_cap": draw(st.sampled_from([0, 1, 16]) | st.floats(1, 16)),
+        "refine_guidance": draw(st.sampled_from([0, 1, 10]) | st.floats(0, 10)),
         "grow": draw(shaping),
         "feather": draw(shaping),
     }

@@ -96,6 +96,19 @@ BAD = {
         protocol.BAD_FIELD,
     ),
     "float feather": (with_header(submit_frames(), settings={"feather": 2.5}), protocol.BAD_FIELD),
+    "refine not a bool": (with_header(submit_frames(), settings={"refine": 1}), protocol.BAD_FIELD),
+    "no refine noise": (
+        with_header(submit_frames(), settings={"refine_strength": 0}),
+        protocol.BAD_FIELD,
+    ),
+    "refine cap under 1": (
+        with_header(submit_frames(), settings={"refine_cap": 0.5}),
+        protocol.BAD_FIELD,
+    ),
+    "huge refine guidance": (
+        with_header(submit_frames(), settings={"refine_guidance": 11}),
+        protocol.BAD_FIELD,
+    ),
     "unknown setting": (with_header(submit_frames(), settings={"stepz": 3}), protocol.BAD_FIELD),
     "settings list": (with_header(submit_frames(), settings=[1]), protocol.BAD_FIELD),
     "one frame": (submit_frames()[:2], protocol.BAD_MESSAGE),
@@ -159,10 +172,14 @@ def test_header_size_limit():
 
 
 def test_choices_mirror_the_engine():
-    from engine.edit import GUIDANCE_MODES, MAX_REFINE_CAP, MAX_SHAPING, SAMPLERS
+    from engine import edit
 
-    assert (protocol.SAMPLERS, protocol.GUIDANCE_MODES) == (SAMPLERS, GUIDANCE_MODES)
-    assert (protocol.MAX_SHAPING, protocol.MAX_REFINE_CAP) == (MAX_SHAPING, MAX_REFINE_CAP)
+    assert (protocol.SAMPLERS, protocol.GUIDANCE_MODES) == (edit.SAMPLERS, edit.GUIDANCE_MODES)
+    assert protocol.MAX_SHAPING == edit.MAX_SHAPING
+    assert (protocol.MAX_REFINE_CAP, protocol.MAX_REFINE_GUIDANCE) == (
+        edit.MAX_REFINE_CAP,
+        edit.MAX_REFINE_GUIDANCE,
+    )
 
 
 @pytest.mark.parametrize(

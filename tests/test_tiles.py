@@ -6,6 +6,7 @@ import torch
 
 from engine import budget, region
 from engine.edit import EditSettings, refinement, run_edit
+from engine.guidance import Guide
 from engine.models import load_models
 from engine.tiles import Tiled, ramp, refine_canvas, starts
 
@@ -113,6 +114,32 @@ def test_the_pass_runs_for_a_large_selection_counts_its_steps_and_keeps_outside_
     assert not np.array_equal(v.rgba, off.rgba)  # the pass changed the edit
 
 
+def test_a_guided_pass_judges_through_the_selections_alpha_on_its_own_canvas(tiny, monkeypatch):
+    """refine_guidance > 0: CLIP sees the pass's estimate through the feathered alpha on the
+    pass's canvas (region.seen_on_canvas), as the base edit and the ranking do."""
+    image, mask = _picture()
+    settings = EditSettings(**FAST, feather=6, refine_guidance=1, range_weight=0)
+    shaped = region.shape_selection(mask, 0, 6)
+    box = region.context_box(shaped)
+    fine = refinement(settings, box, 32, tiny.downsampling)
+    judged = []
+    loss = Guide.loss
+
+    def spy(self, masked, prompt, streams=None):
+        judged.append(masked.detach().clone())
+        return loss(self, masked, prompt, streams)
+
+    monkeypatch.setattr(Guide, "loss", spy)
+    (guided,) = run_edit(tiny, image, mask, "x", settings)
+    seen = torch.from_numpy(region.seen_on_canvas(shaped, box, fine))
+    on_fine = [m for m in judged if tuple(m.shape[-2:]) == fine[::-1]]
+    assert len(on_fine) == settings.refine_steps  # every step of the pass guided
+    for m in on_fine:
+        assert (m[..., seen == 0] == 0).all() and (m[..., (seen > 0) & (seen < 1)] != 0).any()
+    unguided = run_edit(tiny, image, mask, "x", EditSettings(**FAST, feather=6, range_weight=0))
+    assert not np.array_equal(guided.rgba, unguided[0].rgba)
+
+
 class Cancelled(Exception):
     pass
 
@@ -147,7 +174,14 @@ def test_the_budget_counts_the_pass_and_names_it(tiny):
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(refine_strength=0), dict(refine_overlap=0.8), dict(refine_cap=0.5)]
+    "bad",
+    [
+        dict(refine_strength=0),
+        dict(refine_overlap=0.8),
+        dict(refine_cap=0.5),
+        dict(refine_guidance=-1),
+        dict(refine_guidance=11),
+    ],
 )
 def test_refine_settings_out_of_range_are_refused(bad):
     with pytest.raises(region.RegionError, match="refine"):
