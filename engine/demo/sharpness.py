@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -145,12 +146,14 @@ def drawn_circle(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def measure(models: Models, settings: EditSettings, save: Path | None = None) -> dict:
     """The measures above for the best variant of one edit of each picture with `settings`;
-    `save`: where the edited pictures go (PNG, the path's name + the picture's)."""
-    out = {}
+    `save`: where the edited pictures go (PNG, the path's name + the picture's). The edited
+    pictures are in the result too (`pictures`, not measures)."""
+    out: dict = {"pictures": {}}
     for name, (image, mask) in (("plain", picture()), ("textured", textured())):
         start = time.perf_counter()
         best = run_edit(models, image, mask, PROMPT, settings)[0]
         seen = composite(image, best.rgba, best.box)
+        out["pictures"][name] = seen
         if save:
             Image.fromarray(seen).save(save.with_name(f"{save.name}-{name}.png"))
         sel = seen[best.box.y : best.box.y + best.box.h, best.box.x : best.box.x + best.box.w]
@@ -165,41 +168,111 @@ def measure(models: Models, settings: EditSettings, save: Path | None = None) ->
     return out
 
 
+def figure(rows: list[list[tuple[str, np.ndarray]]], path: Path, zoom: int = 2) -> None:
+    """Rows of pictures side by side, each enlarged `zoom` x (nearest: the pixels as they are)
+    under its caption: the README's before/after."""
+    from PIL import ImageDraw
+
+    h, w = rows[0][0][1].shape[:2]
+    cell_w, cell_h = w * zoom + 8, h * zoom + 26
+    sheet = Image.new("RGB", (max(map(len, rows)) * cell_w - 8, len(rows) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, panels in enumerate(rows):
+        for i, (caption, rgb) in enumerate(panels):
+            x, y = i * cell_w, r * cell_h
+            big = Image.fromarray(rgb.astype(np.uint8)).resize((w * zoom, h * zoom), Image.NEAREST)
+            sheet.paste(big, (x, y + 18))
+            draw.text((x + 2, y + 3), caption, fill="black")
+    sheet.save(path)
+
+
+def summary(runs: list[dict], without: list[dict]) -> dict:
+    """One row's figures over its seeds, against the same seeds' edits `without` the pass."""
+    plain = [r["plain"] for r in runs]
+    red = [c[0] - max(c[1:]) > 120 for c in (p["colour"] for p in plain)]
+    same = [p["blobs"] == w["plain"]["blobs"] for p, w in zip(plain, without, strict=True)]
+    return {
+        "edge_width_px": float(np.nanmedian([p["edge_width_px"] for p in plain])),
+        "blobs": [p["blobs"] for p in plain],
+        "blobs_unchanged": f"{sum(same)}/{len(same)}",
+        "red": f"{sum(red)}/{len(red)}",
+        "hf_ratio": float(np.median([r["textured"]["hf_ratio"] for r in runs])),
+        "seconds": float(np.median([r["plain"]["seconds"] for r in runs])),
+    }
+
+
+def _settings(item: str) -> dict:
+    """`NAME=VALUE[,NAME=VALUE...]` as EditSettings keywords (values in JSON)."""
+    pairs = (pair.partition("=") for pair in item.split(","))
+    return {name: json.loads(value) for name, _, value in pairs}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine demo-sharpness", description=__doc__)
-    p.add_argument("--variants", type=int, default=2)
+    p.add_argument("--variants", type=int, default=1)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--skip", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=4, help="edits per row, seeds 0, 1, ...")
     p.add_argument(
         "--setting",
         action="append",
         default=[],
-        metavar="NAME=VALUE",
-        help="a refinement setting to compare, e.g. refine_strength=0.5 (repeatable)",
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="settings of a row to compare, e.g. refine_strength=0.2,refine_guidance=1 "
+        "(repeatable; the rows without the pass and at the defaults always run)",
     )
     p.add_argument("--save", type=Path, help="a folder for the edited pictures")
+    p.add_argument(
+        "--figure",
+        type=Path,
+        help="a PNG of seed 0's red circle without the pass, with the last row's settings and "
+        "drawn at that size",
+    )
     args = p.parse_args(argv)
     models = load_models("demo", device="cpu")
-    base = dict(variants=args.variants, steps=args.steps, skip=args.skip, seed=args.seed)
-    rows = {
-        "without the pass": EditSettings(refine=False, **base),
-        "with the pass": EditSettings(**base),
-    }
-    for item in args.setting:
-        name, _, value = item.partition("=")
-        rows[item] = EditSettings(**base, **{name: json.loads(value)})
+    base = dict(variants=args.variants, steps=args.steps, skip=args.skip)
+    rows = {"without the pass": {"refine": False}, "defaults": {}}
+    rows |= {item: _settings(item) for item in args.setting}
     image, mask = picture()
     reference = drawn_circle(image, mask)
     result = {
         "models": models.label,
+        "settings": base | {"seeds": args.seeds},
         "drawn_edge_width_px": edge_width(redness(reference)),
         "rows": {},
     }
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
         Image.fromarray(reference.astype(np.uint8)).save(args.save / "drawn.png")
-    for i, (name, s) in enumerate(rows.items()):
-        result["rows"][name] = measure(models, s, args.save and args.save / f"row{i}")
+    runs = {}
+    for i, (name, row) in enumerate(rows.items()):
+        runs[name] = [
+            measure(
+                models,
+                EditSettings(**base, **row, seed=seed),
+                args.save and args.save / f"row{i}-seed{seed}",
+            )
+            for seed in range(args.seeds)
+        ]
+        result["rows"][name] = summary(runs[name], runs["without the pass"])
+        print(name, json.dumps(result["rows"][name]), file=sys.stderr, flush=True)
+    if args.figure:
+        last = list(rows)[-1]
+        before, after = runs["without the pass"][0]["pictures"], runs[last][0]["pictures"]
+        figure(
+            [
+                [
+                    ("without the pass", before["plain"]),
+                    (f"with the pass ({last})", after["plain"]),
+                    ("drawn at this size", reference),
+                ],
+                [
+                    ("without the pass", before["textured"]),
+                    (f"with the pass ({last})", after["textured"]),
+                    ("the picture", textured()[0]),
+                ],
+            ],
+            args.figure,
+        )
     print(json.dumps(result, indent=1))
     return 0
