@@ -1,6 +1,7 @@
 """`python -m engine edit` and `bench` as a user runs them."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -122,9 +123,10 @@ def test_bench_prints_both_formulations_measured_in_one_run():
     assert result["preview_cost"] == pytest.approx(
         result["preview_s"] / result["engine_step_s"], rel=0.1
     )
-    assert "previews (a preview every step, worst case)" in engine(
-        "bench", "--model", "tiny", "--steps", "1", "--no-breakdown"
-    ).stdout
+    table = engine("bench", "--model", "tiny", "--steps", "1", "--no-breakdown", "--refine", "2")
+    assert "previews (a preview every step, worst case)" in table.stdout
+    # the refinement at 2x the tiny model's 32 px: 3 x 3 tiles of 32 over 64 with 25% overlap
+    assert re.search(r"refinement at 2x \(9 tiles\): [\d.]+ s/step, \d+ steps", table.stdout)
 
 
 def test_a_variants_reported_seed_alone_reproduces_its_pixels(picture, tmp_path):
