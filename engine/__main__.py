@@ -50,7 +50,8 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
         "--refine",
         action=argparse.BooleanOptionalAction,
         default=d.refine,
-        help="a second pass at the selection's own resolution when it is larger than the model's",
+        help="a second pass at the selection's own resolution when it is larger than the model's "
+        "(default off: README)",
     )
     p.add_argument(
         "--refine-strength", type=float, default=d.refine_strength, help="its noise (0 to 1)"

@@ -105,6 +105,7 @@ def test_a_front_end_estimates_a_job_as_the_replica_would(tiny_models):
     assert tight_parts["unet_activations"] == local.parts["unet_activations"] // 10  # recompute
     large = np.zeros((256, 256), np.uint8)  # 8x the tiny model's side: the refinement's part too
     large[20:220, 30:240] = 255
+    settings.refine = True
     local = estimate(tiny_models, (256, 256, 4), large, settings)
     assert estimate(roomy, (256, 256, 4), large, settings).parts == local.parts
     assert local.parts["refinement"] > 0

@@ -89,8 +89,7 @@ def test_small_selections_are_never_enlarged_and_max_side_is_honoured(start_engi
 def test_no_previews_unless_asked_progress_exactly_as_before(start_engine):
     server = start_engine()
     image, mask, _ = ellipse_picture()
-    # without the refinement pass, so the steps are the 8 of RUN (tests/test_tiles.py counts it)
-    submit = {"job": "plain", "prompt": "a red ball", "settings": RUN | {"refine": False}}
+    submit = {"job": "plain", "prompt": "a red ball", "settings": RUN}
     frames = [Pixels(320, 240, "RGBA8", image, name="image"), Pixels(320, 240, "Y8", mask)]
     with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as s:
         s.setsockopt(zmq.LINGER, 0)
@@ -113,7 +112,7 @@ def test_no_previews_unless_asked_progress_exactly_as_before(start_engine):
 
 def test_previews_are_rate_limited_by_steps_and_by_time(start_engine):
     server = start_engine()
-    settings = RUN | {"steps": 100, "variants": 1, "refine": False}  # 100 steps, all alike
+    settings = RUN | {"steps": 100, "variants": 1}
     progress, job = run_job(server.endpoint, {"every": 3}, settings)
     steps = [e.step for e in progress if e.previews]
     events = [e for e in server.history if e["job"] == job.id]

@@ -10,7 +10,7 @@ from engine.guidance import Guide
 from engine.models import load_models
 from engine.tiles import Tiled, ramp, refine_canvas, starts
 
-FAST = dict(steps=8, skip=2, variants=1, augmentations=2, seed=3)
+FAST = dict(steps=8, skip=2, variants=1, augmentations=2, seed=3, refine=True, refine_strength=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_the_pass_runs_for_a_large_selection_counts_its_steps_and_keeps_outside_
     assert (v.box, v.rgba[..., 3].tolist()) == (sel, shaped[sel.y : sel.y + sel.h,
             sel.x : sel.x + sel.w].tolist())  # fmt: skip  # the feathered alpha, exactly
     assert (out[shaped == 0] == image[shaped == 0]).all()
-    off = run_edit(tiny, image, mask, "x", EditSettings(**FAST, feather=6, refine=False))[0]
+    off = run_edit(tiny, image, mask, "x", EditSettings(**FAST | dict(feather=6, refine=False)))[0]
     assert not np.array_equal(v.rgba, off.rgba)  # the pass changed the edit
 
 
@@ -166,11 +166,11 @@ def test_cancel_stops_inside_the_pass_before_the_next_tile(tiny):
 
 def test_the_budget_counts_the_pass_and_names_it(tiny):
     image, mask = _picture(1024, (100, 900))
-    on = budget.estimate(tiny, image.shape, mask, EditSettings())
-    off = budget.estimate(tiny, image.shape, mask, EditSettings(refine=False))
-    capped = budget.estimate(tiny, image.shape, mask, EditSettings(refine_cap=2))
+    on = budget.estimate(tiny, image.shape, mask, EditSettings(refine=True))
+    off = budget.estimate(tiny, image.shape, mask, EditSettings())  # off by default
+    capped = budget.estimate(tiny, image.shape, mask, EditSettings(refine=True, refine_cap=2))
     assert off.parts["refinement"] == 0 < capped.parts["refinement"] < on.parts["refinement"]
-    assert "refine" in budget.advice(on, EditSettings())
+    assert "refine" in budget.advice(on, EditSettings(refine=True))
 
 
 @pytest.mark.parametrize(
