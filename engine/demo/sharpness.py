@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME=VALUE[,NAME=VALUE]",
         help="settings of a row to compare, e.g. refine_strength=0.2,refine_guidance=1 "
-        "(repeatable; the rows without the pass and at the defaults always run)",
+        "(repeatable, the pass on; the rows without the pass and at its defaults always run)",
     )
     p.add_argument("--save", type=Path, help="a folder for the edited pictures")
     p.add_argument(
@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     models = load_models("demo", device="cpu")
     base = dict(variants=args.variants, steps=args.steps, skip=args.skip)
-    rows = {"without the pass": {"refine": False}, "defaults": {}}
-    rows |= {item: _settings(item) for item in args.setting}
+    rows = {"without the pass": {"refine": False}, "the pass at its defaults": {"refine": True}}
+    rows |= {item: {"refine": True} | _settings(item) for item in args.setting}
     image, mask = picture()
     reference = drawn_circle(image, mask)
     result = {
