@@ -99,6 +99,34 @@ def test_a_job_over_the_memory_budget_is_refused_naming_the_setting(start_engine
     assert job.state == "done"
 
 
+def test_the_budget_costs_the_selection_as_grow_and_feather_will_shape_it(start_engine):
+    """A grow widens the context box the edit will use: the budget sees the grown selection,
+    and refuses an edit that fits only as it was drawn."""
+    from engine import budget, region
+
+    server = start_engine(memory_budget=2**40)
+    facts = budget.Facts.of(server.models)
+    fast = {**QUICK, "guidance_mode": "fast"}
+    rgba, mask_bytes = host_picture(64, 64, (20, 16, 10, 8))
+    mask = np.frombuffer(mask_bytes, np.uint8).reshape(64, 64)
+    drawn = budget.estimate(facts, (64, 64, 4), mask, EditSettings(**fast))
+    grown = budget.estimate(facts, (64, 64, 4), mask, EditSettings(**fast, grow=20))
+    # as if the artist had selected the grown region, for a grow (exact) and a feather (within)
+    shaped = region.shape_selection(mask, grow=20)
+    assert grown.parts == budget.estimate(facts, (64, 64, 4), shaped, EditSettings(**fast)).parts
+    feathered = budget.estimate(facts, (64, 64, 4), mask, EditSettings(**fast, feather=12))
+    assert feathered.total > drawn.total
+    assert grown.parts["image_scale"] > 2 * drawn.parts["image_scale"]
+    server.memory_budget = (drawn.total + grown.total) // 2
+    with client(server.endpoint) as c:
+        with pytest.raises(EngineError, match="memory budget") as e:
+            c.submit(rgba, 64, 64, mask_bytes, "a red ball", {**fast, "grow": 20})
+        assert e.value.code == protocol.LIMIT
+        job = c.submit(rgba, 64, 64, mask_bytes, "a red ball", fast)  # as drawn: fits
+        run_all([c], [job])
+    assert job.state == "done"
+
+
 # -- 3: a job the engine lost is reported within the keep-alive timeout ------------------------
 
 
