@@ -68,14 +68,14 @@ class Facts:
 
     @classmethod
     def of(cls, models: Models) -> Facts:
+        """Asked once, where the models are loaded (a ViT's size, a ResNet's weights)."""
         return cls(models.config, models.device, models.clip.image_size, _clip_copy_bytes(models))
 
 
 def estimate(
-    models: Models | Facts, image_shape: tuple[int, ...], mask: np.ndarray, settings: EditSettings
+    facts: Facts, image_shape: tuple[int, ...], mask: np.ndarray, settings: EditSettings
 ) -> Estimate:
     """The peak memory of the edit of an image of `image_shape` inside `mask` with `settings`."""
-    facts = models if isinstance(models, Facts) else Facts.of(models)
     height, width = mask.shape
     channels = image_shape[2] if len(image_shape) > 2 else 4
     # the selection as grow and feather will shape it, and the edit's own box around it

@@ -111,9 +111,8 @@ class EditReplica:
         self.runner = _Runner(self.models, self.replica)
 
     def describe(self) -> Described:
-        facts = vars(budget.Facts.of(self.models))
-        facts["free_gb"] = budget.available_bytes(self.models) / 2**30
-        return Described(**facts, label=self.models.label)
+        free_gb = budget.available_bytes(self.models) / 2**30
+        return Described(**vars(self.runner.facts) | {"free_gb": free_gb}, label=self.models.label)
 
     async def run(self, request: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
         """("start", Replica), ("progress", frames)..., then (done|failed|cancelled, frames)."""

@@ -72,7 +72,7 @@ def to_array(p: Pixels) -> np.ndarray:
 class Server:
     def __init__(
         self,
-        models: Models,
+        models: Models | budget.Facts,
         endpoint: str = DEFAULT_ENDPOINT,
         *,
         limits: Limits | None = None,
@@ -87,6 +87,8 @@ class Server:
         how long a stop waits for the running job to reach its next cancel check."""
         check_endpoint(endpoint, curve)
         self.models, self.endpoint, self.curve = models, endpoint, curve
+        # what the budget needs of the models, once (a cluster's front end has only that)
+        self.facts = models if isinstance(models, budget.Facts) else budget.Facts.of(models)
         self.limits = limits or Limits()
         self.keepalive_timeout = keepalive_timeout
         self.memory_budget = memory_budget
@@ -311,7 +313,7 @@ class Server:
             region.check_inputs(image, mask)  # now, not after the queue
         except region.RegionError as e:
             raise ProtocolError(protocol.BAD_INPUT, str(e), job_id) from None
-        cost = budget.estimate(self.models, image.shape, mask, settings)
+        cost = budget.estimate(self.facts, image.shape, mask, settings)
         held = sum(j.held for j in self._queue.waiting)
         if cost.total + held > self.memory_budget:
             raise ProtocolError(

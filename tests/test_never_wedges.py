@@ -105,7 +105,7 @@ def test_the_budget_costs_the_selection_as_grow_and_feather_will_shape_it(start_
     from engine import budget, region
 
     server = start_engine(memory_budget=2**40)
-    facts = budget.Facts.of(server.models)
+    facts = server.facts
     fast = {**QUICK, "guidance_mode": "fast"}
     rgba, mask_bytes = host_picture(64, 64, (20, 16, 10, 8))
     mask = np.frombuffer(mask_bytes, np.uint8).reshape(64, 64)
