@@ -195,9 +195,8 @@ class Server:
     def _abandon_running_job(self) -> None:
         """The running step did not reach a cancel check in time: answer for it and leave."""
         for job in list(self._queue.running):
-            self._queue.finish(job, CANCELLED)
             self.log(f"job {job.id}: its step did not stop within {self.shutdown_grace:g} s")
-            self._finished(job, CANCELLED, self._cancelled(job))
+            self._end(job, CANCELLED)
 
     def _close(self) -> None:
         self._inbox.put(None)
@@ -349,6 +348,12 @@ class Server:
         fields = {"job": job.id, "reason": job.cancel_reason, "step": job.step}
         return protocol.encode("cancelled", fields)
 
+    def _end(self, job: Job, state: str, reply: list | None = None) -> None:
+        """A running job's end: it leaves the queue and gets its one answer (`reply`, or for a
+        cancelled job the cancel's)."""
+        self._queue.finish(job, state)
+        self._finished(job, state, self._cancelled(job) if state == CANCELLED else reply)
+
     def _finished(self, job: Job, state: str, reply: list) -> None:
         job.state = state
         self._record(state, job, reason=job.cancel_reason)
@@ -388,8 +393,7 @@ class Server:
         if self._worker.is_alive():
             return
         for job in list(self._queue.running):  # the worker's one job
-            self._queue.finish(job, FAILED)
-            self._finished(job, FAILED, protocol.error(protocol.INTERNAL, "worker died", job.id))
+            self._end(job, FAILED, protocol.error(protocol.INTERNAL, "worker died", job.id))
         self.log("the worker thread died: starting another")
         self._start_worker()
 
@@ -418,8 +422,7 @@ class Server:
             if kind == "progress":
                 self._send(job.client, reply)
             else:
-                self._queue.finish(job, kind)
-                self._finished(job, kind, self._cancelled(job) if kind == CANCELLED else reply)
+                self._end(job, kind, reply)
 
     # -- worker thread -----------------------------------------------------------------------
 

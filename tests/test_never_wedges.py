@@ -80,6 +80,29 @@ def test_an_exception_in_the_result_path_fails_only_its_job(start_engine, monkey
     ordinary_job_completes(server.endpoint)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # meant
+def test_a_worker_that_dies_fails_its_job_and_is_replaced(start_engine, monkeypatch):
+    from engine.server import Server
+
+    real = Server._run
+
+    def dying_once(self, job):
+        if not getattr(self, "died", False):
+            self.died = True
+            raise SystemExit  # not an Exception: the worker's own guard lets it through
+        return real(self, job)
+
+    monkeypatch.setattr(Server, "_run", dying_once)
+    server = start_engine()
+    with client(server.endpoint) as c:
+        job = submit(c, settings={**QUICK, "variants": 1})
+        events = run_all([c], [job], timeout=60)[0]
+    (end,) = terminal(events, job)
+    assert end.type == "error" and end.error.code == protocol.INTERNAL
+    assert "worker died" in end.error.message
+    ordinary_job_completes(server.endpoint)
+
+
 # -- 2: memory is budgeted before a job is queued ----------------------------------------------
 
 
