@@ -449,8 +449,7 @@ class Server:
         """The job's terminal message, whatever happens in preparing, sampling, ranking or
         encoding; a cancel is seen before every UNet forward and between the other phases."""
 
-        timed = job.settings.guidance_every == 1  # the plug-ins' case; N > 1 would mix paces
-        step_time = self.step_times.timer(job.settings.guidance_mode, job.settings.variants)
+        step_time = self.step_times.for_job(job.settings)
 
         def check() -> None:
             if job.cancel.is_set():
@@ -460,8 +459,7 @@ class Server:
 
         def on_step(done: int, total: int, previews: Callable) -> None:
             job.step, job.total = done, total
-            if timed:
-                step_time(done)
+            step_time(done)
             check()
             progress: dict[str, Any] = {"job": job.id, "step": done, "total": total}
             frames: list[Pixels] = []
@@ -556,6 +554,25 @@ def handle_signals(server: Server) -> None:
         signal.signal(sig, on_signal)
 
 
+def options(args: Any, curve: CurveKeys | None) -> dict[str, Any]:
+    """`Server`'s options from `serve`'s arguments (a cluster's front end takes the same)."""
+    limits = Limits(
+        max_side=args.max_side, max_queue=args.max_queue, max_client_queue=args.max_client_queue
+    )
+    out = {"limits": limits, "keepalive_timeout": args.keepalive_timeout, "curve": curve}
+    if args.memory_budget:
+        out["memory_budget"] = int(args.memory_budget * 2**30)
+    return out
+
+
+def start(server: Server, where: str) -> None:
+    """Bind, stop on SIGINT/SIGTERM, and say it is ready (what scripts and tests wait for)."""
+    endpoint = server.bind()
+    handle_signals(server)
+    secured = ", CURVE" if server.curve else ""
+    print(f"engine ready at {endpoint} ({server.models.label} on {where}{secured})", flush=True)
+
+
 def serve(args: Any) -> int:
     """`python -m engine serve`: load the models, bind, answer until SIGINT or SIGTERM."""
     from engine import keys
@@ -577,21 +594,8 @@ def serve(args: Any) -> int:
     models = load_models(
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
     )
-    limits = Limits(
-        max_side=args.max_side, max_queue=args.max_queue, max_client_queue=args.max_client_queue
-    )
-    server = Server(
-        models,
-        args.endpoint,
-        limits=limits,
-        keepalive_timeout=args.keepalive_timeout,
-        memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None,
-        curve=curve,
-    )
-    endpoint = server.bind()
-    handle_signals(server)
-    secured = ", CURVE" if curve else ""
-    print(f"engine ready at {endpoint} ({models.label} on {models.device}{secured})", flush=True)
+    server = Server(models, args.endpoint, **options(args, curve))
+    start(server, str(models.device))
     server.log(f"memory budget {server.memory_budget / 2**30:.1f} GiB, instance {server.instance}")
     server.run()
     print("engine stopped", flush=True)

@@ -323,6 +323,16 @@ def test_step_times_measured_after_the_first_step():
         step(done)
     assert times.to_json() == {"full": {"4": 2.25}}
     assert StepTimes().to_json() == {}
+    # a job's timer: keyed by its mode and variants; one guiding a step in N mixes two paces
+    from engine.edit import EditSettings
+
+    for asked, t[0] in ((EditSettings(variants=2, guidance_every=3), 40.0),
+                            (EditSettings(variants=3, guidance_mode="fast"), 50.0)):  # fmt: skip
+        step = times.for_job(asked)
+        step(1)
+        t[0] += 1.5
+        step(2)
+    assert times.to_json() == {"fast": {"3": 1.5}, "full": {"4": 2.25}}
 
 
 def test_the_engine_announces_its_step_times(start_engine):
