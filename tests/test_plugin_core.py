@@ -259,7 +259,7 @@ def test_window_holds_what_the_engine_grows_and_feathers(size, data, grow, feath
     w = data.draw(st.integers(1, width - x))
     h = data.draw(st.integers(1, height - y))
     mask = np.zeros((height, width), np.uint8)
-    mask[y : y + h, x : x + w] = 255
+    mask[y : y + h, x : x + w] = data.draw(st.sampled_from([255, 200, 60]))  # 60: all soft
     try:
         whole = region.shape_selection(mask, grow, feather)
     except region.RegionError:  # feathered away: the engine says so, nothing to place
@@ -274,7 +274,16 @@ def test_window_holds_what_the_engine_grows_and_feathers(size, data, grow, feath
                                   grow, feather)  # fmt: skip
     cut = whole[win.y : win.y + win.height, win.x : win.x + win.width]
     assert np.array_equal(part, cut) and cut.sum() == whole.sum()
-    box, inside = region.context_box(whole), region.context_box(part)
+    # the edit's (and the budget's) box: around the bounds the shaping can reach, found without
+    # shaping; they hold the shaped selection, exactly for a grow alone
+    bounds, tight = region.shaped_bounds(mask, grow, feather), region.selection_bounds(whole)
+    assert bounds.x <= tight.x and tight.x + tight.w <= bounds.x + bounds.w
+    assert bounds.y <= tight.y and tight.y + tight.h <= bounds.y + bounds.h
+    assert bounds == tight or feather
+    box = region.context_box(mask, settings.PADDING, grow, feather)
+    assert box == region.box_around(bounds, width, height, settings.PADDING)
+    inside = region.context_box(mask[win.y : win.y + win.height, win.x : win.x + win.width],
+                                settings.PADDING, grow, feather)  # fmt: skip
     assert (inside.x + win.x, inside.y + win.y, inside.w, inside.h) == (box.x, box.y, box.w, box.h)
 
 
