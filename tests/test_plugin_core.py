@@ -363,6 +363,18 @@ def test_the_engine_announces_its_step_times(start_engine):
 # -- wording ----------------------------------------------------------------------------------
 
 
+def test_a_started_edit_says_what_runs_it_the_queue_and_the_time():
+    info = {"models": "demo shapes-world UNet (trained here); CLIP", "device": "cpu",
+            "step_seconds": {"full": {"2": 0.5}}}  # fmt: skip
+    draft = settings.request({"prompt": "x", "preset": "draft"}).settings
+    line = wording.started(info, draft, 2)
+    assert line.startswith("Running on demo shapes-world UNet. Waiting: 2 jobs ahead")
+    assert "Expected: about 20 s (2 variant(s) x 40 steps)" in line
+    paper = settings.request({"prompt": "x", "preset": "paper"}).settings
+    assert "Paper on a CPU engine is slow" in wording.started(info, paper, 0, settings.PAPER)
+    assert wording.started({}, draft, 0).startswith("Running on the engine. Starting…")
+
+
 def test_connection_line_names_model_and_device():
     assert "not connected" in wording.connection("tcp://x", {})
     demo = "demo shapes-world UNet (trained here on coloured shapes; not the paper's model); CLIP"
