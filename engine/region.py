@@ -133,9 +133,8 @@ def shaped_bounds(mask: np.ndarray, grow: int = 0, feather: int = 0) -> Box:
     pixels short of its kernel."""
     if not grow and not feather:
         return selection_bounds(mask)
-    height, width = mask.shape
-    return _widened(selection_bounds(_hard(mask)), grow + _blur_kernel(feather)[1] // 2, width,
-                    height)  # fmt: skip
+    (height, width), reach = mask.shape, grow + _blur_kernel(feather)[1] // 2
+    return _widened(selection_bounds(_hard(mask)), reach, width, height)
 
 
 def shape_selection(mask: np.ndarray, grow: int = 0, feather: int = 0) -> np.ndarray:
