@@ -241,6 +241,9 @@ PASSTHROUGH = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from engine.devices import keep_freed_host_memory
+
+    keep_freed_host_memory()  # before any thread starts or any model loads
     if argv and argv[0] in PASSTHROUGH:
         return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
     from engine.accel import RECOMPUTE

@@ -20,8 +20,9 @@ from engine import devices
 
 RECOMPUTE = ("auto", "on", "off")
 # Activations one variant keeps for the guided backward through the ADM-256 UNet in fp32
-# (measured by `python -m engine bench`); other models scale it by pixels x channels.
-ADM256_ACTIVATIONS_GB = 9.0
+# (measured by `python -m engine bench`: 9 GB, and 1.5 GB more peak since the engine keeps its
+# freed memory, devices.keep_freed_host_memory); other models scale it by pixels x channels.
+ADM256_ACTIVATIONS_GB = 10.5
 
 
 class FusedLegacyAttention(nn.Module):
@@ -50,13 +51,55 @@ def fuse_attention(unet: nn.Module) -> None:
             block.attention = FusedLegacyAttention(block.attention.n_heads)
 
 
-def prepare(unet: nn.Module) -> None:
+# A 3 x 3 convolution this wide over this few pixels is one matrix product on a CPU (see
+# _gemm_conv); measured on ADM-256's shapes here (fp32, AVX2, batch 1), forward / backward:
+# 1024 channels at 8 x 8 from 44 / 44 ms to 15 / 24, at 16 x 16 from 68 / 65 to 45 / 66,
+# 2048 at 8 x 8 from 70 / 77 to 26 / 44. 512 channels at 16 x 16 gain nothing.
+GEMM_MIN_INPUTS, GEMM_MAX_PIXELS = 1024 * 9, 16 * 16
+
+
+def _gemm_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution as unfold + one matrix product where the output has few pixels: oneDNN's
+    direct convolution re-reads its (up to 75 MB of) weights for every few pixels there, while
+    a GEMM streams them once. Autograd differentiates it as it is (fold + matrix products)."""
+    h, w = x.shape[-2:]
+    if h * w > GEMM_MAX_PIXELS:
+        return conv._conv_forward(x, conv.weight, conv.bias)
+    cols = F.unfold(x, conv.kernel_size, padding=conv.padding)  # (n, inputs x 9, h x w)
+    out = conv.weight.flatten(1) @ cols + conv.bias[:, None]
+    return out.unflatten(-1, (h, w))
+
+
+def gemm_wide_convs(unet: nn.Module) -> int:
+    """Route the UNet's wide same-size 3 x 3 convolutions through _gemm_conv when their input is
+    small; returns how many may take it."""
+    wide = [
+        m
+        for m in unet.modules()
+        if isinstance(m, nn.Conv2d)
+        and m.kernel_size == (3, 3)
+        and m.stride == (1, 1)
+        and m.padding == (1, 1)
+        and m.dilation == (1, 1)
+        and m.groups == 1
+        and m.bias is not None
+        and m.in_channels * 9 >= GEMM_MIN_INPUTS
+    ]
+    for conv in wide:
+        conv.forward = functools.partial(_gemm_conv, conv)
+    return len(wide)
+
+
+def prepare(unet: nn.Module, device: torch.device) -> None:
     """The engine's UNet: fused attention, recompute available, convolutions in channels-last
     (oneDNN's preferred layout on a CPU, tensor cores' on CUDA; measured on ADM-256's ResBlocks
-    in fp32 here: 5-10% less time forward + backward)."""
+    in fp32 here: 5-10% less time forward + backward), wide convolutions over few pixels as
+    matrix products where the device's convolutions are slow there."""
     fuse_attention(unet)
     allow_recompute(unet)
     unet.to(memory_format=torch.channels_last)
+    if devices.gemm_for_wide_convs(device):
+        gemm_wide_convs(unet)
 
 
 def _maybe_checkpointed(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:

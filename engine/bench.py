@@ -94,7 +94,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
         def step(x: torch.Tensor, t: torch.Tensor, _i: int) -> torch.Tensor:
             return official_step(diffusion, unet, cond_fn, source, mask, x, t)
     else:
-        accel.prepare(unet)
+        accel.prepare(unet, dev)
         precision = devices.resolve_precision(opts["precision"], dev)
         recompute = accel.resolve_recompute(opts["recompute"], config.arch, batch, precision, dev)
         loss_fn = clip_loss_fn(diffusion, guide, mask, PROMPT, 1000.0, 50.0)
@@ -147,6 +147,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
         parts["other_s"] = round(step_s - sum(parts.values()), 3)
     return {
         "step_s": step_s,
+        "step_times_s": [round(t, 3) for t in times],
         "preview_s": sum(preview_times) / len(preview_times) if preview_times else 0.0,
         "peak_rss_mb": peak,
         "models_rss_mb": rss_models,
@@ -260,6 +261,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         "reference_precision": ref["precision"],
         "reference_step_s": round(ref["step_s"], 3),
         "engine_step_s": round(eng["step_s"], 3),
+        "reference_step_times_s": ref["step_times_s"],
+        "engine_step_times_s": eng["step_times_s"],
         "ratio": round(eng["step_s"] / ref["step_s"], 3),
         "reference_peak_rss_mb": round(ref["peak_rss_mb"]),
         "engine_peak_rss_mb": round(eng["peak_rss_mb"]),
@@ -335,5 +338,7 @@ def table(result: dict) -> str:
 
 if __name__ == "__main__":  # one measured part, in a process of its own
     part, model, batch, steps, opts = sys.argv[1:6]
+    if part == "engine":  # as `python -m engine` runs; the official script keeps glibc's default
+        devices.keep_freed_host_memory()
     run = measure_refine if part == "refine" else lambda *a: measure(part, *a)
     print(json.dumps(run(model, int(batch), int(steps), json.loads(opts))))

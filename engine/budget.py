@@ -1,10 +1,11 @@
 """What a job will cost before it is queued: its peak memory, against the engine's budget.
 
-One estimate, from the same context box the edit will use (`region.context_box`), so it stays
-true when the box changes. The parts: the pixels at image scale (the image and mask the job holds
-while it waits, the box's part inside the image, one result layer per variant), the batch at
-model scale, the UNet activations the guided backward keeps (accel's measured figure, or a tenth
-of it when recomputed) and CLIP's augmented copies with the activations their backward keeps.
+One estimate, from the same context box the edit will use (`region.context_box`, around the
+selection as grow and feather will shape it), so it stays true when the box changes. The parts:
+the pixels at image scale (the image and mask the job holds while it waits, the box's part inside
+the image, one result layer per variant), the batch at model scale, the UNet activations the
+guided backward keeps (accel's measured figure, or a tenth of it when recomputed) and CLIP's
+augmented copies with the activations their backward keeps.
 The refinement pass (engine/tiles.py) comes after them: its canvas's tensors for every variant and
 one tile's forward without grad (counted as a recomputed forward: a tenth of the activations).
 A refusal names the setting that costs the most.
@@ -70,6 +71,7 @@ class Facts:
 
     @classmethod
     def of(cls, models: Models) -> Facts:
+        """Asked once, where the models are loaded (a ViT's size, a ResNet's weights)."""
         return cls(
             models.config,
             models.device,
@@ -80,14 +82,14 @@ class Facts:
 
 
 def estimate(
-    models: Models | Facts, image_shape: tuple[int, ...], mask: np.ndarray, settings: EditSettings
+    facts: Facts, image_shape: tuple[int, ...], mask: np.ndarray, settings: EditSettings
 ) -> Estimate:
     """The peak memory of the edit of an image of `image_shape` inside `mask` with `settings`."""
-    facts = models if isinstance(models, Facts) else Facts.of(models)
     height, width = mask.shape
     channels = image_shape[2] if len(image_shape) > 2 else 4
-    sel = region.selection_bounds(mask)
-    box = region.context_box(mask, settings.padding)
+    # the selection as grow and feather will shape it, and the edit's own box around it
+    sel = region.shaped_bounds(mask, settings.grow, settings.feather)
+    box = region.context_box(mask, settings.padding, settings.grow, settings.feather)
     inside = min(box.w, width) * min(box.h, height)  # only the box's part inside is read
     n = settings.variants
     batch = min(settings.batch, n)  # variants through the models together

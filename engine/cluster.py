@@ -111,9 +111,8 @@ class EditReplica:
         self.runner = _Runner(self.models, self.replica)
 
     def describe(self) -> Described:
-        facts = vars(budget.Facts.of(self.models))
-        facts["free_gb"] = budget.available_bytes(self.models) / 2**30
-        return Described(**facts, label=self.models.label)
+        free_gb = budget.available_bytes(self.models) / 2**30
+        return Described(**vars(self.runner.facts) | {"free_gb": free_gb}, label=self.models.label)
 
     async def run(self, request: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
         """("start", Replica), ("progress", frames)..., then (done|failed|cancelled, frames)."""
@@ -366,19 +365,15 @@ class ClusterServer(Server):
 
     def _time(self, job: Job) -> None:
         """The step times hello announces, measured here from the progress messages."""
-        s = job.settings
-        if s.guidance_every != 1:  # as in Server._run: N > 1 would mix paces
-            return
         if job not in self._timers:
-            self._timers[job] = self.step_times.timer(s.guidance_mode, s.variants)
+            self._timers[job] = self.step_times.for_job(job.settings)
         self._timers[job](job.step)
 
 
 def serve_cluster(args: Any, curve: Any) -> int:
     """`python -m engine serve --cluster ADDRESS|auto`: replicas up, bind, answer until a
     signal or until the cluster is lost."""
-    from engine.protocol import Limits
-    from engine.server import handle_signals
+    from engine.server import options, start
 
     connect(args.cluster)
     handle, n = deploy(
@@ -389,19 +384,8 @@ def serve_cluster(args: Any, curve: Any) -> int:
         unet_checkpoint=args.unet_checkpoint,
         name=args.app,
     )
-    limits = Limits(
-        max_side=args.max_side, max_queue=args.max_queue, max_client_queue=args.max_client_queue
-    )
-    options = {"limits": limits, "keepalive_timeout": args.keepalive_timeout, "curve": curve}
-    if args.memory_budget:
-        options["memory_budget"] = int(args.memory_budget * 2**30)
-    server = ClusterServer(handle, n, args.endpoint, app=args.app, **options)
-    endpoint = server.bind()
-    handle_signals(server)
-    d, secured = server.described, ", CURVE" if curve else ""
-    print(
-        f"engine ready at {endpoint} ({d.label} on {n} replicas, {d.device}{secured})", flush=True
-    )
+    server = ClusterServer(handle, n, args.endpoint, app=args.app, **options(args, curve))
+    start(server, f"{n} replicas, {server.described.device}")
     server.run()
     if server.lost:
         print(f"engine stopped: lost the cluster ({server.lost})", file=sys.stderr, flush=True)

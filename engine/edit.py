@@ -198,9 +198,10 @@ def run_edit(
     region.check_inputs(image, mask)
     check()
     seed = settings.seed if settings.seed is not None else random.randrange(2**31)
+    # the box from the selection as it will be shaped: the one the memory budget costed
+    box = region.context_box(mask, settings.padding, settings.grow, settings.feather)
     mask = region.shape_selection(mask, settings.grow, settings.feather)
     sel = region.selection_bounds(mask)
-    box = region.context_box(mask, settings.padding)
     dev = models.device
     canvas = region.canvas_size(box, models.config.image_size, models.downsampling)
     source, mask_t, seen = _on_canvas(image, mask, box, canvas, dev)

@@ -64,13 +64,25 @@ class JobQueue:
         self.served: dict[bytes, int] = {}  # client -> when it last started a job (a counter)
         self.starts = 0
         self.running: list[Job] = []
+        # the waiting jobs' order and each one's place in it, worked out once per change (a
+        # ping or a status naming every job asks for many positions)
+        self._order: tuple[list[Job], dict[Job, int]] | None = None
 
     def __len__(self) -> int:
         return sum(map(len, self.lines.values())) + len(self.running)
 
+    def _ordered(self) -> tuple[list[Job], dict[Job, int]]:
+        if self._order is None:
+            order = self._round_robin()
+            self._order = order, {job: i for i, job in enumerate(order)}
+        return self._order
+
     @property
     def waiting(self) -> list[Job]:
-        """Waiting jobs in the order they will run."""
+        """Waiting jobs in the order they will run (not to be changed: the queue's own)."""
+        return self._ordered()[0]
+
+    def _round_robin(self) -> list[Job]:
         lines = {c: list(line) for c, line in self.lines.items()}
         served, starts, order = dict(self.served), self.starts, []
         while lines:
@@ -83,7 +95,7 @@ class JobQueue:
         return order
 
     def find(self, client: bytes, job_id: str) -> Job | None:
-        for job in self.active():
+        for job in (*self.running, *self.lines.get(client, ())):
             if job.key == (client, job_id):
                 return job
         return None
@@ -100,10 +112,11 @@ class JobQueue:
         """How many jobs must end before this one starts (0: running or next)."""
         if job in self.running:
             return 0
-        return max(0, self.waiting.index(job) + len(self.running) - self.slots + 1)
+        return max(0, self._ordered()[1][job] + len(self.running) - self.slots + 1)
 
     def add(self, job: Job) -> int:
         self.lines.setdefault(job.client, deque()).append(job)
+        self._order = None
         return self.position(job)
 
     def remove(self, job: Job) -> None:
@@ -111,6 +124,7 @@ class JobQueue:
         line.remove(job)
         if not line:
             del self.lines[job.client]
+        self._order = None
 
     def start_next(self) -> Job | None:
         if len(self.running) >= self.slots or not self.lines:
@@ -121,6 +135,7 @@ class JobQueue:
         self.served[job.client] = self.starts
         # a client with nothing waiting starts afresh when it comes back
         self.served = {c: n for c, n in self.served.items() if c in self.lines or c == job.client}
+        self._order = None
         self.running.append(job)
         job.state = RUNNING
         return job

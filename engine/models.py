@@ -206,7 +206,7 @@ def load_unet(
         load_state_dict_checked(unet, Path(checkpoint), f"model '{config.name}'")
         label = config.label if checkpoint == config.weight else f"{config.label}, {checkpoint}"
     unet.requires_grad_(False).eval().to(device)
-    accel.prepare(unet)
+    accel.prepare(unet, device)
     return unet, label
 
 

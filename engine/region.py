@@ -84,10 +84,11 @@ def box_around(sel: Box, width: int, height: int, padding: float = 0.25) -> Box:
     return Box(place(sel.x, sel.w, w, width), place(sel.y, sel.h, h, height), w, h)
 
 
-def context_box(mask: np.ndarray, padding: float = 0.25) -> Box:
-    """The context box around the mask's selection (box_around over the whole mask)."""
+def context_box(mask: np.ndarray, padding: float = 0.25, grow: int = 0, feather: int = 0) -> Box:
+    """The context box around the mask's selection as `grow` and `feather` will shape it
+    (box_around the whole mask's `shaped_bounds`): the edit's box, and the memory budget's."""
     height, width = mask.shape
-    return box_around(selection_bounds(mask), width, height, padding)
+    return box_around(shaped_bounds(mask, grow, feather), width, height, padding)
 
 
 def canvas_size(box: Box, native: int, factor: int) -> tuple[int, int]:
@@ -107,19 +108,47 @@ def canvas_size(box: Box, native: int, factor: int) -> tuple[int, int]:
     return width, height
 
 
+def _hard(mask: np.ndarray) -> np.ndarray:
+    """What grow and feather start from: the at-least-half-selected part (any part if none)."""
+    return mask >= 128 if (mask >= 128).any() else mask > 0
+
+
+def _blur_kernel(feather: int) -> tuple[float, int]:
+    """The feather's Gaussian: its sigma and kernel side."""
+    sigma = feather / 2
+    return sigma, 2 * math.ceil(3 * sigma) + 1
+
+
+def _widened(sel: Box, n: int, width: int, height: int) -> Box:
+    """`sel` widened by `n` pixels a side, inside the `width` x `height` picture."""
+    x0, y0 = max(sel.x - n, 0), max(sel.y - n, 0)
+    x1, y1 = min(sel.x + sel.w + n, width), min(sel.y + sel.h + n, height)
+    return Box(x0, y0, x1 - x0, y1 - y0)
+
+
+def shaped_bounds(mask: np.ndarray, grow: int = 0, feather: int = 0) -> Box:
+    """Where `shape_selection(mask, grow, feather)` can select, without shaping it (a grow of
+    1000 px takes seconds): the selection's bounds widened by the grow and the blur's half
+    kernel, inside the picture. Exact for a grow alone; a feather's faint tail may stop a few
+    pixels short of its kernel."""
+    if not grow and not feather:
+        return selection_bounds(mask)
+    (height, width), reach = mask.shape, grow + _blur_kernel(feather)[1] // 2
+    return _widened(selection_bounds(_hard(mask)), reach, width, height)
+
+
 def shape_selection(mask: np.ndarray, grow: int = 0, feather: int = 0) -> np.ndarray:
     """The selection grown by `grow` pixels, then feathered over about `feather` pixels on each
     side of its edge (a Gaussian of sigma feather / 2). Meant for hard selections: a soft one is
     taken as its at-least-half-selected part. Work stays in the selection's neighbourhood."""
     if not grow and not feather:
         return mask
-    hard = mask >= 128 if (mask >= 128).any() else mask > 0
-    sigma = feather / 2
-    k = 2 * math.ceil(3 * sigma) + 1  # the blur's kernel
-    sel, reach = selection_bounds(hard), grow + k // 2 + 1
-    height, width = mask.shape
-    x0, y0 = max(sel.x - reach, 0), max(sel.y - reach, 0)
-    x1, y1 = min(sel.x + sel.w + reach, width), min(sel.y + sel.h + reach, height)
+    hard = _hard(mask)
+    sigma, k = _blur_kernel(feather)
+    sel, (height, width) = selection_bounds(hard), mask.shape
+    # all it can reach and one pixel more: the blur's replicated border there is unselected
+    area = _widened(sel, grow + k // 2 + 1, width, height)
+    x0, y0, x1, y1 = area.x, area.y, area.x + area.w, area.y + area.h
     m = torch.from_numpy(hard[y0:y1, x0:x1]).float()[None, None]
     for i in range(grow):  # square and cross steps in turn: an octagon, close to a disc
         if i % 2:

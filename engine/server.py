@@ -72,7 +72,7 @@ def to_array(p: Pixels) -> np.ndarray:
 class Server:
     def __init__(
         self,
-        models: Models,
+        models: Models | budget.Facts,
         endpoint: str = DEFAULT_ENDPOINT,
         *,
         limits: Limits | None = None,
@@ -87,6 +87,8 @@ class Server:
         how long a stop waits for the running job to reach its next cancel check."""
         check_endpoint(endpoint, curve)
         self.models, self.endpoint, self.curve = models, endpoint, curve
+        # what the budget needs of the models, once (a cluster's front end has only that)
+        self.facts = models if isinstance(models, budget.Facts) else budget.Facts.of(models)
         self.limits = limits or Limits()
         self.keepalive_timeout = keepalive_timeout
         self.memory_budget = memory_budget
@@ -193,9 +195,8 @@ class Server:
     def _abandon_running_job(self) -> None:
         """The running step did not reach a cancel check in time: answer for it and leave."""
         for job in list(self._queue.running):
-            self._queue.finish(job, CANCELLED)
             self.log(f"job {job.id}: its step did not stop within {self.shutdown_grace:g} s")
-            self._finished(job, CANCELLED, self._cancelled(job))
+            self._end(job, CANCELLED)
 
     def _close(self) -> None:
         self._inbox.put(None)
@@ -311,7 +312,7 @@ class Server:
             region.check_inputs(image, mask)  # now, not after the queue
         except region.RegionError as e:
             raise ProtocolError(protocol.BAD_INPUT, str(e), job_id) from None
-        cost = budget.estimate(self.models, image.shape, mask, settings)
+        cost = budget.estimate(self.facts, image.shape, mask, settings)
         held = sum(j.held for j in self._queue.waiting)
         if cost.total + held > self.memory_budget:
             raise ProtocolError(
@@ -346,6 +347,12 @@ class Server:
     def _cancelled(self, job: Job) -> list:
         fields = {"job": job.id, "reason": job.cancel_reason, "step": job.step}
         return protocol.encode("cancelled", fields)
+
+    def _end(self, job: Job, state: str, reply: list | None = None) -> None:
+        """A running job's end: it leaves the queue and gets its one answer (`reply`, or for a
+        cancelled job the cancel's)."""
+        self._queue.finish(job, state)
+        self._finished(job, state, self._cancelled(job) if state == CANCELLED else reply)
 
     def _finished(self, job: Job, state: str, reply: list) -> None:
         job.state = state
@@ -386,8 +393,7 @@ class Server:
         if self._worker.is_alive():
             return
         for job in list(self._queue.running):  # the worker's one job
-            self._queue.finish(job, FAILED)
-            self._finished(job, FAILED, protocol.error(protocol.INTERNAL, "worker died", job.id))
+            self._end(job, FAILED, protocol.error(protocol.INTERNAL, "worker died", job.id))
         self.log("the worker thread died: starting another")
         self._start_worker()
 
@@ -416,8 +422,7 @@ class Server:
             if kind == "progress":
                 self._send(job.client, reply)
             else:
-                self._queue.finish(job, kind)
-                self._finished(job, kind, self._cancelled(job) if kind == CANCELLED else reply)
+                self._end(job, kind, reply)
 
     # -- worker thread -----------------------------------------------------------------------
 
@@ -444,8 +449,7 @@ class Server:
         """The job's terminal message, whatever happens in preparing, sampling, ranking or
         encoding; a cancel is seen before every UNet forward and between the other phases."""
 
-        timed = job.settings.guidance_every == 1  # the plug-ins' case; N > 1 would mix paces
-        step_time = self.step_times.timer(job.settings.guidance_mode, job.settings.variants)
+        step_time = self.step_times.for_job(job.settings)
 
         def check() -> None:
             if job.cancel.is_set():
@@ -455,8 +459,7 @@ class Server:
 
         def on_step(done: int, total: int, previews: Callable) -> None:
             job.step, job.total = done, total
-            if timed:
-                step_time(done)
+            step_time(done)
             check()
             progress: dict[str, Any] = {"job": job.id, "step": done, "total": total}
             frames: list[Pixels] = []
@@ -551,6 +554,25 @@ def handle_signals(server: Server) -> None:
         signal.signal(sig, on_signal)
 
 
+def options(args: Any, curve: CurveKeys | None) -> dict[str, Any]:
+    """`Server`'s options from `serve`'s arguments (a cluster's front end takes the same)."""
+    limits = Limits(
+        max_side=args.max_side, max_queue=args.max_queue, max_client_queue=args.max_client_queue
+    )
+    out = {"limits": limits, "keepalive_timeout": args.keepalive_timeout, "curve": curve}
+    if args.memory_budget:
+        out["memory_budget"] = int(args.memory_budget * 2**30)
+    return out
+
+
+def start(server: Server, where: str) -> None:
+    """Bind, stop on SIGINT/SIGTERM, and say it is ready (what scripts and tests wait for)."""
+    endpoint = server.bind()
+    handle_signals(server)
+    secured = ", CURVE" if server.curve else ""
+    print(f"engine ready at {endpoint} ({server.models.label} on {where}{secured})", flush=True)
+
+
 def serve(args: Any) -> int:
     """`python -m engine serve`: load the models, bind, answer until SIGINT or SIGTERM."""
     from engine import keys
@@ -572,21 +594,8 @@ def serve(args: Any) -> int:
     models = load_models(
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
     )
-    limits = Limits(
-        max_side=args.max_side, max_queue=args.max_queue, max_client_queue=args.max_client_queue
-    )
-    server = Server(
-        models,
-        args.endpoint,
-        limits=limits,
-        keepalive_timeout=args.keepalive_timeout,
-        memory_budget=int(args.memory_budget * 2**30) if args.memory_budget else None,
-        curve=curve,
-    )
-    endpoint = server.bind()
-    handle_signals(server)
-    secured = ", CURVE" if curve else ""
-    print(f"engine ready at {endpoint} ({models.label} on {models.device}{secured})", flush=True)
+    server = Server(models, args.endpoint, **options(args, curve))
+    start(server, str(models.device))
     server.log(f"memory budget {server.memory_budget / 2**30:.1f} GiB, instance {server.instance}")
     server.run()
     print("engine stopped", flush=True)

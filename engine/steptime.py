@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 class StepTimes:
@@ -32,6 +33,14 @@ class StepTimes:
                     self._seconds[(mode, batch)] = (t1 - t0) / (d1 - d0)
 
         return step
+
+    def for_job(self, settings: Any) -> Callable[[int], None]:
+        """`timer` for a job's settings (engine.edit.EditSettings): its guidance mode and its
+        variants; a no-op when it guides one step in N > 1, whose steps mix two paces (the
+        plug-ins guide every step)."""
+        if settings.guidance_every != 1:
+            return lambda done: None
+        return self.timer(settings.guidance_mode, settings.variants)
 
     def to_json(self) -> dict[str, dict[str, float]]:
         """{"full": {"4": 1.25}, "fast": {...}}: seconds a step by mode and batch."""

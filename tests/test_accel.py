@@ -34,11 +34,32 @@ def test_fused_attention_matches_the_legacy_attention(unet):
 def test_the_prepared_unet_computes_the_same_step_in_channels_last(unet):
     x, t = _inputs()
     prepared = copy.deepcopy(unet)
-    accel.prepare(prepared)
+    accel.prepare(prepared, torch.device("cpu"))
     convs = [m for m in prepared.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     ref, out = _input_grad(unet, x, t), _input_grad(prepared, x, t)
     assert (out - ref).abs().max().item() < 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.parametrize("side, unfolds", [(8, True), (16, True), (32, False)])
+def test_a_wide_convolution_over_few_pixels_is_one_matrix_product_with_the_same_result(
+    monkeypatch, side, unfolds
+):
+    """ADM-256's 1024-channel convolutions at 8 and 16 px go through unfold + GEMM (forward and
+    the input's gradient equal to the convolution's); at 32 px they stay convolutions."""
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(1024, 32, 3, padding=1).requires_grad_(False)
+    conv = copy.deepcopy(ref)
+    assert accel.gemm_wide_convs(conv) == 1
+    assert accel.gemm_wide_convs(torch.nn.Conv2d(512, 32, 3, padding=1)) == 0  # not wide enough
+    calls = []
+    unfold = accel.F.unfold
+    monkeypatch.setattr(accel.F, "unfold", lambda *a, **k: calls.append(1) or unfold(*a, **k))
+    x = torch.randn(2, 1024, side, side).to(memory_format=torch.channels_last)
+    want, got = (_input_grad(m, x, None) for m in (ref, conv))
+    assert bool(calls) == unfolds
+    assert (conv(x) - ref(x)).abs().max().item() < 1e-4
+    assert (got - want).abs().max().item() < 1e-4 * want.abs().max().item()
 
 
 def test_the_attention_runs_a_fused_kernel_at_the_engines_shapes():
@@ -68,7 +89,8 @@ def test_the_attention_runs_a_fused_kernel_at_the_engines_shapes():
 
 def _input_grad(unet, x, t):
     x = x.clone().requires_grad_()
-    (unet(x, t) ** 2).sum().backward()
+    out = unet(x) if t is None else unet(x, t)
+    (out**2).sum().backward()
     return x.grad
 
 

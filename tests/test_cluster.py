@@ -96,7 +96,7 @@ def test_a_front_end_estimates_a_job_as_the_replica_would(tiny_models):
     settings, mask = EditSettings(variants=2), np.zeros((64, 64), np.uint8)
     mask[10:30, 10:40] = 255
     facts = vars(Facts.of(tiny_models))
-    local = estimate(tiny_models, (64, 64, 4), mask, settings)
+    local = estimate(Facts.of(tiny_models), (64, 64, 4), mask, settings)
     roomy = Described(**facts | {"free_gb": 1000.0}, label=tiny_models.label)
     tight = Described(**facts | {"free_gb": 1e-6}, label=tiny_models.label)
     assert local.parts["unet_activations"] > 0  # the tiny UNet fits here: no recompute
@@ -106,7 +106,7 @@ def test_a_front_end_estimates_a_job_as_the_replica_would(tiny_models):
     large = np.zeros((256, 256), np.uint8)  # 8x the tiny model's side: the refinement's part too
     large[20:220, 30:240] = 255
     settings.refine = True
-    local = estimate(tiny_models, (256, 256, 4), large, settings)
+    local = estimate(Facts.of(tiny_models), (256, 256, 4), large, settings)
     assert estimate(roomy, (256, 256, 4), large, settings).parts == local.parts
     assert local.parts["refinement"] > 0
 

@@ -306,7 +306,7 @@ def test_export_refuses_with_a_clear_message(krita, setup, message):
     doc.sel = FakeSelection(10, 10, 8, 8)
     setup(krita, doc)
     with pytest.raises(document.UserError, match=message):
-        document.export_active(REQUEST, max_side=40)
+        document.export_active(REQUEST, {"max_side": 40})
 
 
 @pytest.mark.parametrize(("model", "depth"), [("CMYKA", "U8"), ("RGBA", "U16")])
@@ -522,7 +522,8 @@ class FakeClient:
 
 
 def request(endpoint: str = "tcp://x", **change) -> settings.Request:
-    return settings.Request("a red ball", endpoint, {"variants": 1} | change)
+    sent = settings.request({"prompt": "a red ball", "variants": 1}).settings
+    return settings.Request("a red ball", endpoint, sent | change)
 
 
 def pixels() -> job_mod.Pixels:
@@ -546,6 +547,7 @@ def test_job_runs_through_its_states():
     controller.start(request(), pixels(), lambda g, ls: applied.append((g, ls)) or "ok")
     assert controller.state == job_mod.SUBMITTING and controller.active
     run_until(controller, [job_mod.RUNNING])
+    assert controller.progress.message.startswith("Running on ")  # the shared wording's
     client.event("progress", step=3, total=8)
     controller.tick()
     assert (controller.progress.step, controller.progress.total) == (3, 8)

@@ -80,6 +80,29 @@ def test_an_exception_in_the_result_path_fails_only_its_job(start_engine, monkey
     ordinary_job_completes(server.endpoint)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # meant
+def test_a_worker_that_dies_fails_its_job_and_is_replaced(start_engine, monkeypatch):
+    from engine.server import Server
+
+    real = Server._run
+
+    def dying_once(self, job):
+        if not getattr(self, "died", False):
+            self.died = True
+            raise SystemExit  # not an Exception: the worker's own guard lets it through
+        return real(self, job)
+
+    monkeypatch.setattr(Server, "_run", dying_once)
+    server = start_engine()
+    with client(server.endpoint) as c:
+        job = submit(c, settings={**QUICK, "variants": 1})
+        events = run_all([c], [job], timeout=60)[0]
+    (end,) = terminal(events, job)
+    assert end.type == "error" and end.error.code == protocol.INTERNAL
+    assert "worker died" in end.error.message
+    ordinary_job_completes(server.endpoint)
+
+
 # -- 2: memory is budgeted before a job is queued ----------------------------------------------
 
 
@@ -95,6 +118,34 @@ def test_a_job_over_the_memory_budget_is_refused_naming_the_setting(start_engine
         with pytest.raises(EngineError, match="guidance_mode fast"):  # the UNet's backward
             submit(c, settings={**QUICK, "variants": 8, "augmentations": 1})
         job = submit(c, settings={**fast, "variants": 1, "augmentations": 2})  # fits
+        run_all([c], [job])
+    assert job.state == "done"
+
+
+def test_the_budget_costs_the_selection_as_grow_and_feather_will_shape_it(start_engine):
+    """A grow widens the context box the edit will use: the budget sees the grown selection,
+    and refuses an edit that fits only as it was drawn."""
+    from engine import budget, region
+
+    server = start_engine(memory_budget=2**40)
+    facts = server.facts
+    fast = {**QUICK, "guidance_mode": "fast"}
+    rgba, mask_bytes = host_picture(64, 64, (20, 16, 10, 8))
+    mask = np.frombuffer(mask_bytes, np.uint8).reshape(64, 64)
+    drawn = budget.estimate(facts, (64, 64, 4), mask, EditSettings(**fast))
+    grown = budget.estimate(facts, (64, 64, 4), mask, EditSettings(**fast, grow=20))
+    # as if the artist had selected the grown region, for a grow (exact) and a feather (within)
+    shaped = region.shape_selection(mask, grow=20)
+    assert grown.parts == budget.estimate(facts, (64, 64, 4), shaped, EditSettings(**fast)).parts
+    feathered = budget.estimate(facts, (64, 64, 4), mask, EditSettings(**fast, feather=12))
+    assert feathered.total > drawn.total
+    assert grown.parts["image_scale"] > 2 * drawn.parts["image_scale"]
+    server.memory_budget = (drawn.total + grown.total) // 2
+    with client(server.endpoint) as c:
+        with pytest.raises(EngineError, match="memory budget") as e:
+            c.submit(rgba, 64, 64, mask_bytes, "a red ball", {**fast, "grow": 20})
+        assert e.value.code == protocol.LIMIT
+        job = c.submit(rgba, 64, 64, mask_bytes, "a red ball", fast)  # as drawn: fits
         run_all([c], [job])
     assert job.state == "done"
 

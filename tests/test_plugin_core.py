@@ -259,7 +259,7 @@ def test_window_holds_what_the_engine_grows_and_feathers(size, data, grow, feath
     w = data.draw(st.integers(1, width - x))
     h = data.draw(st.integers(1, height - y))
     mask = np.zeros((height, width), np.uint8)
-    mask[y : y + h, x : x + w] = 255
+    mask[y : y + h, x : x + w] = data.draw(st.sampled_from([255, 200, 60]))  # 60: all soft
     try:
         whole = region.shape_selection(mask, grow, feather)
     except region.RegionError:  # feathered away: the engine says so, nothing to place
@@ -274,7 +274,16 @@ def test_window_holds_what_the_engine_grows_and_feathers(size, data, grow, feath
                                   grow, feather)  # fmt: skip
     cut = whole[win.y : win.y + win.height, win.x : win.x + win.width]
     assert np.array_equal(part, cut) and cut.sum() == whole.sum()
-    box, inside = region.context_box(whole), region.context_box(part)
+    # the edit's (and the budget's) box: around the bounds the shaping can reach, found without
+    # shaping; they hold the shaped selection, exactly for a grow alone
+    bounds, tight = region.shaped_bounds(mask, grow, feather), region.selection_bounds(whole)
+    assert bounds.x <= tight.x and tight.x + tight.w <= bounds.x + bounds.w
+    assert bounds.y <= tight.y and tight.y + tight.h <= bounds.y + bounds.h
+    assert bounds == tight or feather
+    box = region.context_box(mask, settings.PADDING, grow, feather)
+    assert box == region.box_around(bounds, width, height, settings.PADDING)
+    inside = region.context_box(mask[win.y : win.y + win.height, win.x : win.x + win.width],
+                                settings.PADDING, grow, feather)  # fmt: skip
     assert (inside.x + win.x, inside.y + win.y, inside.w, inside.h) == (box.x, box.y, box.w, box.h)
 
 
@@ -323,6 +332,16 @@ def test_step_times_measured_after_the_first_step():
         step(done)
     assert times.to_json() == {"full": {"4": 2.25}}
     assert StepTimes().to_json() == {}
+    # a job's timer: keyed by its mode and variants; one guiding a step in N mixes two paces
+    from engine.edit import EditSettings
+
+    for asked, t[0] in ((EditSettings(variants=2, guidance_every=3), 40.0),
+                            (EditSettings(variants=3, guidance_mode="fast"), 50.0)):  # fmt: skip
+        step = times.for_job(asked)
+        step(1)
+        t[0] += 1.5
+        step(2)
+    assert times.to_json() == {"fast": {"3": 1.5}, "full": {"4": 2.25}}
 
 
 def test_the_engine_announces_its_step_times(start_engine):
@@ -342,6 +361,18 @@ def test_the_engine_announces_its_step_times(start_engine):
 
 
 # -- wording ----------------------------------------------------------------------------------
+
+
+def test_a_started_edit_says_what_runs_it_the_queue_and_the_time():
+    info = {"models": "demo shapes-world UNet (trained here); CLIP", "device": "cpu",
+            "step_seconds": {"full": {"2": 0.5}}}  # fmt: skip
+    draft = settings.request({"prompt": "x", "preset": "draft"}).settings
+    line = wording.started(info, draft, 2)
+    assert line.startswith("Running on demo shapes-world UNet. Waiting: 2 jobs ahead")
+    assert "Expected: about 20 s (2 variant(s) x 40 steps)" in line
+    paper = settings.request({"prompt": "x", "preset": "paper"}).settings
+    assert "Paper on a CPU engine is slow" in wording.started(info, paper, 0, settings.PAPER)
+    assert wording.started({}, draft, 0).startswith("Running on the engine. Starting…")
 
 
 def test_connection_line_names_model_and_device():

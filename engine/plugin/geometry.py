@@ -95,6 +95,18 @@ def context_window(
     return Rect(x, y, width, height)
 
 
+def window_for(
+    selection: Rect, size: tuple[int, int], settings: Mapping[str, Any],
+    limits: Mapping[str, Any] | None = None,
+) -> Rect:  # fmt: skip
+    """The window both plug-ins send for a request's `settings`: `context_window` with the
+    engine's `max_side` (its hello's `limits`; the default before it answered) and widened by
+    the `reach` of its grow and feather."""
+    max_side = int((limits or {}).get("max_side", MAX_SIDE))
+    padding = settings.get("padding", PADDING)
+    return context_window(selection, size, padding, max_side, reach(settings))
+
+
 def _fit(start: int, length: int, sel_start: int, sel_length: int, max_side: int):
     """[start, start + length) shrunk to `max_side` around the selection's centre, holding it."""
     if length <= max_side:

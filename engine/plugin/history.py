@@ -13,8 +13,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-RUNNING, DONE, FAILED, KEPT, DISCARDED = "running", "done", "failed", "kept", "discarded"
+RUNNING, DONE, KEPT, DISCARDED = "running", "done", "kept", "discarded"
 LIMIT = 20  # runs remembered per document: the oldest go first
+
+
+def closest(candidates: Iterable[Any]) -> Any | None:
+    """The one of lowest CLIP distance (a preview or a Shot: the best so far); None when none
+    has a distance yet (an unguided step's previews)."""
+    return min((c for c in candidates if c.distance is not None), key=lambda c: c.distance,
+               default=None)  # fmt: skip
 
 
 @dataclass
@@ -67,8 +74,7 @@ class Run:
         ranked = [s for s in self.shots if s.rank]
         if ranked:
             return min(ranked, key=lambda s: s.rank)
-        scored = [s for s in self.shots if s.distance is not None]
-        return min(scored, key=lambda s: s.distance) if scored else None
+        return closest(self.shots)
 
     def finish(self, group: str, variants: list[Any], layers: list[Any]) -> None:
         """The result: `variants` (client Variants, best first) with their layers' names."""
@@ -77,9 +83,6 @@ class Run:
             shot = self.shot(v.seed)
             shot.rank, shot.distance, shot.layer, shot.result = v.rank, v.distance, layer.name, v
         self.shots.sort(key=lambda s: (s.rank is None, s.rank or 0, s.seed))
-
-    def fail(self) -> None:
-        self.state = FAILED
 
     def again(self) -> dict[str, Any]:
         """The run's settings with a new seed (the engine draws one)."""

@@ -148,6 +148,15 @@ def before_run(info: Mapping[str, Any], settings: Mapping[str, Any], preset: str
     return text + "."
 
 
+def started(
+    info: Mapping[str, Any], settings: Mapping[str, Any], position: int, preset: str = ""
+) -> str:
+    """Once the engine accepted an edit: what runs it, the jobs ahead, the expected time (and,
+    given the preset, Paper's warning on a CPU engine)."""
+    models = short_models(str(info["models"])) if info.get("models") else "the engine"
+    return f"Running on {models}. {waiting(position)} {before_run(info, settings, preset)}"
+
+
 def progress(step: int, total: int, left: float | None) -> str:
     more = f", {estimate.duration(left)} left" if left is not None else ""
     return f"Denoising: step {step} of {total}{more}"

@@ -78,8 +78,8 @@ def run(procedure, run_mode, image, drawables, config, _data):
     values = params.values(config)
     params.remember(folder, values)
     try:
-        request = settings.request(values)
-        layer_only, group = request.layer_only, wording.group_name(request.prompt)
+        request = settings.request(values)  # what GIMP checks before the edit (a calling error)
+        group = wording.group_name(request.prompt)
     except ValueError as e:
         return fail(procedure, str(e), Gimp.PDBStatusType.CALLING_ERROR)
     try:
@@ -90,9 +90,9 @@ def run(procedure, run_mode, image, drawables, config, _data):
 
     Gegl.init(None)
     try:
-        host = GimpHost(image, drawables, layer_only)
+        host = GimpHost(image, drawables, request.layer_only)
         Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
-        layers = flow.run_edit(host, values)
+        layers = flow.run_edit(host, values, request=request)
         host.add_layers(layers, group)
     except flow.EditError as e:
         return fail(procedure, str(e))

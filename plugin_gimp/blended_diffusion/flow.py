@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from engine import client as engine_client
-from engine.plugin import estimate, geometry, png, settings, wording
+from engine.plugin import estimate, geometry, history, png, settings, wording
 from engine.plugin.geometry import Rect
 from engine.plugin.wording import ResultLayer
 
@@ -72,13 +72,19 @@ def selection(host: Host) -> Rect:
 
 
 def run_edit(
-    host: Host, values: Mapping[str, Any], connect: Connect = default_connect
+    host: Host,
+    values: Mapping[str, Any],
+    connect: Connect = default_connect,
+    request: settings.Request | None = None,
 ) -> list[ResultLayer]:
-    """The result layers, best first; EditError with the message the user needs otherwise."""
-    try:
-        request = settings.request(values)
-    except ValueError as e:
-        raise EditError(str(e)) from None
+    """The result layers, best first; EditError with the message the user needs otherwise.
+    `request`: the values' request when the caller built it already; the engine's limits are
+    applied once it answered."""
+    if request is None:
+        try:
+            request = settings.request(values)
+        except ValueError as e:
+            raise EditError(str(e)) from None
     sel = selection(host)
     host.progress(0.0, f"{PREFIX}connecting to {request.endpoint}")
     try:
@@ -88,9 +94,7 @@ def run_edit(
     try:
         info = client.hello()  # EngineUnreachable within the timeout, VersionMismatch
         request = settings.request(values, info.get("limits"))  # the engine's own limits
-        max_side = int((info.get("limits") or {}).get("max_side", geometry.MAX_SIDE))
-        widen = geometry.reach(request.settings)  # the engine's grow and feather
-        window = geometry.context_window(sel, host.size, settings.PADDING, max_side, widen)
+        window = geometry.window_for(sel, host.size, request.settings, info.get("limits"))
         rgba, mask = host.read(window)
         if geometry.is_blank(mask):
             raise EditError(f"The selection does not cover any pixel of the layer '{host.name}'.")
@@ -108,8 +112,7 @@ def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rg
     job = client.submit(rgba, window.width, window.height, mask, request.prompt, request.settings,
                         previews=settings.PREVIEWS)  # fmt: skip
     clock = estimate.Clock(estimate.before(info, request.settings))
-    text = wording.before_run(info, request.settings, preset)
-    host.progress(0.0, f"{PREFIX}{wording.waiting(job.position)} {text}")
+    host.progress(0.0, PREFIX + wording.started(info, request.settings, job.position, preset))
     try:
         while not job.done:
             for event in client.poll(settings.POLL_SECONDS * 2):
@@ -129,7 +132,7 @@ def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rg
 
 def _show_best(host: Host, window: Rect, previews) -> None:
     """The closest variant so far, over the selection's box in the drawable."""
-    best = min(previews, key=lambda p: (p.distance is None, p.distance or 0.0))
+    best = history.closest(previews) or previews[0]
     width, height, rgba = png.decode(best.png)
     x, y, w, h = best.box
     host.show_preview(Rect(window.x + x, window.y + y, w, h), width, height, rgba)

@@ -261,8 +261,7 @@ class BlendedDiffusionDocker(DockWidget):
             )
         try:
             request = settings.request(values, self.info.get("limits"))
-            max_side = (self.info.get("limits") or {}).get("max_side")
-            export = document.export_active(request, *([max_side] if max_side else []))
+            export = document.export_active(request, self.info.get("limits"))
         except (UserError, ValueError) as e:
             return self._message(str(e), FAILED)
         except Exception as e:  # never into Qt: PyQt may abort Krita on an uncaught exception

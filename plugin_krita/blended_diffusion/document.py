@@ -13,7 +13,9 @@ adds none, so a filled group attached once is one undo step.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import krita
 
@@ -87,10 +89,10 @@ class Export:
     group: object = None  # krita.Node: the result group, once added
 
 
-def export_active(request: Request, max_side: int = geometry.MAX_SIDE) -> Export:
+def export_active(request: Request, limits: Mapping[str, Any] | None = None) -> Export:
     """What the artist sees (the document's projection) or, with `request.layer_only`, the
     active layer on its own, and the document's selection, around the selection, in a window of
-    at most `max_side` (the engine's limit) a side.
+    at most the engine's `max_side` (its hello's `limits`) a side.
 
     With the visible picture any active layer will do, a group or a vector layer too: it only
     says where the results go (above it; above its layer for a mask)."""
@@ -118,8 +120,7 @@ def export_active(request: Request, max_side: int = geometry.MAX_SIDE) -> Export
     if bounds is None:
         raise UserError("The selection is empty or outside the canvas: select a region to edit.")
     try:
-        widen = geometry.reach(request.settings)
-        window = geometry.context_window(bounds, canvas, max_side=max_side, widen=widen)
+        window = geometry.window_for(bounds, canvas, request.settings, limits)
     except ValueError as e:
         raise UserError(str(e)) from None
     doc.waitForDone()  # strokes still being applied would be half in the pixels read

@@ -223,10 +223,7 @@ class Controller:
         if self._cancel:
             self._client.cancel(job)
         self._clock = estimate.Clock(estimate.before(info, self._request.settings))
-        left = estimate.duration(self._clock.estimate)
-        expected = f" ({left})" if left else ""
-        self._update(RUNNING, f"Running on {self.progress.models or 'the engine'}{expected}. "
-                     + wording.waiting(job.position))  # fmt: skip
+        self._update(RUNNING, wording.started(info, self._request.settings, job.position))
 
     def _on_event(self, event) -> None:
         if event.type == "progress":

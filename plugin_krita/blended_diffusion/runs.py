@@ -48,6 +48,9 @@ class RunsPanel(QWidget):
         super().__init__(parent)
         self.act = act
         self.chosen: tuple[Run, Shot] | None = None
+        # each shown variant's icon and the picture it was made from: a rebuild (every preview
+        # event) decodes only the pictures that changed
+        self._icons: dict[int, tuple[object, QIcon | None]] = {}
         self._layout = QVBoxLayout(self)
         self._layout.setContentsMargins(0, 0, 0, 0)
         self._content = QWidget(self)
@@ -70,9 +73,11 @@ class RunsPanel(QWidget):
         self._layout.addLayout(buttons)
 
     def show_runs(self, runs: list[Run]) -> None:
-        """Rebuild the list (at most one preview a second arrives: cheap enough)."""
+        """Rebuild the list (at most one preview a second arrives: cheap enough with the icons
+        kept)."""
         if self.chosen and self.chosen[0] not in runs:
             self.chosen = None
+        icons, self._icons = self._icons, {}
         content = QWidget(self)
         column = QVBoxLayout(content)
         column.setContentsMargins(0, 0, 0, 0)
@@ -83,7 +88,7 @@ class RunsPanel(QWidget):
             row = QHBoxLayout()
             best = run.best
             for shot in run.shots:
-                row.addWidget(self._thumbnail(run, shot, shot is best))
+                row.addWidget(self._thumbnail(run, shot, shot is best, icons))
             row.addStretch(1)
             column.addLayout(row)
         self._layout.replaceWidget(self._content, content)
@@ -91,13 +96,25 @@ class RunsPanel(QWidget):
         self._content = content
         self._enable()
 
-    def _thumbnail(self, run: Run, shot: Shot, best: bool) -> QToolButton:
+    def _icon(self, shot: Shot, shown: dict[int, tuple[object, QIcon | None]]) -> QIcon | None:
+        """The shot's icon: the one shown last time while its picture is the same object."""
+        source = shot.result if shot.result is not None else shot.picture
+        made = shown.get(id(shot))  # an id reused by a new shot: its picture is another object
+        if made is None or made[0] is not source:
+            image = picture(shot)
+            made = source, None if image.isNull() else QIcon(QPixmap.fromImage(image))
+        self._icons[id(shot)] = made
+        return made[1]
+
+    def _thumbnail(
+        self, run: Run, shot: Shot, best: bool, shown: dict[int, tuple[object, QIcon | None]]
+    ) -> QToolButton:
         side = BEST if best else THUMB
         button = QToolButton(self)
         button.setObjectName(THUMB_NAME)
-        image = picture(shot)
-        if not image.isNull():
-            button.setIcon(QIcon(QPixmap.fromImage(image)))
+        icon = self._icon(shot, shown)
+        if icon is not None:
+            button.setIcon(icon)
         button.setIconSize(QSize(side, side))
         button.setToolTip(("best so far: " if best and run.state == RUNNING else "") + shot.label)
         button.setCheckable(True)

@@ -431,8 +431,11 @@ class Driver:
         document; then a variant shown alone, Keep and Discard in one undo step each."""
         app = Krita.instance()
         tree, rows = self.names(doc.rootNode()), self.history_rows()
+        # the demo model guided (its previews show the edit emerging: the README's picture);
+        # the tiny random model unguided (its guided run NaNs)
+        weight = -1.0 if cfg["model_label"] == "demo" else 0
         slow = {"preset": "custom", "variants": 2, "steps": 40, "strength": 100, "seed": 11,
-                "guidance_weight": 0}  # fmt: skip  (unguided: the tiny model's guided run NaNs)
+                "guidance_weight": weight}  # fmt: skip
         self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **slow)
         shown = yield from self.wait(lambda: len(self.thumbnails(docker, True)) == 2, 60)
         first = [(b.toolTip(), b.icon().pixmap(b.iconSize()).toImage())
