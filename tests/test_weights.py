@@ -24,7 +24,8 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 class FileServer:
     """Serves `files` by path with Range support; `break_after[path]` drops the next transfer of
-    that path after so many bytes. Every request is logged, as it is answered, as (method, path, Range, bytes sent)."""
+    that path after so many bytes. Every request is logged, as it is answered, as (method, path,
+    Range, bytes sent)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
