@@ -4,7 +4,9 @@ install.py puts the plug-in into a fresh profile, with a cp313 pyzmq wheel in it
 root's Python 3.13 has none, like users' GIMPs); a real engine runs here, reached over loopback
 (the root shares the network namespace); tests/gimp_batch/check_edit.py runs inside GIMP and
 writes a JSON verdict. The edit runs in the GUI under Xvfb with a D-Bus session, so GIMP's own
-edit-undo action can be triggered; the failure paths run in gimp-console's batch mode.
+edit-undo action can be triggered; the failure paths run in gimp-console's batch mode. The
+mid-run preview is checked from outside, on the screen: the test grabs Xvfb's screen while the
+procedure runs in GIMP's window (tests/gimp_batch/grab_screen.py, the root's own Gdk).
 
 Needs root (mounts); the root tarball is built once (about 90 s) and cached. Set GIMP_TEST_OUT
 to a folder to keep the verdicts and the exported PNG of what the user sees.
