@@ -4,7 +4,9 @@ install.py puts the plug-in into a fresh profile, with a cp313 pyzmq wheel in it
 root's Python 3.13 has none, like users' GIMPs); a real engine runs here, reached over loopback
 (the root shares the network namespace); tests/gimp_batch/check_edit.py runs inside GIMP and
 writes a JSON verdict. The edit runs in the GUI under Xvfb with a D-Bus session, so GIMP's own
-edit-undo action can be triggered; the failure paths run in gimp-console's batch mode.
+edit-undo action can be triggered; the failure paths run in gimp-console's batch mode. The
+mid-run preview is checked from outside, on the screen: the test grabs Xvfb's screen while the
+procedure runs in GIMP's window (tests/gimp_batch/grab_screen.py, the root's own Gdk).
 
 Needs root (mounts); the root tarball is built once (about 90 s) and cached. Set GIMP_TEST_OUT
 to a folder to keep the verdicts and the exported PNG of what the user sees.
@@ -26,7 +28,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import free_port
 from tests.hosts import trixie, visible
@@ -36,6 +40,7 @@ GIMP_PYTHON, PLATFORM = "3.13", "manylinux_2_28_x86_64"  # trixie's Python, its 
 WHEELS = trixie.CACHE / "wheels"
 HOME = "/home/artist"  # inside the root
 BATCH = "/src/tests/gimp_batch/check_edit.py"
+GRAB = "/src/tests/gimp_batch/grab_screen.py"  # the X screen to a PNG, with the root's Gdk
 DEMO = REPO / "engine" / "demo" / "weights"
 PLUGINS = ".config/GIMP/3.0/plug-ins"
 KEEPALIVE = 2.0  # seconds of silence after which the engine drops a client's jobs
@@ -187,14 +192,24 @@ def tiny_engine(tmp_path_factory) -> Iterator[tuple[str, Path]]:
         yield endpoint, log
 
 
+def trained_demo() -> bool:
+    """The demo model's weights are there and its trainer marked them finished (a checkpoint
+    of a run cut short does not obey the prompt)."""
+    info = DEMO / "demo_unet.json"
+    return (
+        all((DEMO / f"demo_{n}.pt").is_file() for n in ("unet", "clip"))
+        and info.is_file()
+        and bool(json.loads(info.read_text()).get("finished"))
+    )
+
+
 MODELS = [
     "tiny",
     pytest.param(
         "demo",
         marks=[
             pytest.mark.skipif(
-                not ((DEMO / "demo_unet.pt").is_file() and (DEMO / "demo_clip.pt").is_file()),
-                reason="the demo model is not trained yet (engine/demo/weights)",
+                not trained_demo(), reason="the demo model is not trained yet (engine/demo/weights)"
             ),
         ],
     ),
@@ -287,3 +302,145 @@ def test_cancel_in_gimp_kills_the_plug_in_and_the_engine_drops_the_job(gimp, tin
     print(f"\npreview layer left by the kill: {verdict['preview_left_by_the_kill']}")
     line = next(x for x in log.read_text().splitlines() if ORPHANED.search(x))
     assert "cancelled" in line, line
+
+
+# A run short enough for CI that still shows several previews (one a second at most): the demo
+# model's Draft run turns the selection red (the edit test checks it), the tiny model's is noise.
+PREVIEW_RUNS = {
+    "demo": ("a red circle", {"preset": "draft", "seed": 7}),
+    "tiny": ("a red ball", {"preset": "custom", "variants": 1, "steps": 40, "strength": 80,
+                            "seed": 7}),
+}  # fmt: skip
+FINISHED = re.compile(r"job \w+: \w+ at step")  # the engine's last line about a job
+
+
+def test_gimp_shows_the_preview_mid_run(gimp, tiny_engine, tmp_path: Path):
+    """The edit runs in GIMP's window on Xvfb; the test grabs the screen before the run and
+    every few tenths of a second while the engine works. Mid-run the selection's area on
+    screen must show the preview (differ from the picture before the run) and nothing outside
+    the selection may change; afterwards the preview layer is gone (the batch script checks the
+    layers). The last mid-run grab that shows the preview is kept, cropped to GIMP's window."""
+    model = "demo" if trained_demo() else "tiny"
+    prompt, fields = PREVIEW_RUNS[model]
+    ready, go = gimp.home / "ready", gimp.home / "go"
+    ready.unlink(missing_ok=True)
+    go.unlink(missing_ok=True)
+    shots: list[tuple[float, np.ndarray]] = []  # (seconds since go, screen) of mid-run grabs
+    grabbed: dict[str, np.ndarray] = {}
+
+    with contextlib.ExitStack() as stack:
+        endpoint, log = tiny_engine
+        if model != "tiny":
+            log = tmp_path / "engine.log"
+            endpoint = stack.enter_context(engine(model, log))
+        finished = len(FINISHED.findall(log.read_text()))
+
+        def watch(gimp_process: subprocess.Popen) -> None:
+            deadline = time.monotonic() + 120
+            while not ready.exists():
+                assert gimp_process.poll() is None, "GIMP ended before the run"
+                assert time.monotonic() < deadline, "the batch script never got ready"
+                time.sleep(0.2)
+            display = x_display(gimp_process)
+            time.sleep(2.0)  # the zoomed display drawn
+            grabbed["before"] = grab_screen(gimp.top, display, gimp.home)
+            go.touch()
+            start = time.monotonic()
+            while gimp_process.poll() is None and time.monotonic() < start + 240:
+                screen = grab_screen(gimp.top, display, gimp.home)
+                if len(FINISHED.findall(log.read_text())) > finished:
+                    break  # the job's results may be on screen: no longer mid-run
+                shots.append((round(time.monotonic() - start, 1), screen))
+                time.sleep(0.3)
+
+        env = {"BD_ENDPOINT": endpoint, "BD_PROMPT": prompt, "BD_FIELDS": json.dumps(fields),
+               "BD_READY": f"{HOME}/ready", "BD_GO": f"{HOME}/go"}  # fmt: skip
+        verdict = gimp.batch("preview", env, True, f"preview {model}", during=watch)
+
+    selection = np.frombuffer(bytes.fromhex(verdict["selection"]), np.uint8)
+    selection = selection.reshape(verdict["size"][1], verdict["size"][0])
+    canvas = find_canvas(grabbed["before"])
+    before = pixels_on_screen(grabbed["before"], canvas, selection.shape)
+    assert shots, "no grab while the engine worked"
+    inside, outside = selection == 255, selection == 0
+    seen = []
+    for seconds, screen in shots:
+        change = np.abs(pixels_on_screen(screen, canvas, selection.shape) - before).max(axis=2)
+        seen.append((seconds, round(float(change[inside].mean()), 1),
+                     round(float(change[outside].max()), 1)))  # fmt: skip
+    print(
+        f"\nGIMP mid-run ({model}, edit {verdict['edit_seconds']} s): (s after go, mean "
+        f"change inside the selection, largest change outside) {seen}"
+    )
+    assert all(out <= OUTSIDE_TOLERANCE for _, _, out in seen), f"outside changed: {seen}"
+    showing = [i for i, (_, mean, _) in enumerate(seen) if mean >= PREVIEW_CHANGE]
+    assert showing, f"no grab showed the preview in the selection: {seen}"
+    shot = crop_to_window(shots[showing[-1]][1])
+    out = Path(os.environ.get("GIMP_TEST_OUT", "/tmp")) / f"gimp-preview-midrun-{model}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(shot).save(out, optimize=True)
+    print(f"mid-run screenshot: {out} ({seen[showing[-1]][0]} s after go)")
+
+
+ZOOM = 4  # check_edit.py's preview case zooms its display to 400%
+PREVIEW_CHANGE = 12.0  # mean change (0-255) over the selection's core that counts as a preview
+OUTSIDE_TOLERANCE = 3.0  # rendering noise allowed outside the selection
+
+
+def x_display(gimp_process: subprocess.Popen) -> dict[str, str]:
+    """DISPLAY and XAUTHORITY of the Xvfb that xvfb-run started for GIMP."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid in descendants(gimp_process.pid):
+            with contextlib.suppress(OSError):
+                if b"gimp-3.0" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]:
+                    env = dict(
+                        item.split("=", 1)
+                        for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+                        if "=" in item
+                    )
+                    return {k: env[k] for k in ("DISPLAY", "XAUTHORITY")}
+        time.sleep(0.2)
+    raise AssertionError("GIMP's process was not found")
+
+
+def grab_screen(top: Path, display: dict[str, str], home: Path) -> np.ndarray:
+    """The X screen as an RGB array (tests/gimp_batch/grab_screen.py inside the root)."""
+    shot = home / "screen.png"
+    r = trixie.run(top, ["python3", GRAB, f"{HOME}/screen.png"], {"HOME": HOME, **display}, 30)
+    assert r.returncode == 0, f"grabbing the screen failed: {r.stderr[-2000:]}"
+    return np.asarray(Image.open(shot).convert("RGB")).copy()
+
+
+def find_canvas(screen: np.ndarray) -> tuple[int, int]:
+    """Where image pixel (0, 0) starts on screen: found by a few source-layer pixels of
+    check_edit.py's picture (colour (4i, 4j, 160) at (10 + i, 8 + j), none of them selected),
+    each a ZOOM x ZOOM block on screen."""
+    corners = []
+    for i, j in ((4, 6), (20, 6), (4, 40), (20, 40), (12, 24)):
+        hit = np.all(np.abs(screen.astype(int) - (4 * i, 4 * j, 160)) <= 1, axis=2)
+        ys, xs = np.nonzero(hit)
+        assert len(xs) >= ZOOM * ZOOM // 2, f"the picture's pixel ({i}, {j}) is not on screen"
+        centre = ZOOM * np.array([10 + i, 8 + j]) + (ZOOM - 1) / 2
+        corners.append(np.array([xs.mean(), ys.mean()]) - centre)
+    corners = np.array(corners)
+    assert np.ptp(corners, axis=0).max() < 1.0, f"not a {ZOOM}x zoom: {corners}"
+    x, y = np.round(corners.mean(axis=0)).astype(int)
+    return int(x), int(y)
+
+
+def pixels_on_screen(screen: np.ndarray, corner: tuple[int, int], shape) -> np.ndarray:
+    """The canvas as GIMP shows it: each image pixel's mean colour over its block's inside
+    (one screen pixel of its edge left out: selection outlines, resampling)."""
+    x, y = corner
+    h, w = shape
+    blocks = screen[y : y + ZOOM * h, x : x + ZOOM * w].astype(float)
+    assert blocks.shape[:2] == (ZOOM * h, ZOOM * w), "the canvas is not wholly on screen"
+    blocks = blocks.reshape(h, ZOOM, w, ZOOM, 3)[:, 1:-1, :, 1:-1]
+    return blocks.mean(axis=(1, 3))
+
+
+def crop_to_window(screen: np.ndarray) -> np.ndarray:
+    """The screen without Xvfb's empty (black) rest."""
+    ys, xs = np.nonzero(screen.max(axis=2) > 0)
+    return screen[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]

@@ -5,7 +5,9 @@ Environment: BD_CASE (`edit`: a real edit, needs a running engine and, for the u
 GUI under Xvfb with a D-Bus session; `errors`: the failure paths; `cancel`: a long edit for the
 test to kill; `visible`: edits whose active layer is a transparent layer over a painted
 background, with and without "This layer only", and a group: BD_SCENE says what to paint, the
-test checks what the engine received), BD_VERDICT (the JSON file),
+test checks what the engine received; `preview`: an edit in a display at 400% that waits for the
+test's go (BD_READY, BD_GO: files) so that the test can grab the screen before and during the
+run), BD_VERDICT (the JSON file),
 BD_ENDPOINT (a live engine), BD_DEAD_ENDPOINT (nothing listens), BD_PROMPT, BD_EXPORT (a PNG of
 the image with the best result showing), BD_EXPECT (`red`: the best result must be red),
 BD_FIELDS (JSON: the plug-in's arguments for the edit, named as in the settings table).
@@ -338,6 +340,38 @@ def case_cancel():
     same_as(before, image, source, "killed plug-in, then the next run")
 
 
+def case_preview():
+    """An edit shown in a display, zoomed in; the test grabs the screen before the run (it says
+    go once it has) and while the run goes on. The selection goes into the verdict, so the test
+    knows where the preview must show and where nothing may change."""
+    image, source = make_image()
+    display = Gimp.Display.new(image)
+    gui_action("view-zoom-4-1")  # 384x320 on screen: the preview is plain to see
+    Gimp.displays_flush()
+    before = snapshot(image, source)
+    verdict["selection"] = before["selection"].hex()
+    verdict["size"] = [W, H]
+    with open(ENV["BD_READY"], "w"):
+        pass
+    deadline = time.monotonic() + 60
+    while not os.path.exists(ENV["BD_GO"]):
+        if time.monotonic() > deadline:
+            check("the test said go within a minute", False)
+            return
+        time.sleep(0.1)
+    fields = json.loads(ENV["BD_FIELDS"])
+    status, message, seconds = call(image, source, prompt=ENV["BD_PROMPT"],
+                                    endpoint=ENV["BD_ENDPOINT"], **fields)  # fmt: skip
+    verdict["edit_seconds"] = round(seconds, 2)
+    check("status success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
+    names = [la.get_name() for la in image.get_layers()]
+    check("no preview layer left", PREVIEW not in names, names)
+    added = [la for la in image.get_layers() if la.get_id() not in before["layers"]]
+    check("the run's group added, nothing else", len(added) == 1 and added[0].is_group(), names)
+    same_as(before, image, source, "after the run", ("selection", "source", "offsets"))
+    display.delete()
+
+
 def filled(image, name, rgba_at, parent=None):
     """A canvas-sized RGBA layer on top of `parent` with pixel (x, y) = rgba_at(x, y)."""
     layer = Gimp.Layer.new(image, name, W, H, Gimp.ImageType.RGBA_IMAGE, 100,
@@ -415,7 +449,7 @@ def names(image):
 try:
     Gegl.init(None)
     cases = {"edit": case_edit, "errors": case_errors, "cancel": case_cancel,
-             "visible": case_visible}  # fmt: skip
+             "visible": case_visible, "preview": case_preview}  # fmt: skip
     cases[ENV.get("BD_CASE", "edit")]()
     verdict["ok"] = bool(verdict["checks"]) and all(c["ok"] for c in verdict["checks"])
 except Exception:
