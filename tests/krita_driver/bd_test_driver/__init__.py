@@ -510,6 +510,19 @@ class Driver:
         yield 0.3
         self.thumbnails(docker, False)[0].click()  # the new run's best
         yield 0.2
+        chosen = bytes(above_source().childNodes()[-1].pixelData(0, 0, W, H))  # top: the best
+        tree = self.names(doc.rootNode())
+        docker.runs.buttons["vary"].click()  # that variant's seed, one variant
+        done = yield from self.wait(lambda: not docker.controller.active, 240)
+        self.check("Vary: a run", done and docker.controller.state == "done",
+                   docker.status.text())  # fmt: skip
+        yield 0.3
+        varied = above_source().childNodes()
+        self.check("Vary: one variant, from the chosen one's seed: its pixels, nothing changed",
+                   len(varied) == 1 and bytes(varied[0].pixelData(0, 0, W, H)) == chosen,
+                   [n.name() for n in varied])  # fmt: skip
+        self.thumbnails(docker, False)[0].click()  # the varied run's variant
+        yield 0.2
         before = self.history_rows()
         docker.runs.buttons["discard"].click()
         yield 0.5
