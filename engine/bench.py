@@ -163,7 +163,7 @@ def measure_refine(model: str, scale: int, steps: int, opts: dict) -> dict:
     dev = devices.resolve(opts["device"])
     config = CONFIGS[model]
     unet = build_unet(config, seed=0).requires_grad_(False).eval().to(dev)
-    accel.prepare(unet)
+    accel.prepare(unet, dev)
     precision = devices.resolve_precision(opts["precision"], dev)
     native, overlap = config.image_size, EditSettings.refine_overlap
     unet = accel.in_precision(unet, dev, precision)
@@ -338,7 +338,7 @@ def table(result: dict) -> str:
 
 if __name__ == "__main__":  # one measured part, in a process of its own
     part, model, batch, steps, opts = sys.argv[1:6]
-    if part == "engine":  # as `python -m engine` runs; the official script keeps glibc's default
+    if part != "reference":  # as `python -m engine` runs; the official script keeps glibc's default
         devices.keep_freed_host_memory()
     run = measure_refine if part == "refine" else lambda *a: measure(part, *a)
     print(json.dumps(run(model, int(batch), int(steps), json.loads(opts))))
