@@ -445,7 +445,6 @@ class Driver:
         self.check("mid-run: they hold pictures", all(not i.isNull() for _, i in first))
         sizes = sorted(b.iconSize().width() for b in self.thumbnails(docker, True))
         self.check("mid-run: the best so far is larger", sizes == [48, 96], sizes)
-        self.screenshot(docker, cfg, "preview")
         self.check("mid-run: nothing of the preview in the document",
                    self.names(doc.rootNode()) == tree, self.names(doc.rootNode()))  # fmt: skip
         self.check("mid-run: no undo step", self.history_rows() == rows, self.history_rows())
@@ -460,6 +459,7 @@ class Driver:
         moved = yield from self.wait(changed, 60)
         self.facts["thumbnails_second"] = [b.toolTip() for b in self.thumbnails(docker, True)]
         self.check("mid-run: the thumbnails change", moved, self.facts["thumbnails_second"])
+        self.screenshot(docker, cfg, "preview")  # the second sample: the edit emerging
         self.check("mid-run: still nothing in the document", self.names(doc.rootNode()) == tree)
         done = yield from self.wait(lambda: not docker.controller.active, 240)
         self.check("the previewed run succeeds",
