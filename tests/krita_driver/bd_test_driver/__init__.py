@@ -25,7 +25,7 @@ except ImportError:
 W, H = 96, 64
 SOURCE_SHIFT = (-3, -2)  # the source layer is moved: results must still line up with the canvas
 # what the first Generate types unless the test says (names as in the settings table)
-TYPED = {"preset": "custom", "variants": 2, "steps": 10, "strength": 80, "seed": 7}
+TYPED = {"preset": "custom", "variants": 2, "steps": 40, "strength": 80, "seed": 7}
 SELECTION = (58, 14, 48, 34)  # reaches past the right edge: the plug-in must clamp it
 FEATHER = 3
 
