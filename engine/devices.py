@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import platform
 import sys
 from collections.abc import Callable
@@ -283,10 +284,15 @@ class _Mallinfo2(ctypes.Structure):
     ]  # fmt: skip
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    """This process's C library where it is glibc (its mallinfo2 typed), else None."""
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return None
-    return ctypes.CDLL(None)
+    libc = ctypes.CDLL(None)
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33 and newer
+        libc.mallinfo2.restype = _Mallinfo2
+    return libc
 
 
 def keep_freed_host_memory() -> bool:
@@ -312,7 +318,6 @@ def heap_free_bytes() -> int:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return 0
-    libc.mallinfo2.restype = _Mallinfo2
     return libc.mallinfo2().fordblks
 
 
