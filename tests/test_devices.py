@@ -167,7 +167,7 @@ def step():  # what a step does over and over: large temporaries, written, then 
     x = torch.ones(2**26)  # 256 MB
     y = x * 2
     return float(y.sum())
-for _ in range(6):  # the heap grows to its steady size over the first steps
+for _ in range(12):  # the heap grows to its steady size over the first steps (8 here)
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 step(), step()
