@@ -6,6 +6,8 @@ addresses (`BLENDED_DIFFUSION_WEIGHTS_URL` replaces the folder they are fetched 
 tests), resumed with Range requests into `NAME.partial` and moved to their final name only once
 their sha256 matches. OpenAI's CLIP comes through huggingface_hub into its own cache, where
 open_clip looks for it (`HF_ENDPOINT` and `HF_HUB_CACHE` move that hub and that cache).
+The engine's own state (the step times it measured) is in the per-user state folder, named here
+with the models folder; `BLENDED_DIFFUSION_STATE` overrides it (tests).
 
     python -m engine.weights fetch [adm256 clip adm512 adm512-uncond]   (default: adm256 clip)
     python -m engine.weights check [NAME ...]
@@ -27,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from platformdirs import user_data_dir
+from platformdirs import user_data_dir, user_state_dir
 
 APP_NAME = "blended-diffusion"
 DOWNLOAD_COMMAND = "python install.py --weights-only"
@@ -80,6 +82,11 @@ _RETRY_HTTP = {408, 429, 500, 502, 503, 504}
 def models_dir() -> Path:
     override = os.environ.get("BLENDED_DIFFUSION_MODELS")
     return Path(override) if override else Path(user_data_dir(APP_NAME)) / "models"
+
+
+def state_dir() -> Path:
+    override = os.environ.get("BLENDED_DIFFUSION_STATE")
+    return Path(override) if override else Path(user_state_dir(APP_NAME))
 
 
 class MissingWeights(FileNotFoundError):

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 from collections.abc import Iterator
 
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _state_dir(tmp_path_factory) -> None:
+    """The engine's per-user state (its step times) in a temporary folder, for every engine a
+    test starts, in this process or as a `serve` command: never the user's own."""
+    os.environ["BLENDED_DIFFUSION_STATE"] = str(tmp_path_factory.mktemp("state"))
 
 
 def free_port() -> int:
