@@ -347,6 +347,16 @@ def peak_memory_mb(device: torch.device) -> float | None:
     return None
 
 
+def identity(device: torch.device) -> str:
+    """The device as a step's time depends on it: a GPU with its model (an index names another
+    GPU under another CUDA_VISIBLE_DEVICES), the CPU with its threads (a cluster's CPU replica
+    gets a share of the cores)."""
+    module = _module(device)
+    if module is not None and hasattr(module, "get_device_name"):
+        return f"{device} ({module.get_device_name(device)})"
+    return f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+
+
 def names(device: torch.device) -> list[str]:
     """The GPUs of the device's kind, by name (empty for the CPU and MPS)."""
     module = _module(device)
