@@ -297,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="GiB a job may use at its peak (default: 80%% of the free memory at start)",
     )
+    p.add_argument(
+        "--step-times",
+        metavar="FILE|off",
+        help="where the step times measured for the plug-ins' estimates are kept across "
+        "restarts (default: step-times.json in the user state dir; off: not kept)",
+    )
     g = p.add_argument_group("cluster (pip install .[cluster]; README: several GPUs and machines)")
     g.add_argument(
         "--cluster",

@@ -25,7 +25,7 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from engine import budget, protocol
 from engine.jobs import CANCELLED, FAILED, Job, JobQueue
 from engine.models import Models
 from engine.server import Server
+from engine.steptime import engine_key
 
 APP = "blended-diffusion"  # the Serve application's name on the cluster
 _WATCH_S = 1.0  # how often the front end asks the cluster how it is
@@ -61,10 +62,11 @@ class Replica:
 @dataclass(frozen=True)
 class Described(budget.Facts):
     """What the front end knows of the replicas' models: the budget's facts, with the free
-    memory a replica's device had after loading (the front end cannot ask it), and hello's
-    label."""
+    memory a replica's device had after loading (the front end cannot ask it), hello's label
+    and the key of the step times (engine/steptime.py: the replica's device and precision)."""
 
     label: str = ""
+    step_key: dict[str, Any] = field(default_factory=dict)
 
 
 # -- the replica -------------------------------------------------------------------------------
@@ -112,7 +114,8 @@ class EditReplica:
 
     def describe(self) -> Described:
         free_gb = budget.available_bytes(self.models) / 2**30
-        return Described(**vars(self.runner.facts) | {"free_gb": free_gb}, label=self.models.label)
+        facts = vars(self.runner.facts) | {"free_gb": free_gb}
+        return Described(**facts, label=self.models.label, step_key=engine_key(self.models))
 
     async def run(self, request: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
         """("start", Replica), ("progress", frames)..., then (done|failed|cancelled, frames)."""
@@ -277,6 +280,11 @@ class ClusterServer(Server):
 
     def _hello(self) -> dict[str, Any]:
         return super()._hello() | {"replicas": self._queue.slots}
+
+    def _step_key(self) -> dict[str, Any]:
+        """The front end measures the steps (`_time`) and keeps them as `Server` does, under
+        the key a replica gave: the models are loaded there, not here."""
+        return self.described.step_key
 
     def _cancel(self, job: Job, reason: str) -> None:
         super()._cancel(job, reason)

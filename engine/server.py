@@ -32,14 +32,14 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine import __version__, budget, devices, preview, protocol, region
+from engine import __version__, budget, devices, preview, protocol, region, weights
 from engine.client import default_key_dir
 from engine.edit import Diverged, EditSettings, run_edit
 from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueue
 from engine.keys import CurveKeys
 from engine.models import Models
 from engine.protocol import Limits, Pixels, ProtocolError, is_loopback
-from engine.steptime import StepTimes
+from engine.steptime import FILE_NAME, StepTimes, engine_key
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 KEEPALIVE_INTERVAL = 1.0  # what the engine asks clients for, in seconds
@@ -81,10 +81,12 @@ class Server:
         shutdown_grace: float = 10.0,
         curve: CurveKeys | None = None,
         log: Callable[[str], None] | None = None,
+        step_file: Path | None = None,
     ) -> None:
         """`memory_budget`: bytes one job may use at its peak plus what waiting jobs hold
         (default: 80% of the device's free memory when the engine binds). `shutdown_grace`:
-        how long a stop waits for the running job to reach its next cancel check."""
+        how long a stop waits for the running job to reach its next cancel check. `step_file`:
+        where the measured step times outlive the engine (None: they do not)."""
         check_endpoint(endpoint, curve)
         self.models, self.endpoint, self.curve = models, endpoint, curve
         # what the budget needs of the models, once (a cluster's front end has only that)
@@ -96,7 +98,8 @@ class Server:
         self.instance = uuid.uuid4().hex[:16]  # tells a client this engine from a restarted one
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)  # job events, for tests
-        self.step_times = StepTimes()  # announced in hello: the plug-ins' time estimates
+        # announced in hello: the plug-ins' time estimates
+        self.step_times = StepTimes(key=self._step_key(), path=step_file, log=self.log)
         self._queue = JobQueue()
         self._seen: dict[bytes, float] = {}  # client -> monotonic time of its last message
         self._events: queue.SimpleQueue = queue.SimpleQueue()  # worker -> socket thread
@@ -106,6 +109,10 @@ class Server:
         self._probe_until = 0.0  # clients with jobs are probed until then (after a disconnect)
         self._probed = 0.0  # when they last were
         self._ctx: zmq.Context | None = None
+
+    def _step_key(self) -> dict[str, Any]:
+        """Which of the file's step times are this engine's (a cluster's replica says it)."""
+        return engine_key(self.models)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -353,6 +360,7 @@ class Server:
         cancelled job the cancel's)."""
         self._queue.finish(job, state)
         self._finished(job, state, self._cancelled(job) if state == CANCELLED else reply)
+        self.step_times.save()  # its steps' figure, once the job has its answer
 
     def _finished(self, job: Job, state: str, reply: list) -> None:
         job.state = state
@@ -560,6 +568,8 @@ def options(args: Any, curve: CurveKeys | None) -> dict[str, Any]:
         max_side=args.max_side, max_queue=args.max_queue, max_client_queue=args.max_client_queue
     )
     out = {"limits": limits, "keepalive_timeout": args.keepalive_timeout, "curve": curve}
+    if args.step_times != "off":
+        out["step_file"] = Path(args.step_times or weights.state_dir() / FILE_NAME)
     if args.memory_budget:
         out["memory_budget"] = int(args.memory_budget * 2**30)
     return out
