@@ -325,23 +325,26 @@ def test_durations_read_well():
 
 def test_step_times_measured_after_the_first_step():
     t = [0.0]
-    times = StepTimes(clock=lambda: t[0])
+    times = StepTimes(clock=lambda: t[0], key={"precision": "fp32"})  # the engine's precision
     step = times.timer("full", 4)
     for done, at in ((1, 30.0), (2, 32.0), (3, 34.5)):  # the first step holds the warm-up
         t[0] = at
         step(done)
     assert times.to_json() == {"full": {"4": 2.25}}
     assert StepTimes().to_json() == {}
-    # a job's timer: keyed by its mode and variants; one guiding a step in N mixes two paces
+    # a job's timer: keyed by its mode and variants; one guiding a step in N mixes two paces,
+    # one asking another precision than the engine's steps at another pace
     from engine.edit import EditSettings
 
     for asked, t[0] in ((EditSettings(variants=2, guidance_every=3), 40.0),
-                            (EditSettings(variants=3, guidance_mode="fast"), 50.0)):  # fmt: skip
+                        (EditSettings(variants=3, guidance_mode="fast"), 50.0),
+                        (EditSettings(variants=5, precision="bf16"), 60.0),
+                        (EditSettings(variants=6, precision="fp32"), 70.0)):  # fmt: skip
         step = times.for_job(asked)
         step(1)
         t[0] += 1.5
         step(2)
-    assert times.to_json() == {"fast": {"3": 1.5}, "full": {"4": 2.25}}
+    assert times.to_json() == {"fast": {"3": 1.5}, "full": {"4": 2.25, "6": 1.5}}
 
 
 def test_the_engine_announces_its_step_times(start_engine):

@@ -270,6 +270,131 @@ def test_pixels_from_the_wire_become_rgba_arrays():
     assert to_array(Pixels(2, 1, "Y8", b"\x00\xff")).shape == (1, 2)
 
 
+# -- step times kept across restarts ----------------------------------------------------------
+
+
+def kept(path: Path) -> list[dict]:
+    return json.loads(path.read_text())
+
+
+def key_of(start_engine) -> dict:
+    """The step times' key of the engines `start_engine` makes (their models and device)."""
+    return start_engine().step_times.key
+
+
+def test_an_engine_announces_the_step_times_kept_for_it_before_its_first_job(
+    start_engine, tmp_path
+):
+    path = tmp_path / "step-times.json"
+    figures = {"fast": {"1": 0.25}, "full": {"2": 0.75}}
+    path.write_text(json.dumps([{"key": key_of(start_engine), "step_seconds": figures}]))
+    server = start_engine(step_file=path)
+    with client(server.endpoint) as c:
+        assert c.hello()["step_seconds"] == figures
+
+
+@pytest.mark.parametrize("field", ["model", "image_size", "models", "device", "precision"])
+def test_step_times_kept_for_another_model_device_or_precision_are_not_announced(
+    start_engine, tmp_path, field
+):
+    key = key_of(start_engine)
+    other = {"key": key | {field: f"another {field}"}, "step_seconds": {"full": {"2": 9.0}}}
+    path = tmp_path / "step-times.json"
+    path.write_text(json.dumps([other]))
+    server = start_engine(step_file=path)
+    with client(server.endpoint) as c:
+        assert c.hello()["step_seconds"] == {}
+        job = submit(c)
+        run_all([c], [job])
+        seconds = c.hello()["step_seconds"]
+    assert job.state == "done" and seconds["full"]["2"] != 9.0
+    assert kept(path) == [other, {"key": key, "step_seconds": seconds}]  # the other one stays
+
+
+def test_a_jobs_step_times_are_kept_for_the_next_engine_on_the_same_file(start_engine, tmp_path):
+    path = tmp_path / "state" / "step-times.json"  # the folder too is made by the first write
+    first = start_engine(step_file=path)
+    with client(first.endpoint) as c:
+        assert c.hello()["step_seconds"] == {}
+        job = submit(c)  # full guidance, 2 variants, 3 steps
+        run_all([c], [job])
+        seconds = c.hello()["step_seconds"]
+    assert job.state == "done" and list(seconds) == ["full"] and list(seconds["full"]) == ["2"]
+    assert kept(path) == [{"key": first.step_times.key, "step_seconds": seconds}]
+    first.stop()
+    second = start_engine(step_file=path)
+    with client(second.endpoint) as c:
+        assert c.hello()["step_seconds"] == seconds
+
+
+UNUSABLE = {
+    "cut short": lambda path, key: path.write_text('[{"key": {"model": "ti'),
+    "not text": lambda path, key: path.write_bytes(b"\xff\xfe\x00["),
+    "not a list": lambda path, key: path.write_text('{"full": {"2": 0.5}}'),
+    "not seconds": lambda path, key: path.write_text(
+        json.dumps([{"key": key, "step_seconds": {"full": {"2": "slow", "4": 1.0}}}])
+    ),
+    "not a batch": lambda path, key: path.write_text(
+        json.dumps([{"key": key, "step_seconds": {"full": {"0": 1.0}}}])
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(UNUSABLE))
+def test_an_unusable_step_times_file_is_ignored_said_once_and_replaced(
+    start_engine, tmp_path, damage
+):
+    path = tmp_path / "step-times.json"
+    UNUSABLE[damage](path, key_of(start_engine))
+    logs: list[str] = []
+    server = start_engine(step_file=path, log=logs.append)
+    with client(server.endpoint) as c:
+        assert c.hello()["step_seconds"] == {}
+        job = submit(c)
+        run_all([c], [job])
+        seconds = c.hello()["step_seconds"]
+    assert job.state == "done" and seconds
+    said = [line for line in logs if line.startswith("step times:")]
+    assert len(said) == 1 and said[0].startswith(f"step times: ignoring {path}: "), logs
+    assert kept(path) == [{"key": server.step_times.key, "step_seconds": seconds}]
+
+
+def test_an_unwritable_step_times_file_costs_a_log_line_not_the_job(start_engine, tmp_path):
+    path = tmp_path / "step-times.json"
+    path.mkdir()  # neither read nor replaced
+    logs: list[str] = []
+    server = start_engine(step_file=path, log=logs.append)
+    with client(server.endpoint) as c:
+        jobs = [submit(c), submit(c, settings={**QUICK, "variants": 1})]
+        run_all([c], jobs)
+        assert c.hello()["step_seconds"]["full"].keys() == {"1", "2"}
+    assert [j.state for j in jobs] == ["done", "done"]
+    said = [line for line in logs if line.startswith("step times:")]
+    assert len(said) == 3 and said[0].startswith(f"step times: ignoring {path}: "), logs
+    assert all(line.startswith(f"step times: cannot write {path}: ") for line in said[1:])
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_serve_keeps_step_times_in_the_user_state_folder_unless_told_otherwise(
+    tmp_path_factory,
+):
+    from types import SimpleNamespace
+
+    from engine import weights
+    from engine.server import options
+
+    def step_file(value: str | None) -> Path | None:
+        args = SimpleNamespace(max_side=64, max_queue=1, max_client_queue=1, memory_budget=None,
+                               keepalive_timeout=1.0, step_times=value)  # fmt: skip
+        return options(args, None).get("step_file")
+
+    # the state folder: this session's own (conftest), as for every `serve` a test starts
+    assert step_file(None) == weights.state_dir() / "step-times.json"
+    assert weights.state_dir().is_relative_to(tmp_path_factory.getbasetemp())
+    assert step_file("elsewhere.json") == Path("elsewhere.json")
+    assert step_file("off") is None
+
+
 # -- malformed messages ----------------------------------------------------------------------
 
 
@@ -443,7 +568,8 @@ def test_serve_command_edits_for_the_cli_and_stops_cleanly_on_sigterm(tmp_path):
     from engine.__main__ import main
 
     log = (tmp_path / "serve.log").open("w")
-    proc = start_serve(log, "--keepalive-timeout", "2")
+    steps = tmp_path / "steps.json"
+    proc = start_serve(log, "--keepalive-timeout", "2", "--step-times", str(steps))
     try:
         assert select.select([proc.stdout], [], [], 180)[0], "engine did not start"
         ready = proc.stdout.readline()
@@ -467,6 +593,7 @@ def test_serve_command_edits_for_the_cli_and_stops_cleanly_on_sigterm(tmp_path):
         edited = np.asarray(Image.open(out / "rank-1.png"))
         keep = np.frombuffer(mask, np.uint8).reshape(48, 64) == 0
         assert (edited[keep] == image[keep]).all()  # outside the selection: the same bytes
+        assert list(kept(steps)[0]["step_seconds"]["full"]) == ["2"]  # the edit's steps, kept
 
         with client(endpoint) as c:  # SIGTERM mid-job: the job is cancelled, the engine exits
             job = submit(c, settings=LONG)
