@@ -298,6 +298,7 @@ def test_step_times_kept_for_another_model_device_or_precision_are_not_announced
     start_engine, tmp_path, field
 ):
     key = key_of(start_engine)
+    assert field in key
     other = {"key": key | {field: f"another {field}"}, "step_seconds": {"full": {"2": 9.0}}}
     path = tmp_path / "step-times.json"
     path.write_text(json.dumps([other]))
