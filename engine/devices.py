@@ -354,7 +354,7 @@ def identity(device: torch.device) -> str:
     module = _module(device)
     if module is not None and hasattr(module, "get_device_name"):
         return f"{device} ({module.get_device_name(device)})"
-    return f"{device}, {torch.get_num_threads()} threads" if device.type == "cpu" else str(device)
+    return f"{device}, {torch.get_num_threads()} thread(s)" if device.type == "cpu" else str(device)
 
 
 def names(device: torch.device) -> list[str]:
