@@ -20,19 +20,22 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engine import devices
+
+if TYPE_CHECKING:
+    from engine.models import Models
 
 FILE_NAME = "step-times.json"
 
 
-def engine_key(models: Any) -> dict[str, Any]:
-    """What a step's time depends on besides the job, for engine.models.Models: the
-    configuration and its canvas (about image_size² pixels whatever the selection's shape), the
-    label of the weights loaded (the UNet's checkpoint unless the configuration's own, the CLIP's
-    name and weights: hello's `models`), the device and the precision jobs run at. Asked where
-    the models are loaded (a cluster's replica): the precision and threads are that machine's."""
+def engine_key(models: Models) -> dict[str, Any]:
+    """What a step's time depends on besides the job: the configuration and its canvas (about
+    image_size² pixels whatever the selection's shape), the label of the weights loaded (the
+    UNet's checkpoint unless the configuration's own, the CLIP's name and weights: hello's
+    `models`), the device and the precision jobs run at. Asked where the models are loaded (a
+    cluster's replica): the precision and threads are that machine's."""
     return {
         "model": models.config.name,
         "image_size": models.config.image_size,
