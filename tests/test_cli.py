@@ -109,6 +109,11 @@ def test_bench_prints_both_formulations_measured_in_one_run():
     assert result["ratio"] == pytest.approx(
         result["engine_step_s"] / result["reference_step_s"], rel=0.1
     )
+    # CPU seconds too: a step cannot run on more threads than torch has
+    assert 0 < result["engine_step_cpu_s"] <= result["engine_step_s"] * result["threads"] * 1.1
+    assert result["cpu_ratio"] == pytest.approx(
+        result["engine_step_cpu_s"] / result["reference_step_cpu_s"], rel=0.1
+    )
     assert result["peak_rss_mb"] >= max(
         result["reference_peak_rss_mb"], result["engine_peak_rss_mb"]
     )
