@@ -311,8 +311,8 @@ def test_cancel_in_the_host_cancels_the_job_on_the_engine(start_engine):
     server = start_engine()
     host = FakeHost(Rect(40, 30, 20, 12))
     host.cancel_at_step = True
-    # unguided: the tiny random model's guided sample may turn NaN (a non_finite error) first
-    long = {"preset": "custom", "variants": 1, "steps": 200, "strength": 100, "seed": 3,
+    # 600 steps: from full strength the tiny random UNet diverges by step 15 (non_finite)
+    long = {"preset": "custom", "variants": 1, "steps": 1000, "strength": 60, "seed": 3,
             "guidance_weight": 0.0}  # fmt: skip
     with pytest.raises(flow.Cancelled):
         flow.run_edit(host, VALUES | long | {"endpoint": server.endpoint})
@@ -320,7 +320,7 @@ def test_cancel_in_the_host_cancels_the_job_on_the_engine(start_engine):
     assert host.__dict__.get("previews", ["removed"])[-1] == "removed"
     ends = [e for e in server.history if e["event"] in ("done", "failed", "cancelled")]
     assert [(e["event"], e["reason"]) for e in ends] == [("cancelled", "client")]
-    assert ends[0]["step"] < 200
+    assert ends[0]["step"] < 600
 
 
 def test_a_dead_engine_is_reported_within_the_timeout():
@@ -345,11 +345,12 @@ def imports(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_adapter_and_the_entry_touch_gimp():
+def test_only_the_adapter_the_progress_window_and_the_entry_touch_gimp():
     for path in PLUGIN.glob("*.py"):
         ast.parse(path.read_text(), feature_version=(3, 10))  # GIMP's Python may be 3.10
         uses_gi = "gi" in imports(path)
-        assert uses_gi == (path.name in ("adapter.py", "blended_diffusion.py")), path.name
+        gimp = ("adapter.py", "progress.py", "blended_diffusion.py")
+        assert uses_gi == (path.name in gimp), path.name
     entry = (PLUGIN / "blended_diffusion.py").read_text()
     assert entry.startswith("#!/usr/bin/env python3\n")
     assert "Gegl.Rectangle" not in entry and "Layer.new" not in entry  # pixels: adapter only

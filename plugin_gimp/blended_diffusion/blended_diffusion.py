@@ -89,17 +89,28 @@ def run(procedure, run_mode, image, drawables, config, _data):
     from adapter import GimpHost
 
     Gegl.init(None)
+    host = None
     try:
         host = GimpHost(image, drawables, request.layer_only)
-        Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
+        if run_mode == Gimp.RunMode.NONINTERACTIVE:  # a script's: GIMP's status bar
+            Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
+        else:  # a window with a Cancel the plug-in sees (GIMP's own kills it)
+            from progress import ProgressWindow
+
+            host.window = ProgressWindow(PROCEDURE, group)
         layers = flow.run_edit(host, values, request=request)
         host.add_layers(layers, group)
+    except flow.Cancelled:
+        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     except flow.EditError as e:
         return fail(procedure, str(e))
     except Exception as e:  # a bug: still give its message rather than GIMP's "unexpected EOF"
         return fail(procedure, f"Blended Diffusion failed: {type(e).__name__}: {e}")
     finally:
-        Gimp.progress_end()
+        if host is not None and host.window is not None:
+            host.window.close()
+        else:
+            Gimp.progress_end()
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
 
 
