@@ -4,9 +4,9 @@
 Sends the selected part of the visible picture (or of the active layer alone) and a text prompt
 to a running engine (`python -m engine serve`) and adds its results as layers above the active
 layer, the best visible, in one undo step. Beside this file: params (the arguments, from the
-shared settings table), flow (the edit, host-independent) and adapter (the only Gimp/Gegl pixel
-and layer code); the settings, geometry and wording both plug-ins share are in
-_lib/engine/plugin.
+shared settings table), flow (the edit, host-independent), adapter (the only Gimp/Gegl pixel
+and layer code) and progress (the progress window, with its Cancel, of a run with a UI); the
+settings, geometry and wording both plug-ins share are in _lib/engine/plugin.
 """
 
 from __future__ import annotations
