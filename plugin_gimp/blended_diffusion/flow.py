@@ -135,8 +135,12 @@ def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rg
             elif cancel_by is not None and time.monotonic() > cancel_by:
                 break  # no answer: the engine drops the job when the client closes
             for event in client.poll(settings.POLL_SECONDS * 2):
-                if cancel_by is None and event.job is job and event.type == "progress":
-                    fraction = _show_progress(host, clock, event) if event.total else fraction
+                shown = cancel_by is None and event.job is job and event.type == "progress"
+                if shown and event.total:  # once cancelled, only the job's end matters
+                    left = clock.left(event.step, event.total)
+                    text = wording.progress(event.step, event.total, left)
+                    fraction = event.step / event.total
+                    host.progress(fraction, PREFIX + text)
                     if event.previews:
                         _show_best(host, window, event.previews)
     finally:
@@ -147,13 +151,6 @@ def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rg
     if problem is not None:
         raise EditError(PREFIX + problem)
     return job
-
-
-def _show_progress(host: Host, clock: estimate.Clock, event) -> float:
-    fraction = event.step / event.total
-    text = wording.progress(event.step, event.total, clock.left(event.step, event.total))
-    host.progress(fraction, PREFIX + text)
-    return fraction
 
 
 def _show_best(host: Host, window: Rect, previews) -> None:
