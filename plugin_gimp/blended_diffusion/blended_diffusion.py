@@ -87,17 +87,16 @@ def run(procedure, run_mode, image, drawables, config, _data):
     except ImportError as e:
         return fail(procedure, wording.CLIENT_MISSING.format(error=e))
     from adapter import GimpHost
+    from progress import ProgressWindow, can_show
 
     Gegl.init(None)
     host = None
     try:
         host = GimpHost(image, drawables, request.layer_only)
-        if run_mode == Gimp.RunMode.NONINTERACTIVE:  # a script's: GIMP's status bar
+        if run_mode != Gimp.RunMode.NONINTERACTIVE and can_show():
+            host.window = ProgressWindow(PROCEDURE, group)  # a Cancel the plug-in sees
+        else:  # a script's run, or no screen: GIMP's status bar (whose Cancel kills us)
             Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
-        else:  # a window with a Cancel the plug-in sees (GIMP's own kills it)
-            from progress import ProgressWindow
-
-            host.window = ProgressWindow(PROCEDURE, group)
         layers = flow.run_edit(host, values, request=request)
         host.add_layers(layers, group)
     except flow.Cancelled:

@@ -24,6 +24,11 @@ from engine.plugin.wording import GROUP_PREFIX  # noqa: E402
 WIDTH = 46  # characters the status text wraps at: a run's longest line takes two rows
 
 
+def can_show() -> bool:
+    """Whether windows can open (gimp-console has no screen; GimpUi.init would abort there)."""
+    return Gtk.init_check()[0]
+
+
 class ProgressWindow:
     """A small window: the run's name (`title`, its group's), the status text, a progress bar,
     Cancel (Escape and closing the window cancel too); transient for the image window the
