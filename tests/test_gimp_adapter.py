@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import io
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,11 @@ class FakeHost:
     def progress(self, fraction: float, text: str) -> None:
         self.steps.append((fraction, text))
 
+    cancel_at_step = False  # the user presses Cancel once the first step's progress shows
+
+    def cancelled(self) -> bool:
+        return self.cancel_at_step and any("Denoising" in text for _, text in self.steps)
+
     # the preview layer: its states, in order ("removed" at the end, whatever happened)
     previews: list
 
@@ -79,6 +85,7 @@ class FakeClient:
 
     def __init__(self, script, models="tiny [random model]", hello_error=None, submit_error=None):
         self.script, self.models, self.closed, self.submitted = list(script), models, False, None
+        self.cancelled = []
         self.hello_error, self.submit_error = hello_error, submit_error
         self.limits = {"max_side": 4096}
 
@@ -97,7 +104,12 @@ class FakeClient:
         self.job = engine_client.Job("j1")
         return self.job
 
+    def cancel(self, job):
+        self.cancelled.append(job)
+
     def poll(self, timeout=0.0):
+        if not self.script:  # an engine with nothing more to say
+            return []
         kind, *rest = self.script.pop(0)
         job = self.job
         if kind == "progress":
@@ -234,6 +246,28 @@ def test_the_best_preview_is_shown_over_the_box_and_removed_whatever_the_end(end
     assert host.previews[1:] == ["removed"]
 
 
+def test_a_cancel_the_engine_never_answers_ends_the_run_within_the_wait(monkeypatch):
+    monkeypatch.setattr(flow, "CANCEL_WAIT", 0.3)
+    host = FakeHost(Rect(40, 30, 20, 12))
+    host.cancel_at_step = True
+    client = FakeClient([("progress", 1, 8, [preview(0, 0.9, 10)])])
+    start = time.monotonic()
+    with pytest.raises(flow.Cancelled):
+        run(host, client)
+    assert time.monotonic() - start < 2 and client.cancelled == [client.job] and client.closed
+    assert host.steps[-1] == (1 / 8, flow.PREFIX + wording.CANCELLING)
+    assert host.previews[1:] == ["removed"]
+
+
+def test_a_result_that_crosses_the_cancel_is_not_added():
+    host = FakeHost(Rect(40, 30, 20, 12))
+    host.cancel_at_step = True
+    client = FakeClient([("progress", 1, 8), ("result",)])
+    with pytest.raises(flow.Cancelled):
+        run(host, client)
+    assert client.cancelled == [client.job]
+
+
 def test_a_malformed_address_is_a_message():
     with pytest.raises(flow.EditError, match="Not an engine address"):
         flow.run_edit(FakeHost(Rect(40, 30, 20, 12)), VALUES | {"endpoint": "tcp://127.0.0.1:x"})
@@ -271,6 +305,24 @@ def test_grow_and_feather_from_the_dialog_come_back_as_the_results_alpha(start_e
     assert set(layer.rgba[3::4]) - {0, 255}  # a soft edge
 
 
+def test_cancel_in_the_host_cancels_the_job_on_the_engine(start_engine):
+    """Cancel pressed once the first step shows: the engine's job ends `cancelled` by the
+    client, the preview is removed and the edit ends in Cancelled, not an error."""
+    server = start_engine()
+    host = FakeHost(Rect(40, 30, 20, 12))
+    host.cancel_at_step = True
+    # 600 steps: from full strength the tiny random UNet diverges by step 15 (non_finite)
+    long = {"preset": "custom", "variants": 1, "steps": 1000, "strength": 60, "seed": 3,
+            "guidance_weight": 0.0}  # fmt: skip
+    with pytest.raises(flow.Cancelled):
+        flow.run_edit(host, VALUES | long | {"endpoint": server.endpoint})
+    assert host.steps[-1][1] == flow.PREFIX + wording.CANCELLING
+    assert host.__dict__.get("previews", ["removed"])[-1] == "removed"
+    ends = [e for e in server.history if e["event"] in ("done", "failed", "cancelled")]
+    assert [(e["event"], e["reason"]) for e in ends] == [("cancelled", "client")]
+    assert ends[0]["step"] < 600
+
+
 def test_a_dead_engine_is_reported_within_the_timeout():
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     values = VALUES | {"endpoint": endpoint}
@@ -293,11 +345,12 @@ def imports(path: Path) -> set[str]:
     return names
 
 
-def test_only_the_adapter_and_the_entry_touch_gimp():
+def test_only_the_adapter_the_progress_window_and_the_entry_touch_gimp():
     for path in PLUGIN.glob("*.py"):
         ast.parse(path.read_text(), feature_version=(3, 10))  # GIMP's Python may be 3.10
         uses_gi = "gi" in imports(path)
-        assert uses_gi == (path.name in ("adapter.py", "blended_diffusion.py")), path.name
+        gimp = ("adapter.py", "progress.py", "blended_diffusion.py")
+        assert uses_gi == (path.name in gimp), path.name
     entry = (PLUGIN / "blended_diffusion.py").read_text()
     assert entry.startswith("#!/usr/bin/env python3\n")
     assert "Gegl.Rectangle" not in entry and "Layer.new" not in entry  # pixels: adapter only

@@ -6,7 +6,8 @@ root's Python 3.13 has none, like users' GIMPs); a real engine runs here, reache
 writes a JSON verdict. The edit runs in the GUI under Xvfb with a D-Bus session, so GIMP's own
 edit-undo action can be triggered; the failure paths run in gimp-console's batch mode. The
 mid-run preview is checked from outside, on the screen: the test grabs Xvfb's screen while the
-procedure runs in GIMP's window (tests/gimp_batch/grab_screen.py, the root's own Gdk).
+procedure runs in GIMP's window (tests/gimp_batch/grab_screen.py, the root's own Gdk); the
+plug-in's progress window is found and its Cancel clicked from outside too, with xdotool.
 
 Needs root (mounts); the root tarball is built once (about 90 s) and cached. Set GIMP_TEST_OUT
 to a folder to keep the verdicts and the exported PNG of what the user sees.
@@ -272,8 +273,9 @@ ORPHANED = re.compile(r"\((disconnected|keepalive)\)")
 
 
 def test_cancel_in_gimp_kills_the_plug_in_and_the_engine_drops_the_job(gimp, tiny_engine):
-    """GIMP's Cancel kills the plug-in and tells no one: the engine must notice the keep-alives
-    stopping and free its worker. Killed here the same way, by its process id."""
+    """GIMP's Cancel on its status bar (a script's run shows its progress there) kills the
+    plug-in and tells no one, as GIMP quitting mid-run does: the engine must notice the
+    keep-alives stopping and free its worker. Killed here the same way, by its process id."""
     endpoint, log = tiny_engine
     queued = log.read_text().count("queued")
 
@@ -302,6 +304,77 @@ def test_cancel_in_gimp_kills_the_plug_in_and_the_engine_drops_the_job(gimp, tin
     print(f"\npreview layer left by the kill: {verdict['preview_left_by_the_kill']}")
     line = next(x for x in log.read_text().splitlines() if ORPHANED.search(x))
     assert "cancelled" in line, line
+
+
+# about half a minute of the tiny model, long enough to cancel (from full strength its random
+# UNet diverges by step 15, a non_finite error)
+WINDOW_RUN = ("a red ball", {"preset": "custom", "variants": 1, "steps": 1000, "strength": 60,
+                             "guidance_weight": 0.0, "seed": 7})  # fmt: skip
+QUEUED = re.compile(r"job (\w+): queued")
+
+
+def test_cancel_in_the_plug_ins_window_leaves_nothing(gimp, tiny_engine):
+    """Runs with the last values, in the GUI, show their progress in the plug-in's own window
+    (and none on GIMP's status bar, whose Cancel would kill the plug-in). Once the engine works
+    and a preview shows, the test presses that window's Cancel from outside with xdotool: a
+    click on the button in the first run, Escape in the second. Each time the engine cancels
+    the job for the client and the procedure returns CANCEL; afterwards the batch script finds
+    no layer, no undo step and no dirt left. The screen is grabbed just before the click."""
+    endpoint, log = tiny_engine
+    prompt, fields = WINDOW_RUN
+    queued = len(QUEUED.findall(log.read_text()))
+    pressed: list[float] = []
+    shot = Path(os.environ.get("GIMP_TEST_OUT", "/tmp")) / "gimp-progress-window.png"
+
+    def press_cancel(gimp_process: subprocess.Popen) -> None:
+        for run in ("click", "escape"):
+            deadline = time.monotonic() + 120
+            while len(QUEUED.findall(log.read_text())) == queued + len(pressed):
+                assert gimp_process.poll() is None, f"GIMP ended before the {run} run"
+                assert time.monotonic() < deadline, f"the engine never got the {run} run's job"
+                time.sleep(0.1)
+            display = x_display(gimp_process)
+            title = f'^Blended Diffusion: "{prompt}"$'  # the window's title: the run's group name
+            found = xdotool(gimp.top, display, "search", "--sync", "--onlyvisible", "--name",
+                            title)  # fmt: skip
+            window = found.split()[0]
+            time.sleep(3.0)  # some steps, and a preview in the image (one a second at most)
+            if run == "escape":  # no window manager: the test gives the window the focus
+                xdotool(gimp.top, display, "windowfocus", "--sync", window)
+                pressed.append(time.time())
+                xdotool(gimp.top, display, "key", "Escape")
+                continue
+            screen = grab_screen(gimp.top, display, gimp.home)
+            geometry = dict(
+                line.split("=", 1)
+                for line in xdotool(gimp.top, display, "getwindowgeometry", "--shell",
+                                    window).split()
+            )  # fmt: skip
+            x, y, w, h = (int(geometry[k]) for k in ("X", "Y", "WIDTH", "HEIGHT"))
+            # Cancel sits in the bottom right corner, inside the window's 12 px border
+            pressed.append(time.time())
+            xdotool(gimp.top, display, "mousemove", str(x + w - 12 - 24), str(y + h - 12 - 12),
+                    "click", "1")  # fmt: skip
+            shot.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(crop_to_window(screen)).save(shot, optimize=True)
+
+    env = {"BD_ENDPOINT": endpoint, "BD_PROMPT": prompt, "BD_FIELDS": json.dumps(fields)}
+    verdict = gimp.batch("window", env, True, during=press_cancel)
+    text = log.read_text()
+    lines, jobs = text.splitlines(), QUEUED.findall(text)[queued:]
+    for run, job, at, returned in zip(("click", "escape"), jobs, pressed, verdict["returned_at"],
+                                      strict=True):  # fmt: skip
+        (line,) = [x for x in lines if f"job {job}: " in x and " at step " in x]
+        assert re.search(r": cancelled at step \d+/\d+ \(client\)$", line), line
+        print(f"\nCancel ({run}) -> procedure returned in {returned - at:.2f} s; engine: {line}")
+        assert returned - at < 10, returned - at
+    print(f"progress window mid-run: {shot}")
+
+
+def xdotool(top: Path, display: dict[str, str], *args: str) -> str:
+    r = trixie.run(top, ["xdotool", *args], {"HOME": HOME, **display}, 60)
+    assert r.returncode == 0, f"xdotool {' '.join(args)}: {r.stderr[-2000:]}"
+    return r.stdout
 
 
 # A run short enough for CI that still shows several previews (one a second at most): the demo

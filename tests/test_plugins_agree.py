@@ -266,6 +266,9 @@ class GimpHost:
     def progress(self, fraction, text):
         pass
 
+    def cancelled(self):
+        return False
+
     def remove_preview(self):
         pass
 

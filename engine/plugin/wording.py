@@ -40,13 +40,19 @@ def describe(error: BaseException) -> str:
     return f"Unexpected error: {type(error).__name__}: {error}"
 
 
+CANCELLING = "Cancelling…"  # from the user's Cancel until the engine's answer
+CANCELLED = "Cancelled."  # the user's cancel, answered
+
+
 def outcome(job: Any) -> str | None:
     """Why a finished job brought nothing back (None: it has variants)."""
     if job.error is not None:
         return describe(job.error)
     if job.state == "cancelled":
-        why = {"client": "", "keepalive": " (the plug-in stopped answering)"}
-        return f"Cancelled{why.get(job.cancel_reason, f' ({job.cancel_reason})')}."
+        if job.cancel_reason == "client":
+            return CANCELLED
+        why = {"keepalive": "the plug-in stopped answering"}
+        return f"Cancelled ({why.get(job.cancel_reason, job.cancel_reason)})."
     if not job.variants:
         return "The engine returned no result."
     return None

@@ -6,6 +6,7 @@ Everything runs on the plug-in's main thread: libgimp is not thread-safe.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import gi
 
@@ -16,6 +17,9 @@ from gi.repository import Gegl, Gimp  # noqa: E402
 
 from engine.plugin.geometry import Rect  # noqa: E402
 from engine.plugin.wording import GROUP_PREFIX, ResultLayer  # noqa: E402
+
+if TYPE_CHECKING:
+    from progress import ProgressWindow
 
 PIXELS = "R'G'B'A u8"  # what the engine takes (RGBA8); babl converts from any precision
 MASK = "Y u8"  # the selection's coverage: 0 keep, 255 edit, linear like the channel itself
@@ -57,6 +61,7 @@ class GimpHost:
         else:  # any layer will do, a group or a text layer too: the results go above it
             self.offsets = (0, 0)
             self.size = (image.get_width(), image.get_height())
+        self.window: ProgressWindow | None = None  # a run with a UI: its progress and Cancel
         self._preview: Gimp.Layer | None = None
         self._was_clean = False  # the image before the first preview
         remove_leftover_previews(image)
@@ -80,8 +85,14 @@ class GimpHost:
         return bytes(rgba), bytes(mask)
 
     def progress(self, fraction: float, text: str) -> None:
-        Gimp.progress_set_text(text)
-        Gimp.progress_update(fraction)
+        if self.window is not None:
+            self.window.show(fraction, text)
+        else:  # GIMP's status bar
+            Gimp.progress_set_text(text)
+            Gimp.progress_update(fraction)
+
+    def cancelled(self) -> bool:
+        return self.window is not None and self.window.cancelled()
 
     def show_preview(self, box: Rect, width: int, height: int, rgba: bytes) -> None:
         """The preview, stretched over `box` (drawable coordinates), in one layer above the
@@ -172,8 +183,9 @@ def visible_pixels(image: Gimp.Image, rect: Gegl.Rectangle) -> bytes:
 
 
 def remove_leftover_previews(image: Gimp.Image) -> None:
-    """A preview layer a killed run left (GIMP's Cancel kills the plug-in before it can remove
-    it): removed, outside the undo history, when the next run starts."""
+    """A preview layer a killed run left (GIMP's Cancel on its status bar, in a run without a
+    window of its own, kills the plug-in before it can remove it; so does GIMP quitting):
+    removed, outside the undo history, when the next run starts."""
     leftovers = [la for la in image.get_layers() if la.get_name() == PREVIEW]
     if not leftovers:
         return

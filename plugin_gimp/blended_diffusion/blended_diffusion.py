@@ -4,9 +4,9 @@
 Sends the selected part of the visible picture (or of the active layer alone) and a text prompt
 to a running engine (`python -m engine serve`) and adds its results as layers above the active
 layer, the best visible, in one undo step. Beside this file: params (the arguments, from the
-shared settings table), flow (the edit, host-independent) and adapter (the only Gimp/Gegl pixel
-and layer code); the settings, geometry and wording both plug-ins share are in
-_lib/engine/plugin.
+shared settings table), flow (the edit, host-independent), adapter (the only Gimp/Gegl pixel
+and layer code) and progress (the progress window, with its Cancel, of a run with a UI); the
+settings, geometry and wording both plug-ins share are in _lib/engine/plugin.
 """
 
 from __future__ import annotations
@@ -87,19 +87,29 @@ def run(procedure, run_mode, image, drawables, config, _data):
     except ImportError as e:
         return fail(procedure, wording.CLIENT_MISSING.format(error=e))
     from adapter import GimpHost
+    from progress import ProgressWindow, can_show
 
     Gegl.init(None)
+    host = None
     try:
         host = GimpHost(image, drawables, request.layer_only)
-        Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
+        if run_mode != Gimp.RunMode.NONINTERACTIVE and can_show():
+            host.window = ProgressWindow(PROCEDURE, group)  # a Cancel the plug-in sees
+        else:  # a script's run, or no screen: GIMP's status bar (whose Cancel kills us)
+            Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
         layers = flow.run_edit(host, values, request=request)
         host.add_layers(layers, group)
+    except flow.Cancelled:
+        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     except flow.EditError as e:
         return fail(procedure, str(e))
     except Exception as e:  # a bug: still give its message rather than GIMP's "unexpected EOF"
         return fail(procedure, f"Blended Diffusion failed: {type(e).__name__}: {e}")
     finally:
-        Gimp.progress_end()
+        if host is not None and host.window is not None:
+            host.window.close()
+        else:
+            Gimp.progress_end()
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
 
 

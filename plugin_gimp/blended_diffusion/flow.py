@@ -2,16 +2,19 @@
 window it needs, wait while showing progress, and describe the result layers.
 
 No gi import: GIMP is reached only through a `Host` (adapter.py in GIMP, a fake in the tests).
-No threads: GIMP is not thread-safe, so the wait is a loop of short polls. GIMP never tells a
-plug-in that its progress was cancelled, it kills it; the engine then misses the keep-alive
-`poll()` sends and drops the job, so nothing here handles a cancel. While the engine works, the
-best variant's preview is shown in the image through the host's temporary preview layer, which
-is removed whatever the outcome. Settings, geometry and
-wording are the shared core's (engine/plugin), as in the Krita plug-in.
+No threads: GIMP is not thread-safe, so the wait is a loop of short polls, asking the host
+between them whether the user cancelled (GIMP's host then handles its progress window's events).
+A cancel is sent to the engine, whose answer is awaited a few seconds, and the edit ends in
+`Cancelled`, adding nothing. GIMP's own Cancel (on its status bar, runs without a window) kills
+the plug-in instead; the engine then misses the keep-alive `poll()` sends and drops the job.
+While the engine works, the best variant's preview is shown in the image through the host's
+temporary preview layer, which is removed whatever the outcome. Settings, geometry and wording
+are the shared core's (engine/plugin), as in the Krita plug-in.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -21,10 +24,15 @@ from engine.plugin.geometry import Rect
 from engine.plugin.wording import ResultLayer
 
 PREFIX = wording.GROUP_PREFIX  # progress and errors name the plug-in as its groups do
+CANCEL_WAIT = settings.TIMEOUT  # seconds for the engine to confirm a cancel (it takes one step)
 
 
 class EditError(Exception):
     """Something the user must fix or know: the message is shown as the procedure's error."""
+
+
+class Cancelled(Exception):
+    """The user cancelled the run (Host.cancelled): nothing was added, nothing is to be said."""
 
 
 class Host(Protocol):
@@ -39,6 +47,8 @@ class Host(Protocol):
     def read(self, window: Rect) -> tuple[bytes, bytes]: ...  # RGBA8, Y8 mask; source coords
 
     def progress(self, fraction: float, text: str) -> None: ...
+
+    def cancelled(self) -> bool: ...  # asked between polls: whether the user pressed Cancel
 
     # the preview: RGBA8 `width` x `height` stretched over `box` (drawable coordinates), shown
     # without an undo step; removed without one, leaving nothing
@@ -109,21 +119,34 @@ def run_edit(
 
 
 def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rgba, mask):
+    if host.cancelled():  # while connecting: nothing was submitted
+        raise Cancelled
     job = client.submit(rgba, window.width, window.height, mask, request.prompt, request.settings,
                         previews=settings.PREVIEWS)  # fmt: skip
     clock = estimate.Clock(estimate.before(info, request.settings))
     host.progress(0.0, PREFIX + wording.started(info, request.settings, job.position, preset))
+    fraction, cancel_by = 0.0, None  # cancel_by: until when the engine may answer a cancel
     try:
         while not job.done:
+            if cancel_by is None and host.cancelled():
+                client.cancel(job)
+                cancel_by = time.monotonic() + CANCEL_WAIT
+                host.progress(fraction, PREFIX + wording.CANCELLING)
+            elif cancel_by is not None and time.monotonic() > cancel_by:
+                break  # no answer: the engine drops the job when the client closes
             for event in client.poll(settings.POLL_SECONDS * 2):
-                if event.job is job and event.type == "progress" and event.total:
+                shown = cancel_by is None and event.job is job and event.type == "progress"
+                if shown and event.total:  # once cancelled, only the job's end matters
                     left = clock.left(event.step, event.total)
                     text = wording.progress(event.step, event.total, left)
-                    host.progress(event.step / event.total, PREFIX + text)
+                    fraction = event.step / event.total
+                    host.progress(fraction, PREFIX + text)
                     if event.previews:
                         _show_best(host, window, event.previews)
     finally:
         host.remove_preview()
+    if cancel_by is not None:  # a result that crossed the cancel is not wanted either
+        raise Cancelled
     problem = wording.outcome(job)
     if problem is not None:
         raise EditError(PREFIX + problem)

@@ -167,7 +167,7 @@ class Controller:
         self._cancel = True
         if self.state == RUNNING and self.job is not None:
             self._client.cancel(self.job)
-        self._update(self.state, "Cancelling…")
+        self._update(self.state, wording.CANCELLING)
 
     def tick(self) -> bool:
         """Advance the job; call it from the UI timer. Returns whether it is still active."""
@@ -215,7 +215,7 @@ class Controller:
         if error is not None:
             self._drop_client()  # a fresh socket next time: nothing stale queued in this one
             if self._cancel:
-                return self._finish(CANCELLED, "Cancelled.")
+                return self._finish(CANCELLED, wording.CANCELLED)
             return self._finish(FAILED, wording.describe(error))
         self.job = job
         info = self._client.info
@@ -229,11 +229,11 @@ class Controller:
         if event.type == "progress":
             left = self._clock.left(event.step, event.total)
             text = wording.progress(event.step, event.total, left)
-            text = "Cancelling…" if self._cancel else text
+            text = wording.CANCELLING if self._cancel else text
             self._update(RUNNING, text, step=event.step, total=event.total,
                          previews=event.previews)  # fmt: skip
         elif event.type == "result" and self._cancel:  # crossed the cancel: nothing asked for
-            self._finish(CANCELLED, "Cancelled.")
+            self._finish(CANCELLED, wording.CANCELLED)
         elif event.type in ("result", "error", "cancelled"):
             problem = wording.outcome(self.job)
             if problem is not None:

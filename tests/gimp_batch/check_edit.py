@@ -7,7 +7,9 @@ test to kill; `visible`: edits whose active layer is a transparent layer over a 
 background, with and without "This layer only", and a group: BD_SCENE says what to paint, the
 test checks what the engine received; `preview`: an edit in a display at 400% that waits for the
 test's go (BD_READY, BD_GO: files) so that the test can grab the screen before and during the
-run), BD_VERDICT (the JSON file),
+run; `window`: a long run with the last values in GIMP's GUI, shown in the plug-in's progress
+window, whose Cancel the test presses twice: a click, then Escape),
+BD_VERDICT (the JSON file),
 BD_ENDPOINT (a live engine), BD_DEAD_ENDPOINT (nothing listens), BD_PROMPT, BD_EXPORT (a PNG of
 the image with the best result showing), BD_EXPECT (`red`: the best result must be red),
 BD_FIELDS (JSON: the plug-in's arguments for the edit, named as in the settings table).
@@ -321,7 +323,8 @@ def case_errors():
 
 
 def case_cancel():
-    """A long edit whose plug-in process the test kills mid-job, as GIMP does on Cancel."""
+    """A long edit whose plug-in process the test kills mid-job, as GIMP's status-bar Cancel
+    does."""
     image, source = make_image()
     before = snapshot(image, source)
     status, message, seconds = call(
@@ -369,6 +372,44 @@ def case_preview():
     added = [la for la in image.get_layers() if la.get_id() not in before["layers"]]
     check("the run's group added, nothing else", len(added) == 1 and added[0].is_group(), names)
     same_as(before, image, source, "after the run", ("selection", "source", "offsets"))
+    display.delete()
+
+
+def case_window():
+    """Two runs with the last values (a long one, kept by a run that failed at once) in the GUI:
+    the plug-in shows its progress in a window of its own, and the test presses its Cancel
+    mid-run (a click, then Escape). Nothing of the runs may remain: no layer, no undo step, the
+    image clean."""
+    scratch = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)  # nothing selected in it
+    layer = Gimp.Layer.new(scratch, "scratch", W, H, Gimp.ImageType.RGBA_IMAGE, 100,
+                           Gimp.LayerMode.NORMAL)  # fmt: skip
+    scratch.insert_layer(layer, None, 0)
+    fields = json.loads(ENV["BD_FIELDS"])
+    status, message, _ = call(scratch, layer, prompt=ENV["BD_PROMPT"], endpoint=ENV["BD_ENDPOINT"],
+                              **fields)  # fmt: skip
+    check("the values' run failed at once", "Nothing is selected" in message, message)
+    scratch.delete()
+
+    image, source = make_image()
+    display = Gimp.Display.new(image)
+    gui_action("view-zoom-4-1")
+    background = image.get_layers()[-1]
+    background.set_name("Background, renamed")  # the image's last undo step before the run
+    image.clean_all()
+    before = snapshot(image, source)
+    verdict["returned_at"] = []
+    for run in ("click", "escape"):
+        status, message, _ = call(image, source, Gimp.RunMode.WITH_LAST_VALS)
+        verdict["returned_at"].append(time.time())
+        check(f"cancelled ({run}): the procedure returns CANCEL",
+              status == Gimp.PDBStatusType.CANCEL, f"{status} {message}")  # fmt: skip
+    check("cancelled: no preview layer left", PREVIEW not in names(image), names(image))
+    same_as(before, image, source, "cancelled")
+    check("cancelled: the image is still clean", not image.is_dirty())
+    gui_action("edit-undo")  # undoes the last step before the runs: they left none
+    check("cancelled: one undo undoes the rename before the runs",
+          background.get_name() == "Background" and ids(image.get_layers()) == before["layers"],
+          names(image))  # fmt: skip
     display.delete()
 
 
@@ -449,7 +490,7 @@ def names(image):
 try:
     Gegl.init(None)
     cases = {"edit": case_edit, "errors": case_errors, "cancel": case_cancel,
-             "visible": case_visible, "preview": case_preview}  # fmt: skip
+             "visible": case_visible, "preview": case_preview, "window": case_window}  # fmt: skip
     cases[ENV.get("BD_CASE", "edit")]()
     verdict["ok"] = bool(verdict["checks"]) and all(c["ok"] for c in verdict["checks"])
 except Exception:
