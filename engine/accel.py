@@ -102,6 +102,35 @@ def prepare(unet: nn.Module, device: torch.device) -> None:
         gemm_wide_convs(unet)
 
 
+def _sequence_first(
+    forward: Callable, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch-first MultiheadAttention run on contiguous sequence-first inputs."""
+    q = query.transpose(0, 1).contiguous()
+    k = q if key is query else key.transpose(0, 1).contiguous()
+    v = q if value is query else k if value is key else value.transpose(0, 1).contiguous()
+    out, weights = forward(q, k, v, *args, **kwargs)
+    return out.transpose(0, 1), weights
+
+
+def fold_clip_attention(model: nn.Module) -> int:
+    """CLIP's attention with its input projection as one matrix product. A batch-first
+    nn.MultiheadAttention transposes its input to sequence-first as a view; a linear layer over
+    that view, needing grad, cannot fold its batch into one GEMM, so under bf16 autocast torch
+    ran it as a batched product over a copy of the weight per token (ViT-B/16 over 8 copies:
+    197 x 768 x 2304 values copied a layer, 9 s of a 13.5 s forward + backward here). Run on a
+    contiguous sequence-first copy of the (much smaller) input instead; the same values in
+    fp32 (measured here: forward + backward 4.3 -> 3.7 s in fp32, 10 -> 1.4 s in bf16).
+    Returns how many attentions it changed."""
+    changed = 0
+    for mha in model.modules():
+        if isinstance(mha, nn.MultiheadAttention) and mha.batch_first:
+            mha.forward = functools.partial(_sequence_first, mha.forward)
+            mha.batch_first = False
+            changed += 1
+    return changed
+
+
 def _maybe_checkpointed(block: nn.Module, *args: torch.Tensor) -> torch.Tensor:
     if block.recompute and torch.is_grad_enabled():
         return checkpoint(block._forward, *args, use_reentrant=False)

@@ -81,7 +81,8 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     unet.requires_grad_(False).eval().to(dev)
     if official_fp16:
         unet.convert_to_fp16()
-    guide = Guide(load_clip(config.default_clip.partition(":")[0], dev))  # random weights
+    # random weights; the official formulation with open_clip's own attention
+    guide = Guide(load_clip(config.default_clip.partition(":")[0], dev, part != "reference"))
     diffusion = make_diffusion(config, SCHEDULE_STEPS, dev)
     size = config.image_size
     g = devices.generators(list(range(batch)), dev)

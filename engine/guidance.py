@@ -58,8 +58,13 @@ class Augment(nn.Module):
     ) -> torch.Tensor:
         """Copy-major: rows [i * n, (i + 1) * n) are copy i of the n images. With `streams`
         (CPU generators, one per image), image j's warps come from streams[j] alone, so they
-        do not depend on the rest of the batch."""
-        x = to_clip(x, self.size)
+        do not depend on the rest of the batch. Always in fp32, also under a job's 16-bit
+        autocast: kornia builds each warp from 3 x 3 matrix products, which 16 bits make
+        inexact enough to warp a copy to infinities (a demo edit in bf16 diverged so)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._copies(to_clip(x.float(), self.size), streams)
+
+    def _copies(self, x: torch.Tensor, streams: Sequence[torch.Generator] | None) -> torch.Tensor:
         if self.copies == 1:
             return x
         if streams is None:

@@ -5,8 +5,9 @@ import copy
 import pytest
 import torch
 
-from engine import accel
-from engine.models import CONFIGS, build_unet
+from engine import accel, devices
+from engine.guidance import Guide
+from engine.models import CONFIGS, build_unet, load_clip
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +123,57 @@ def test_the_unet_runs_in_16_bits_and_hands_back_fp32(unet):
     assert seen == [True] and out.dtype == torch.float32
     assert (out - ref).abs().max().item() < 0.1 * ref.abs().max().item()  # bf16, not garbage
     assert accel.in_precision(unet, cpu, "fp32") is unet
+
+
+def _clip_gradient(guide: Guide, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = (torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(3)) * 2 - 1)
+    x.requires_grad_()
+    with devices.autocast(torch.device("cpu"), precision):
+        loss = guide.loss(x, "a red circle", [torch.Generator().manual_seed(5)])
+    return loss.detach(), torch.autograd.grad(loss, x)[0]
+
+
+def test_clips_folded_attention_gives_the_same_loss_and_gradient():
+    cpu = torch.device("cpu")
+    plain, folded = (load_clip("tiny", cpu, fold) for fold in (False, True))
+    n = sum(isinstance(m, torch.nn.MultiheadAttention) for m in folded.model.modules())
+    assert n > 0 and not any(
+        m.batch_first for m in folded.model.modules() if isinstance(m, torch.nn.MultiheadAttention)
+    )
+    (ref_loss, ref_grad), (loss, grad) = (_clip_gradient(Guide(c), "fp32") for c in (plain, folded))
+    assert ref_grad.abs().max() > 0
+    assert torch.allclose(loss, ref_loss, rtol=1e-5)
+    assert (grad - ref_grad).abs().max() <= 1e-5 * ref_grad.abs().max()
+
+
+def test_clips_folded_attention_projects_in_one_matrix_product_under_bf16():
+    """Without the fold a linear layer over the transposed view, needing grad, ran as a batched
+    product over a copy of its weight per token (bmm over an expanded weight)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cpu = torch.device("cpu")
+    calls = {}
+    for fold in (False, True):
+        guide = Guide(load_clip("tiny", cpu, fold))
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            _clip_gradient(guide, "bf16")
+        width = guide.clip.model.visual.transformer.width  # kornia's 3 x 3 bmm are not CLIP's
+        calls[fold] = sum(
+            e.count
+            for e in prof.key_averages(group_by_input_shape=True)
+            if e.key == "aten::bmm" and any(width in shape for shape in e.input_shapes)
+        )
+    assert calls[False] > 0  # what the fold is for, still there in open_clip
+    assert calls[True] == 0
+
+
+def test_the_augmentations_run_in_fp32_under_a_16_bit_autocast():
+    """kornia's warps come from 3 x 3 matrix products; in bf16 a demo edit's copies reached
+    infinities. Under autocast the copies are exactly the fp32 ones."""
+    augment = Guide(load_clip("tiny", torch.device("cpu"))).augment
+    x = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    streams = lambda: [torch.Generator().manual_seed(s) for s in (7, 8)]  # noqa: E731
+    ref = augment(x, streams())
+    with devices.autocast(torch.device("cpu"), "bf16"):
+        out = augment(x, streams())
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
