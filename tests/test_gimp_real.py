@@ -396,7 +396,7 @@ DIALOG_RUN = ("a teal lantern", {"preset": "custom", "variants": 3, "steps": 6, 
 def test_the_dialog_opens_with_the_values_of_a_failed_run(gimp, tiny_engine):
     """A run with typed values fails (nothing selected); then the batch script runs the
     procedure interactively, giving it no values: its dialog (GimpUi.ProcedureDialog) opens.
-    From outside, the test finds it, grabs the screen and presses OK, touching no field. What
+    From outside, the test finds it, grabs the screen and clicks OK, touching no field. What
     the engine then receives must be exactly the typed values' request: the dialog held them."""
     endpoint, log = tiny_engine
     prompt, fields = DIALOG_RUN
@@ -411,12 +411,18 @@ def test_the_dialog_opens_with_the_values_of_a_failed_run(gimp, tiny_engine):
         x, y, w, h = window_box(gimp.top, display, window)
         shot.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(screen[y : y + h, x : x + w]).save(shot, optimize=True)
-        xdotool(gimp.top, display, "windowfocus", "--sync", window)
-        xdotool(gimp.top, display, "key", "Return")
+        # a click, not Return: with no window manager the image window, opened just before,
+        # may take the keyboard focus; raised, the dialog is under the pointer. OK's middle is
+        # 70 px from the right and 42 px from the bottom (the root's theme and fonts)
+        xdotool(gimp.top, display, "windowraise", window)
+        xdotool(gimp.top, display, "mousemove", str(x + w - 70), str(y + h - 42), "click", "1")
         deadline = time.monotonic() + 30
         while len(QUEUED.findall(log.read_text())) == queued:
             assert gimp_process.poll() is None, "GIMP ended before the dialog's run"
-            assert time.monotonic() < deadline, "OK pressed: the engine never got the job"
+            if time.monotonic() > deadline:  # what the screen showed instead, to look at
+                failed = shot.with_name("gimp-dialog-not-run.png")
+                Image.fromarray(grab_screen(gimp.top, display, gimp.home)).save(failed)
+                raise AssertionError(f"OK clicked: the engine never got the job; see {failed}")
             time.sleep(0.1)
 
     env = {"BD_ENDPOINT": endpoint, "BD_PROMPT": prompt, "BD_FIELDS": json.dumps(fields)}
