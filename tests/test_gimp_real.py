@@ -7,7 +7,8 @@ writes a JSON verdict. The edit runs in the GUI under Xvfb with a D-Bus session,
 edit-undo action can be triggered; the failure paths run in gimp-console's batch mode. The
 mid-run preview is checked from outside, on the screen: the test grabs Xvfb's screen while the
 procedure runs in GIMP's window (tests/gimp_batch/grab_screen.py, the root's own Gdk); the
-plug-in's progress window is found and its Cancel clicked from outside too, with xdotool.
+plug-in's progress window is found and its Cancel clicked from outside too, with xdotool, as is
+the plug-in's dialog (after a failed run it must hold that run's values), whose OK is pressed.
 
 Needs root (mounts); the root tarball is built once (about 90 s) and cached. Set GIMP_TEST_OUT
 to a folder to keep the verdicts and the exported PNG of what the user sees.
@@ -33,8 +34,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.plugin import settings
 from tests.conftest import free_port
 from tests.hosts import trixie, visible
+from tests.recording_engine import received
 
 REPO = Path(__file__).resolve().parents[1]
 GIMP_PYTHON, PLATFORM = "3.13", "manylinux_2_28_x86_64"  # trixie's Python, its glibc's wheels
@@ -334,10 +337,8 @@ def test_cancel_in_the_plug_ins_window_leaves_nothing(gimp, tiny_engine):
                 assert time.monotonic() < deadline, f"the engine never got the {run} run's job"
                 time.sleep(0.1)
             display = x_display(gimp_process)
-            title = f'^Blended Diffusion: "{prompt}"$'  # the window's title: the run's group name
-            found = xdotool(gimp.top, display, "search", "--sync", "--onlyvisible", "--name",
-                            title)  # fmt: skip
-            window = found.split()[0]
+            # the window's title: the run's group name
+            window = find_window(gimp.top, display, f'^Blended Diffusion: "{prompt}"$')
             time.sleep(3.0)  # some steps, and a preview in the image (one a second at most)
             if run == "escape":  # no window manager: the test gives the window the focus
                 xdotool(gimp.top, display, "windowfocus", "--sync", window)
@@ -345,12 +346,7 @@ def test_cancel_in_the_plug_ins_window_leaves_nothing(gimp, tiny_engine):
                 xdotool(gimp.top, display, "key", "Escape")
                 continue
             screen = grab_screen(gimp.top, display, gimp.home)
-            geometry = dict(
-                line.split("=", 1)
-                for line in xdotool(gimp.top, display, "getwindowgeometry", "--shell",
-                                    window).split()
-            )  # fmt: skip
-            x, y, w, h = (int(geometry[k]) for k in ("X", "Y", "WIDTH", "HEIGHT"))
+            x, y, w, h = window_box(gimp.top, display, window)
             # Cancel sits in the bottom right corner, inside the window's 12 px border
             pressed.append(time.time())
             xdotool(gimp.top, display, "mousemove", str(x + w - 12 - 24), str(y + h - 12 - 12),
@@ -375,6 +371,70 @@ def xdotool(top: Path, display: dict[str, str], *args: str) -> str:
     r = trixie.run(top, ["xdotool", *args], {"HOME": HOME, **display}, 60)
     assert r.returncode == 0, f"xdotool {' '.join(args)}: {r.stderr[-2000:]}"
     return r.stdout
+
+
+def find_window(top: Path, display: dict[str, str], title: str) -> str:
+    """The id of the first visible window whose title matches `title`, once there is one."""
+    found = xdotool(top, display, "search", "--sync", "--onlyvisible", "--name", title)
+    return found.split()[0]
+
+
+def window_box(top: Path, display: dict[str, str], window: str) -> tuple[int, int, int, int]:
+    """x, y, width, height of an X window on the screen."""
+    shell = xdotool(top, display, "getwindowgeometry", "--shell", window)
+    geometry = dict(line.split("=", 1) for line in shell.split())
+    x, y, w, h = (int(geometry[k]) for k in ("X", "Y", "WIDTH", "HEIGHT"))
+    return x, y, w, h
+
+
+# Typed values that differ from every default (and from the Draft preset's), for a short run
+DIALOG_RUN = ("a teal lantern", {"preset": "custom", "variants": 3, "steps": 6, "strength": 50,
+                                 "seed": 4242, "fast_guidance": True, "guidance_weight": 321.5,
+                                 "grow": 2, "feather": 3})  # fmt: skip
+
+
+def test_the_dialog_opens_with_the_values_of_a_failed_run(gimp, tiny_engine):
+    """A run with typed values fails (nothing selected); then the batch script runs the
+    procedure interactively, giving it no values: its dialog (GimpUi.ProcedureDialog) opens.
+    From outside, the test finds it, grabs the screen and clicks OK, touching no field. What
+    the engine then receives must be exactly the typed values' request: the dialog held them."""
+    endpoint, log = tiny_engine
+    prompt, fields = DIALOG_RUN
+    queued = len(QUEUED.findall(log.read_text()))
+    shot = Path(os.environ.get("GIMP_TEST_OUT", "/tmp")) / "gimp-dialog-after-failure.png"
+
+    def press_ok(gimp_process: subprocess.Popen) -> None:
+        display = x_display(gimp_process)
+        window = find_window(gimp.top, display, "^Blended Diffusion$")
+        time.sleep(1.5)  # drawn
+        screen = grab_screen(gimp.top, display, gimp.home)
+        x, y, w, h = window_box(gimp.top, display, window)
+        shot.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(screen[y : y + h, x : x + w]).save(shot, optimize=True)
+        # a click, not Return: with no window manager the image window, opened just before,
+        # may take the keyboard focus; raised, the dialog is under the pointer. OK's middle is
+        # 70 px from the right and 42 px from the bottom (the root's theme and fonts)
+        xdotool(gimp.top, display, "windowraise", window)
+        xdotool(gimp.top, display, "mousemove", str(x + w - 70), str(y + h - 42), "click", "1")
+        deadline = time.monotonic() + 30
+        while len(QUEUED.findall(log.read_text())) == queued:
+            assert gimp_process.poll() is None, "GIMP ended before the dialog's run"
+            if time.monotonic() > deadline:  # what the screen showed instead, to look at
+                failed = shot.with_name("gimp-dialog-not-run.png")
+                Image.fromarray(grab_screen(gimp.top, display, gimp.home)).save(failed)
+                raise AssertionError(f"OK clicked: the engine never got the job; see {failed}")
+            time.sleep(0.1)
+
+    env = {"BD_ENDPOINT": endpoint, "BD_PROMPT": prompt, "BD_FIELDS": json.dumps(fields)}
+    verdict = gimp.batch("dialog", env, True, during=press_ok)
+    jobs = received(log.parent / "received", prompt)
+    assert len(jobs) == 1, f"the engine received {len(jobs)} jobs for {prompt!r}"
+    sent = jobs[0][2]
+    typed = settings.request({**fields, "prompt": prompt, "endpoint": endpoint}).settings
+    got = {k: sent[k] for k in typed}
+    print(f"\nthe dialog's run ({verdict['dialog_run_seconds']} s): typed {typed}, received {got}"
+          f"; dialog: {shot}")  # fmt: skip
+    assert got == typed
 
 
 # A run short enough for CI that still shows several previews (one a second at most): the demo

@@ -8,7 +8,9 @@ background, with and without "This layer only", and a group: BD_SCENE says what 
 test checks what the engine received; `preview`: an edit in a display at 400% that waits for the
 test's go (BD_READY, BD_GO: files) so that the test can grab the screen before and during the
 run; `window`: a long run with the last values in GIMP's GUI, shown in the plug-in's progress
-window, whose Cancel the test presses twice: a click, then Escape),
+window, whose Cancel the test presses twice: a click, then Escape; `dialog`: a run with the
+typed values BD_FIELDS fails, then an interactive run opens the plug-in's dialog, whose OK the
+test presses),
 BD_VERDICT (the JSON file),
 BD_ENDPOINT (a live engine), BD_DEAD_ENDPOINT (nothing listens), BD_PROMPT, BD_EXPORT (a PNG of
 the image with the best result showing), BD_EXPECT (`red`: the best result must be red),
@@ -375,12 +377,10 @@ def case_preview():
     display.delete()
 
 
-def case_window():
-    """Two runs with the last values (a long one, kept by a run that failed at once) in the GUI:
-    the plug-in shows its progress in a window of its own, and the test presses its Cancel
-    mid-run (a click, then Escape). Nothing of the runs may remain: no layer, no undo step, the
-    image clean."""
-    scratch = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)  # nothing selected in it
+def fail_at_once():
+    """A run with BD_PROMPT, BD_ENDPOINT and BD_FIELDS that fails at once (nothing selected in a
+    scratch image): the plug-in keeps its values for the next run with a UI."""
+    scratch = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)
     layer = Gimp.Layer.new(scratch, "scratch", W, H, Gimp.ImageType.RGBA_IMAGE, 100,
                            Gimp.LayerMode.NORMAL)  # fmt: skip
     scratch.insert_layer(layer, None, 0)
@@ -390,6 +390,13 @@ def case_window():
     check("the values' run failed at once", "Nothing is selected" in message, message)
     scratch.delete()
 
+
+def case_window():
+    """Two runs with the last values (a long one, kept by a run that failed at once) in the GUI:
+    the plug-in shows its progress in a window of its own, and the test presses its Cancel
+    mid-run (a click, then Escape). Nothing of the runs may remain: no layer, no undo step, the
+    image clean."""
+    fail_at_once()
     image, source = make_image()
     display = Gimp.Display.new(image)
     gui_action("view-zoom-4-1")
@@ -409,6 +416,24 @@ def case_window():
     gui_action("edit-undo")  # undoes the last step before the runs: they left none
     check("cancelled: one undo undoes the rename before the runs",
           background.get_name() == "Background" and ids(image.get_layers()) == before["layers"],
+          names(image))  # fmt: skip
+    display.delete()
+
+
+def case_dialog():
+    """After a run with typed values failed, an interactive run: its dialog opens (the test
+    checks it on screen and presses OK, from outside) and the run, with whatever values the
+    dialog held, must succeed; the test checks what the engine received."""
+    fail_at_once()
+    image, source = make_image()
+    display = Gimp.Display.new(image)
+    before = snapshot(image, source)
+    status, message, seconds = call(image, source, Gimp.RunMode.INTERACTIVE)  # no values given
+    verdict["dialog_run_seconds"] = round(seconds, 2)
+    check("the dialog's run: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
+    added = [la for la in image.get_layers() if la.get_id() not in before["layers"]]
+    check("the dialog's run: its group, named by the typed prompt",
+          len(added) == 1 and added[0].get_name() == f'Blended Diffusion: "{ENV["BD_PROMPT"]}"',
           names(image))  # fmt: skip
     display.delete()
 
@@ -490,7 +515,8 @@ def names(image):
 try:
     Gegl.init(None)
     cases = {"edit": case_edit, "errors": case_errors, "cancel": case_cancel,
-             "visible": case_visible, "preview": case_preview, "window": case_window}  # fmt: skip
+             "visible": case_visible, "preview": case_preview, "window": case_window,
+             "dialog": case_dialog}  # fmt: skip
     cases[ENV.get("BD_CASE", "edit")]()
     verdict["ok"] = bool(verdict["checks"]) and all(c["ok"] for c in verdict["checks"])
 except Exception:
