@@ -170,8 +170,11 @@ def test_gimp_keeps_the_values_of_a_run_for_the_next(gimp_plugin, tmp_path):
     params.remember(str(tmp_path), params.values(config))
     _, fresh = gimp_config(gimp_plugin)
     params.set_values(fresh, params.recall(str(tmp_path)))
-    assert params.values(fresh) == typed
-    assert params.recall(str(tmp_path / "nowhere")) == {}
+    assert params.values(fresh) == settings.effective(typed)
+    # before any run the dialog shows the default preset's own values in its Advanced fields
+    first = params.recall(str(tmp_path / "nowhere"))
+    assert first["preset"] == "draft" and first | settings.PRESETS["draft"] == first
+    assert first["variants"] != settings.defaults()["variants"]
 
 
 class Engine:

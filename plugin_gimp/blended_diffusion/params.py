@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from engine.plugin.settings import BY_NAME, TABLE, Setting, dumps, loads
+from engine.plugin.settings import BY_NAME, TABLE, Setting, dumps, effective, loads
 
 REMEMBERED = "blended-diffusion-last-values.json"  # in GIMP's profile folder
 
@@ -63,9 +63,11 @@ def remember(folder: str, current: Mapping[str, Any]) -> None:
 
 
 def recall(folder: str) -> dict[str, Any]:
-    """The values of the last run, as far as they are still valid; {} before any."""
+    """What a run with a UI starts from: the last run's values as far as they are still valid
+    (the defaults before any), its preset's values in the Advanced ones, so the dialog shows
+    what would run (without, a first dialog said Draft over the table's 4 variants x 100)."""
     try:
         with open(os.path.join(folder, REMEMBERED), encoding="utf-8") as f:
-            return loads(f.read())
+            return effective(loads(f.read()))
     except OSError:
-        return {}
+        return effective({})
