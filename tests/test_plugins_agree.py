@@ -161,6 +161,15 @@ def test_the_settings_table_drives_both_uis(krita_plugin, gimp_plugin):
             assert [d for _, d in widget.items] == list(arg["choices"]) == [c for c, _ in s.choices]
 
 
+def test_gimp_dialog_shows_every_setting_once_the_advanced_ones_in_their_expander(gimp_plugin):
+    params = gimp_plugin.params
+    rows, folded = params.layout(), params.advanced()
+    assert rows.count(params.ADVANCED) == 1 and folded
+    shown = [r for r in rows if r != params.ADVANCED] + folded
+    assert sorted(shown) == sorted(params.prop(s) for s in settings.TABLE)
+    assert rows[:2] == ["prompt", "preset"]  # what an artist sets first stays on top
+
+
 def test_gimp_keeps_the_values_of_a_run_for_the_next(gimp_plugin, tmp_path):
     params = gimp_plugin.params
     _, config = gimp_config(gimp_plugin)

@@ -54,7 +54,12 @@ def ask(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> bool:
         if s.advanced:
             config.connect(f"notify::{params.prop(s)}", lambda *_: follower.advanced_changed())
     dialog = GimpUi.ProcedureDialog.new(procedure, config, "Blended Diffusion")
-    dialog.fill(None)
+    dialog.fill_box("advanced-settings", params.advanced())
+    dialog.get_label("advanced-title", "Advanced", False, False)
+    expander = dialog.fill_expander(params.ADVANCED, "advanced-title", False, "advanced-settings")
+    # a preset decides them (folded away); typed ones (Custom) are shown
+    expander.set_expanded(config.get_property("preset") == settings.CUSTOM)
+    dialog.fill(params.layout())
     try:
         return dialog.run()
     finally:

@@ -45,6 +45,24 @@ def add_arguments(procedure: Any, choice: Callable[[Setting], Any], flags: Any) 
             procedure.add_double_argument(name, text, s.tooltip, s.low, s.high, s.default, flags)
 
 
+ADVANCED = "advanced"  # the dialog's expander holding the Advanced settings
+
+
+def layout() -> list[str]:
+    """The dialog's rows: the settings' properties in the table's order, the Advanced ones
+    folded into one expander where the first of them stands."""
+    rows: list[str] = []
+    for s in TABLE:
+        row = ADVANCED if s.advanced else prop(s)
+        if row not in rows:
+            rows.append(row)
+    return rows
+
+
+def advanced() -> list[str]:
+    return [prop(s) for s in TABLE if s.advanced]
+
+
 def values(config: Any) -> dict[str, Any]:
     return {s.name: config.get_property(prop(s)) for s in TABLE}
 
