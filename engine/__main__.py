@@ -337,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recompute", default="auto", choices=RECOMPUTE)
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-part timings")
     p.add_argument("--refine", help="also time the refinement pass at these scales, e.g. 2,4")
+    p.add_argument(
+        "--isa", default="native", choices=["native", "avx2"],
+        help="avx2: run this CPU as one without AVX-512 and bf16 (torch's and oneDNN's kernels)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON line")
     p.set_defaults(run=cmd_bench)
 

@@ -163,6 +163,7 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
         "device_peak_mb": devices.peak_memory_mb(dev),
         "precision": precision,
         "recompute": recompute,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "breakdown": parts,
     }
 
@@ -216,6 +217,11 @@ def cpu_flags() -> list[str]:
     return [flag for flag, present in checks.items() if present()]
 
 
+# `--isa avx2`: the children run this CPU as one without AVX-512 or bf16 would (ATen's kernels
+# and oneDNN's capped; the engine then resolves auto to fp32, devices.cpu_has_native_bf16).
+ISA_CAPS = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
 def _child(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
     cmd = [
         sys.executable,
@@ -227,7 +233,8 @@ def _child(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
         str(steps),
         json.dumps(opts),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    env = os.environ | ISA_CAPS[opts["isa"]]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"bench {part} at batch {batch} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -244,6 +251,7 @@ def run_bench(args: argparse.Namespace) -> dict:
         "precision": args.precision,
         "recompute": args.recompute,
         "breakdown": not args.no_breakdown,
+        "isa": args.isa,
     }
     ref = _child("reference", args.model, 1, args.steps, opts)
     runs = [
@@ -262,6 +270,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         "device": str(devices.resolve(args.device)),
         "cores": os.cpu_count(),
         "cpu_flags": cpu_flags(),
+        "isa": args.isa,  # native, or the instruction sets the children were capped at
+        "cpu_capability": eng["cpu_capability"],  # ATen's kernels as the children ran them
         "threads": torch.get_num_threads(),
         "steps_timed": args.steps,
         "guidance_mode": args.guidance_mode,
@@ -317,7 +327,8 @@ def table(result: dict) -> str:
     """The bench as a person reads it."""
     lines = [
         f"{result['model']} ({result['weights']}), {result['device']}, {result['cores']} cores"
-        f" (CPU flags: {' '.join(result['cpu_flags']) or 'none of avx2/avx512f/avx512_bf16/amx'})"
+        f" (CPU flags: {' '.join(result['cpu_flags']) or 'none of avx2/avx512f/avx512_bf16/amx'}"
+        f"; run as {result['cpu_capability']}{'' if result['isa'] == 'native' else ', capped'})"
         f", guidance {result['guidance_mode']} every {result['guidance_every']}",
         f"{'':28}{'precision':>10}{'s/step':>9}{'peak MB':>9}{'edit s':>8}",
         f"{'official, batch 1':28}{result['reference_precision']:>10}"

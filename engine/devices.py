@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import platform
 import sys
 from collections.abc import Callable
@@ -194,7 +195,18 @@ def fallback(device: torch.device, missing: str, instead: str) -> None:
 # -- precision ----------------------------------------------------------------------------------
 
 
+# oneDNN's instruction sets below the first with bf16 dot products (ONEDNN_MAX_CPU_ISA): capped
+# at one of these, a CPU computes bf16 by emulation, 1000x slower than fp32 (measured here).
+ONEDNN_ISAS_WITHOUT_BF16 = (
+    "SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"
+)
+
+
 def cpu_has_native_bf16() -> bool:
+    """From the CPU's flags, unless oneDNN is capped below them (`bench --isa avx2` runs this
+    machine as one without bf16 that way)."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     flags = Path("/proc/cpuinfo")
     if not flags.is_file():
         return False

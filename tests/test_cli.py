@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,15 @@ def test_bench_prints_both_formulations_measured_in_one_run():
     assert result["preview_cost"] == pytest.approx(
         result["preview_s"] / result["engine_step_s"], rel=0.1
     )
-    table = engine("bench", "--model", "tiny", "--steps", "1", "--no-breakdown", "--refine", "2")
+    assert result["isa"] == "native"
+    assert result["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    # capped at AVX2, the children run as a CPU without bf16 would: ATen's AVX2 kernels, fp32
+    table = engine("bench", "--model", "tiny", "--steps", "1", "--no-breakdown", "--refine", "2",
+                   "--isa", "avx2")  # fmt: skip
+    assert table.returncode == 0, table.stderr
+    if "avx2" in result["cpu_flags"]:
+        assert "run as AVX2, capped" in table.stdout
+        assert re.search(r"engine, batch 1 +fp32 ", table.stdout)
     assert "previews (a preview every step, worst case)" in table.stdout
     # the refinement at 2x the tiny model's 32 px: 3 x 3 tiles of 32 over 64 with 25% overlap
     assert re.search(r"refinement at 2x \(9 tiles\): [\d.]+ s/step, \d+ steps", table.stdout)

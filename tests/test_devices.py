@@ -87,6 +87,14 @@ def test_the_cpu_runs_bf16_only_where_it_is_native(monkeypatch):
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda n=native: n)
         assert devices.resolve_precision("auto", cpu) == expected
+    # oneDNN capped below its bf16 instruction sets computes bf16 by emulation: not native
+    monkeypatch.undo()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert devices.cpu_has_native_bf16() is False
+    assert devices.resolve_precision("auto", cpu) == "fp32" and devices.gemm_for_wide_convs(cpu)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    assert devices.cpu_has_native_bf16() is ("avx512_bf16" in flags or "amx_bf16" in flags)
     # CLIP in bf16 on a CPU (faster there once its attention folds), never in fp16
     assert devices.clip_precision("bf16", cpu) == "bf16"
     assert devices.clip_precision("fp16", cpu) == "fp32"
