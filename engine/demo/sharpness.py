@@ -1,11 +1,17 @@
 """Detail at any size, measured in the demo world: a large selection with and without the
 refinement pass (engine/tiles.py).
 
-"a red circle" in a selection 4x the demo model's side: the width of the shape's edge (10-90%
-rise along rays from its centre, in image pixels) against a circle drawn at that size by the
-world's own renderer; the count of distinct coloured blobs in the selection (the pass must not
-add shapes); the blob's colour (it must stay the prompt's). And a textured picture: the
-high-frequency energy inside the selection relative to just outside it.
+"a red circle" in a selection whose context box is 4x the demo model's side: the width of the
+shape's edge (10-90% rise along rays from its centre, in image pixels) against a circle drawn at
+that size by the world's own renderer; the count of distinct coloured blobs in the selection
+(the pass must not add shapes); the blob's colour (it must stay the prompt's). And a textured
+picture: the high-frequency energy inside the selection relative to just outside it.
+
+The clean-disc setting (CLEAN, the default): a round selection and guidance weight 50. At the
+demo model's default full-guidance weight (300) a selection this large comes back as a patchwork
+of colours: unguided, the demo UNet draws one clean shape over the background at this size, and
+from about 100 on CLIP's gradient outweighs it (README). `--shape square --guidance-weight 300`
+is the setting measured before.
 """
 
 from __future__ import annotations
@@ -29,22 +35,36 @@ from engine.region import composite
 
 BACKGROUND = (110, 130, 110)  # a grey-green far from every colour of the world
 PROMPT = "a red circle"
+SHAPES = ("disc", "square")
+# where the demo model's base edit is a clean disc (README): 86 px round selection, its context
+# box 130 px (4x the demo model's 32 px canvas), guidance 50, 50 steps skipping 10
+CLEAN = dict(shape="disc", guidance_weight=50.0, steps=50, skip=10)
 
 
-def picture(side: int = 86, margin: int = 43) -> tuple[np.ndarray, np.ndarray]:
-    """A plain picture and a square selection of `side` px with `margin` px around it."""
+def picture(side: int = 86, margin: int = 43, shape: str = "disc") -> tuple[np.ndarray, np.ndarray]:
+    """A plain picture and a selection of `side` px across (a disc with an anti-aliased edge,
+    or a square) with `margin` px around it."""
     size = side + 2 * margin
     image = np.zeros((size, size, 3), np.uint8)
     image[...] = BACKGROUND
-    mask = np.zeros((size, size), np.uint8)
-    mask[margin : margin + side, margin : margin + side] = 255
+    if shape == "disc":
+        yy, xx = np.mgrid[:size, :size] + 0.5
+        r = np.hypot(xx - size / 2, yy - size / 2)
+        mask = np.rint(np.clip(side / 2 - r + 0.5, 0, 1) * 255).astype(np.uint8)
+    elif shape == "square":
+        mask = np.zeros((size, size), np.uint8)
+        mask[margin : margin + side, margin : margin + side] = 255
+    else:
+        raise ValueError(f"shape must be one of {SHAPES}")
     return image, mask
 
 
-def textured(side: int = 86, margin: int = 43, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def textured(
+    side: int = 86, margin: int = 43, seed: int = 0, shape: str = "disc"
+) -> tuple[np.ndarray, np.ndarray]:
     """`picture`'s selection over a procedural texture with detail down to 2 px (a photo-like
     mix of a smooth gradient, fine random ripples and pixel grain)."""
-    image, mask = picture(side, margin)
+    image, mask = picture(side, margin, shape)
     rng = np.random.default_rng(seed)
     size = image.shape[0]
     yy, xx = np.mgrid[:size, :size].astype(np.float64)
@@ -144,12 +164,15 @@ def drawn_circle(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image * (1 - a) + np.asarray(world.COLOURS["red"]) * a), 0, 255)
 
 
-def measure(models: Models, settings: EditSettings, save: Path | None = None) -> dict:
-    """The measures above for the best variant of one edit of each picture with `settings`;
-    `save`: where the edited pictures go (PNG, the path's name + the picture's). The edited
-    pictures are in the result too (`pictures`, not measures)."""
+def measure(
+    models: Models, settings: EditSettings, save: Path | None = None, shape: str = "disc"
+) -> dict:
+    """The measures above for the best variant of one edit of each picture with `settings`
+    and a selection of `shape`; `save`: where the edited pictures go (PNG, the path's name +
+    the picture's). The edited pictures are in the result too (`pictures`, not measures)."""
     out: dict = {"pictures": {}}
-    for name, (image, mask) in (("plain", picture()), ("textured", textured())):
+    pictures = (("plain", picture(shape=shape)), ("textured", textured(shape=shape)))
+    for name, (image, mask) in pictures:
         start = time.perf_counter()
         best = run_edit(models, image, mask, PROMPT, settings)[0]
         seen = composite(image, best.rgba, best.box)
@@ -161,11 +184,35 @@ def measure(models: Models, settings: EditSettings, save: Path | None = None) ->
         if name == "plain":
             out[name] |= {
                 "edge_width_px": edge_width(redness(sel)),
-                "blobs": blobs(sel),
+                "blobs": int(blobs(sel)),
                 "colour": blob_colour(sel),
             }
+            out[name]["clean_disc"] = clean_disc(out[name])
         out[name]["hf_ratio"] = hf_ratio(seen, mask)
     return out
+
+
+def is_red(colour: tuple[float, float, float]) -> bool:
+    """The prompt's colour kept: red well above green and blue."""
+    return bool(colour[0] - max(colour[1:]) > 120)
+
+
+def clean_disc(plain: dict) -> bool:
+    """One blob, red, with a readable edge: the base edit the sharpness measure needs."""
+    return bool(
+        plain["blobs"] == 1 and is_red(plain["colour"]) and np.isfinite(plain["edge_width_px"])
+    )
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, standard deviation (n - 1), min and max over the finite values, and how many."""
+    v = np.asarray([x for x in values if np.isfinite(x)], np.float64)
+    if not len(v):
+        return {"mean": float("nan"), "sd": float("nan"), "min": float("nan"),
+                "max": float("nan"), "n": 0}  # fmt: skip
+    sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    r = {"mean": v.mean(), "sd": sd, "min": v.min(), "max": v.max()}
+    return {k: round(float(x), 3) for k, x in r.items()} | {"n": len(v)}
 
 
 def figure(rows: list[list[tuple[str, np.ndarray]]], path: Path, zoom: int = 2) -> None:
@@ -186,18 +233,36 @@ def figure(rows: list[list[tuple[str, np.ndarray]]], path: Path, zoom: int = 2) 
     sheet.save(path)
 
 
-def summary(runs: list[dict], without: list[dict]) -> dict:
-    """One row's figures over its seeds, against the same seeds' edits `without` the pass."""
-    plain = [r["plain"] for r in runs]
-    red = [c[0] - max(c[1:]) > 120 for c in (p["colour"] for p in plain)]
-    same = [p["blobs"] == w["plain"]["blobs"] for p, w in zip(plain, without, strict=True)]
+def per_seed(run: dict, without: dict) -> dict:
+    """One seed's figures, against the same seed's edit `without` the pass."""
+    p, w = run["plain"], without["plain"]
     return {
-        "edge_width_px": float(np.nanmedian([p["edge_width_px"] for p in plain])),
-        "blobs": [p["blobs"] for p in plain],
-        "blobs_unchanged": f"{sum(same)}/{len(same)}",
-        "red": f"{sum(red)}/{len(red)}",
-        "hf_ratio": float(np.median([r["textured"]["hf_ratio"] for r in runs])),
-        "seconds": float(np.median([r["plain"]["seconds"] for r in runs])),
+        "edge_width_px": p["edge_width_px"],
+        "narrower_by_px": w["edge_width_px"] - p["edge_width_px"],
+        "blobs": p["blobs"],
+        "blobs_unchanged": bool(p["blobs"] == w["blobs"]),
+        "red": is_red(p["colour"]),
+        "clean_disc_without": w["clean_disc"],
+        "hf_ratio": run["textured"]["hf_ratio"],
+        "seconds": p["seconds"],
+    }
+
+
+def summary(runs: list[dict], without: list[dict]) -> dict:
+    """One row's figures over its seeds, against the same seeds' edits `without` the pass: the
+    edge width and how much narrower over the seeds whose base edit is a clean disc, the
+    others over all seeds."""
+    seeds = [per_seed(r, w) for r, w in zip(runs, without, strict=True)]
+    clean = [s for s in seeds if s["clean_disc_without"]]
+    return {
+        "edge_width_px": spread([s["edge_width_px"] for s in clean]),
+        "narrower_by_px": spread([s["narrower_by_px"] for s in clean]),
+        "clean_disc_without": f"{len(clean)}/{len(seeds)}",
+        "blobs_unchanged": f"{sum(s['blobs_unchanged'] for s in seeds)}/{len(seeds)}",
+        "red": f"{sum(s['red'] for s in seeds)}/{len(seeds)}",
+        "hf_ratio": spread([s["hf_ratio"] for s in seeds]),
+        "seconds": spread([s["seconds"] for s in seeds]),
+        "seeds": seeds,
     }
 
 
@@ -207,11 +272,39 @@ def _settings(item: str) -> dict:
     return {name: json.loads(value) for name, _, value in pairs}
 
 
+def _table(result: dict) -> str:
+    """The rows' means and spreads as text, a seed's figures per line below each."""
+    lines = [f"drawn at this size: edge {result['drawn_edge_width_px']:.2f} px"]
+    for name, row in result["rows"].items():
+        e, n, hf = row["edge_width_px"], row["narrower_by_px"], row["hf_ratio"]
+        lines.append(
+            f"{name}: edge {e['mean']:.2f} +- {e['sd']:.2f} px (n {e['n']}), narrower by "
+            f"{n['mean']:.2f} +- {n['sd']:.2f}, clean disc without {row['clean_disc_without']}, "
+            f"blobs unchanged {row['blobs_unchanged']}, red {row['red']}, "
+            f"HF {hf['mean']:.3f} +- {hf['sd']:.3f}"
+        )
+        for seed, f in enumerate(row["seeds"]):
+            lines.append(
+                f"  seed {seed}: edge {f['edge_width_px']:.2f} px, blobs {f['blobs']}, "
+                f"red {f['red']}, clean without {f['clean_disc_without']}, "
+                f"HF {f['hf_ratio']:.3f}, {f['seconds']} s"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine demo-sharpness", description=__doc__)
     p.add_argument("--variants", type=int, default=1)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--skip", type=int, default=10)
+    p.add_argument("--steps", type=int, default=CLEAN["steps"])
+    p.add_argument("--skip", type=int, default=CLEAN["skip"])
+    p.add_argument(
+        "--guidance-weight",
+        type=float,
+        default=CLEAN["guidance_weight"],
+        help="the edit's CLIP weight (default %(default)s: the clean-disc setting; 300 is the "
+        "demo model's default in full guidance)",
+    )
+    p.add_argument("--shape", choices=SHAPES, default=CLEAN["shape"], help="the selection's")
     p.add_argument("--seeds", type=int, default=4, help="edits per row, seeds 0, 1, ...")
     p.add_argument(
         "--setting",
@@ -225,19 +318,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--figure",
         type=Path,
-        help="a PNG of seed 0's red circle without the pass, with the last row's settings and "
-        "drawn at that size",
+        help="a PNG of seed --figure-seed's red circle and texture without the pass, with each "
+        "--setting row's and drawn at that size",
     )
+    p.add_argument("--figure-seed", type=int, default=0)
     args = p.parse_args(argv)
     models = load_models("demo", device="cpu")
-    base = dict(variants=args.variants, steps=args.steps, skip=args.skip)
+    base = dict(
+        variants=args.variants,
+        steps=args.steps,
+        skip=args.skip,
+        guidance_weight=args.guidance_weight,
+    )
     rows = {"without the pass": {"refine": False}, "the pass at its defaults": {"refine": True}}
     rows |= {item: {"refine": True} | _settings(item) for item in args.setting}
-    image, mask = picture()
+    image, mask = picture(shape=args.shape)
     reference = drawn_circle(image, mask)
     result = {
         "models": models.label,
-        "settings": base | {"seeds": args.seeds},
+        "settings": base | {"seeds": args.seeds, "shape": args.shape},
         "drawn_edge_width_px": edge_width(redness(reference)),
         "rows": {},
     }
@@ -246,33 +345,31 @@ def main(argv: list[str] | None = None) -> int:
         Image.fromarray(reference.astype(np.uint8)).save(args.save / "drawn.png")
     runs = {}
     for i, (name, row) in enumerate(rows.items()):
-        runs[name] = [
-            measure(
-                models,
-                EditSettings(**base, **row, seed=seed),
-                args.save and args.save / f"row{i}-seed{seed}",
+        runs[name] = []
+        for seed in range(args.seeds):
+            runs[name].append(
+                measure(
+                    models,
+                    EditSettings(**base | row, seed=seed),
+                    args.save and args.save / f"row{i}-seed{seed}",
+                    args.shape,
+                )
             )
-            for seed in range(args.seeds)
-        ]
+            f = per_seed(runs[name][-1], runs["without the pass"][seed])
+            print(name, "seed", seed, json.dumps(f), file=sys.stderr, flush=True)
         result["rows"][name] = summary(runs[name], runs["without the pass"])
-        print(name, json.dumps(result["rows"][name]), file=sys.stderr, flush=True)
     if args.figure:
-        last = list(rows)[-1]
-        before, after = runs["without the pass"][0]["pictures"], runs[last][0]["pictures"]
+        seed = args.figure_seed
+        shown = ["without the pass"] + args.setting
+        pics = [(name, runs[name][seed]["pictures"]) for name in shown]
         figure(
             [
-                [
-                    ("without the pass", before["plain"]),
-                    (f"with the pass ({last})", after["plain"]),
-                    ("drawn at this size", reference),
-                ],
-                [
-                    ("without the pass", before["textured"]),
-                    (f"with the pass ({last})", after["textured"]),
-                    ("the picture", textured()[0]),
-                ],
+                [(name, p["plain"]) for name, p in pics] + [("drawn at this size", reference)],
+                [(name, p["textured"]) for name, p in pics]
+                + [("the picture", textured(shape=args.shape)[0])],
             ],
             args.figure,
         )
+    print(_table(result), file=sys.stderr)
     print(json.dumps(result, indent=1))
     return 0
