@@ -90,7 +90,8 @@ class Job:
     state: str = "queued"  # queued -> running -> done | cancelled | failed
     position: int = 0  # jobs ahead of it when accepted
     step: int = 0
-    total: int = 0
+    total: int = 0  # its steps, the refinement's too (from `accepted`, then each progress)
+    refine_tiles: int = 0  # the UNet forwards a refinement step makes (0: no refinement)
     variants: list[Variant] = field(default_factory=list)  # best first
     models: str = ""  # the engine's models label, shown with the results
     error: EngineError | None = None
@@ -279,6 +280,8 @@ class Client:
                 self._send("cancel", {"job": job.id}, wait=False)  # drop it there
             raise
         job.position = reply.header.get("position", 0)
+        job.total = reply.header.get("total", 0)  # an older engine sends neither
+        job.refine_tiles = reply.header.get("refine_tiles", 0)
         return job
 
     def _check_limits(

@@ -374,7 +374,7 @@ class ClusterServer(Server):
     def _time(self, job: Job) -> None:
         """The step times hello announces, measured here from the progress messages."""
         if job not in self._timers:
-            self._timers[job] = self.step_times.for_job(job.settings)
+            self._timers[job] = self.step_times.for_job(job.settings, job.refine_tiles)
         self._timers[job](job.step)
 
 

@@ -172,6 +172,13 @@ def refinement(
     return tiles.refine_canvas(box, base, native, factor, settings.refine_cap)
 
 
+def refine_tiles(settings: EditSettings, box: region.Box, native: int, factor: int) -> int:
+    """The UNet forwards a step of the refinement pass makes for the context `box` (0: no
+    pass): what its steps cost, for the time estimates."""
+    fine = refinement(settings, box, native, factor)
+    return tiles.count(fine, native, settings.refine_overlap) if fine else 0
+
+
 def run_edit(
     models: Models,
     image: np.ndarray,

@@ -31,7 +31,8 @@ class Job:
     settings: Any  # engine.edit.EditSettings
     state: str = QUEUED
     step: int = 0
-    total: int = 0
+    total: int = 0  # the steps of both passes
+    refine_tiles: int = 0  # the UNet forwards a refinement step makes (0: no refinement)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""  # client | disconnected | keepalive | shutdown
     submitted: float = field(default_factory=time.monotonic)

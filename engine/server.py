@@ -34,7 +34,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from engine import __version__, budget, devices, preview, protocol, region, weights
 from engine.client import default_key_dir
-from engine.edit import Diverged, EditSettings, run_edit
+from engine.edit import Diverged, EditSettings, refine_tiles, run_edit
 from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueue
 from engine.keys import CurveKeys
 from engine.models import Models
@@ -331,9 +331,15 @@ class Server:
             )
         job = Job(client, job_id, msg.header["prompt"], image, mask, settings, held=cost.held)
         job.previews = msg.header["previews"]
+        box = region.context_box(mask, settings.padding, settings.grow, settings.feather)
+        native, factor = self.facts.config.image_size, self.facts.downsampling
+        job.refine_tiles = refine_tiles(settings, box, native, factor)
         job.total = settings.steps - settings.skip
+        job.total += settings.refine_steps if job.refine_tiles else 0
         position = self._queue.add(job)
-        self._send(client, protocol.encode("accepted", {"job": job_id, "position": position}))
+        accepted = {"job": job_id, "position": position, "total": job.total,
+                    "refine_tiles": job.refine_tiles}  # fmt: skip
+        self._send(client, protocol.encode("accepted", accepted))
         self.log(f"job {job_id}: queued at {position}, {image.shape[1]}x{image.shape[0]}")
 
     def _record(self, event: str, job: Job, **details: Any) -> None:
@@ -457,7 +463,7 @@ class Server:
         """The job's terminal message, whatever happens in preparing, sampling, ranking or
         encoding; a cancel is seen before every UNet forward and between the other phases."""
 
-        step_time = self.step_times.for_job(job.settings)
+        step_time = self.step_times.for_job(job.settings, job.refine_tiles)
 
         def check() -> None:
             if job.cancel.is_set():

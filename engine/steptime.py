@@ -3,7 +3,9 @@
 The plug-ins estimate an edit's time from these before they send it (issue 16): a step's time
 depends on the model, device and size (fixed for one engine) and on the guidance mode and the
 batch (the job's variants), the keys kept here. The first step of a job is left out (it holds
-the job's setup and warm-up); the latest job of a key replaces the earlier figure.
+the job's setup and warm-up); the latest job of a key replaces the earlier figure. The
+refinement pass (engine/tiles.py) is timed apart, per tile: its steps cost as many UNet forwards
+as the canvas has tiles, which the engine tells a job's client when it accepts it.
 
 The figures outlive the engine in a small JSON file (`serve --step-times`, by default in the
 per-user state folder), so a restarted engine announces them before its first job: a list of
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine import devices
+from engine.plugin.estimate import REFINE
 
 if TYPE_CHECKING:
     from engine.models import Models
@@ -66,30 +69,49 @@ class StepTimes:
             self._load()
         self._saved = self.to_json()
 
-    def timer(self, mode: str, batch: int) -> Callable[[int], None]:
+    def timer(
+        self, mode: str, batch: int, steps: int | None = None, tiles: int = 0
+    ) -> Callable[[int], None]:
         """A callback for each step done (`done` counts from 1); records the mean step after
-        the first once a job has made two steps or more."""
-        marks: list[tuple[int, float]] = []
+        the first once a job has made two steps or more. After the base pass's `steps` (None:
+        all of them), the refinement's steps, each `tiles` UNet forwards, are timed apart as
+        REFINE: the seconds of one tile's step, from the base pass's last step on (a pass of
+        one step has a figure too; the pass's setup is small beside its tiles)."""
+        base: list[tuple[int, float]] = []
+        fine: list[tuple[int, float]] = []
 
-        def step(done: int) -> None:
-            marks.append((done, self._clock()))
+        def record(key: str, marks: list[tuple[int, float]], per: int) -> None:
             if len(marks) >= 2:
                 (d0, t0), (d1, t1) = marks[0], marks[-1]
                 with self._lock:
-                    self._seconds[(mode, batch)] = (t1 - t0) / (d1 - d0)
+                    self._seconds[(key, batch)] = (t1 - t0) / (d1 - d0) / per
+
+        def step(done: int) -> None:
+            if steps is None or done <= steps:
+                base.append((done, self._clock()))
+                record(mode, base, 1)
+            elif tiles:
+                fine.extend(base[-1:] if not fine else [])
+                fine.append((done, self._clock()))
+                record(REFINE, fine, tiles)
 
         return step
 
-    def for_job(self, settings: Any) -> Callable[[int], None]:
+    def for_job(self, settings: Any, tiles: int = 0) -> Callable[[int], None]:
         """`timer` for a job's settings (engine.edit.EditSettings): its guidance mode and its
-        variants; a no-op when it guides one step in N > 1, whose steps mix two paces (the
-        plug-ins guide every step), or asks a precision other than the engine's (the key's)."""
+        variants, its refinement's `tiles` a step; a no-op when it guides one step in N > 1,
+        whose steps mix two paces (the plug-ins guide every step), or asks a precision other
+        than the engine's (the key's). A refinement guided by CLIP is not timed (the plug-ins'
+        is not)."""
         if settings.guidance_every != 1 or settings.precision not in self._precisions:
             return lambda done: None
-        return self.timer(settings.guidance_mode, settings.variants)
+        tiles = tiles if not settings.refine_guidance else 0
+        steps = settings.steps - settings.skip
+        return self.timer(settings.guidance_mode, settings.variants, steps, tiles)
 
     def to_json(self) -> dict[str, dict[str, float]]:
-        """{"full": {"4": 1.25}, "fast": {...}}: seconds a step by mode and batch."""
+        """{"full": {"4": 1.25}, "fast": {...}, "refine": {...}}: seconds a step by mode and
+        batch (REFINE's: a tile's step)."""
         with self._lock:
             out: dict[str, dict[str, float]] = {}
             for (mode, batch), seconds in sorted(self._seconds.items()):

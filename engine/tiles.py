@@ -54,6 +54,11 @@ def starts(length: int, tile: int, overlap: float) -> list[int]:
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
+def count(canvas: tuple[int, int], tile: int, overlap: float) -> int:
+    """The UNet forwards `Tiled` makes a step over `canvas` (width, height) with square tiles."""
+    return len(starts(canvas[0], tile, overlap)) * len(starts(canvas[1], tile, overlap))
+
+
 def ramp(tile: int, overlap: float) -> torch.Tensor:
     """A tile's weight along one side: 1 in the middle, falling linearly over the overlap (at
     most half the tile) to 1 / overlap pixels at its edges (never 0: a canvas border is covered

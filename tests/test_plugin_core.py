@@ -16,6 +16,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from engine import edit, protocol, region
+from engine.client import Job
 from engine.plugin import estimate, geometry, settings, wording
 from engine.plugin.geometry import Rect
 from engine.steptime import StepTimes
@@ -299,21 +300,59 @@ def test_place_and_blank():
 def test_estimate_from_the_engines_step_times():
     info = {"step_seconds": {"full": {"1": 2.0, "4": 6.0}, "fast": {"2": 1.0}}}
     paper = settings.request(VALUES | {"preset": "paper"}).settings
-    assert estimate.before(info, paper) == 6.0 * 75  # measured at this batch
+    assert estimate.plan(info, paper).seconds == 6.0 * 75  # measured at this batch
     assert estimate.step_seconds(info, "full", 2) == 4.0  # nearest batch (1), per variant
     assert estimate.step_seconds(info, "fast", 4) == 2.0
-    assert estimate.before({}, paper) is None
-    assert estimate.before({"step_seconds": {}}, paper) is None
+    assert estimate.plan({}, paper).seconds is None
+    assert estimate.plan({"step_seconds": {}}, paper).seconds is None
+
+
+def test_the_estimate_counts_the_refinement_by_its_tiles():
+    """The engine's `accepted` says an edit's steps (the pass's too) and the pass's tiles a step;
+    a tile's step is the engine's REFINE figure, else (no pass measured yet) a fast step's."""
+    paper = settings.request(VALUES | {"preset": "paper", "refine": True}).settings
+    measured = {"full": {"4": 6.0}, "fast": {"2": 1.0}, "refine": {"4": 0.5}}
+    p = estimate.plan({"step_seconds": measured}, paper, total=85, tiles=6)
+    assert (p.steps, p.refine_steps, p.tiles) == (75, 10, 6)
+    assert p.seconds == 6.0 * 75 + 10 * 6 * 0.5 and p.ratio == 0.5
+    unmeasured = estimate.plan({"step_seconds": measured | {"refine": {}}}, paper, 85, 6)
+    assert unmeasured.seconds == 6.0 * 75 + 10 * 6 * 2.0  # 4 fast variants: 2 x 1.0 s
+    full_only = estimate.plan({"step_seconds": {"full": {"4": 6.0}}}, paper, 85, 6)
+    assert full_only.seconds is None and full_only.ratio == 6  # a tile: one UNet forward
+    # no pass: the engine found the selection small enough (tiles 0), or an older engine
+    assert estimate.plan({"step_seconds": measured}, paper, 75, 0).seconds == 6.0 * 75
+    assert estimate.plan({"step_seconds": measured}, paper).refine_steps == 0
 
 
 def test_clock_uses_the_estimate_then_the_runs_own_pace():
     now = [100.0]
-    clock = estimate.Clock(60.0, now=lambda: now[0])
+    clock = estimate.Clock(estimate.Plan(4, 20, step_s=3.0), now=lambda: now[0])
     now[0] += 10
     assert clock.left(1, 20) == 50.0  # one step seen: the engine's estimate less the time spent
     now[0] += 4
     assert clock.left(3, 20) == 2.0 * 17  # 2 steps in 4 s
     assert estimate.Clock(None).left(1, 5) is None
+    blind = estimate.Clock(None, now=lambda: now[0])
+    blind.left(1, 5)
+    now[0] += 2
+    assert blind.left(2, 5) == 2.0 * 3
+
+
+def test_clock_paces_the_refinement_apart():
+    """10 base steps of 2 s, then 3 refinement steps the plan says cost 4 base steps each: the
+    time left weighs them so during the base pass, then follows the pass's own pace."""
+    now = [0.0]
+    plan = estimate.Plan(1, 10, refine_steps=3, tiles=6, step_s=2.0, refine_step_s=8.0)
+    clock = estimate.Clock(plan, now=lambda: now[0])
+    assert clock.left(1, 13) == plan.seconds  # nothing timed yet
+    now[0] += 4
+    assert clock.left(3, 13) == 2.0 * (7 + 4 * 3)  # the pass at the plan's ratio to this pace
+    now[0] += 14
+    assert clock.left(10, 13) == 2.0 * 4 * 3  # the base pass ends: its pace x the ratio
+    now[0] += 20  # the pass's first step took 20 s, not 8
+    assert clock.left(11, 13) == 20.0 * 2
+    now[0] += 20
+    assert clock.left(12, 13) == 20.0
 
 
 def test_durations_read_well():
@@ -363,6 +402,46 @@ def test_the_engine_announces_its_step_times(start_engine):
     assert seconds["fast"]["2"] > 0
 
 
+def test_the_refinements_steps_are_timed_per_tile_apart_from_the_base_pass():
+    t = [0.0]
+    times = StepTimes(clock=lambda: t[0], key={"precision": "fp32"})
+    step = times.timer("fast", 2, steps=3, tiles=4)
+    for done, at in ((1, 10.0), (2, 11.0), (3, 12.0), (4, 20.0), (5, 28.0)):  # 4, 5: the pass
+        t[0] = at
+        step(done)
+    assert times.to_json() == {"fast": {"2": 1.0}, "refine": {"2": 2.0}}  # 8 s a step, 4 tiles
+    # a pass guided by CLIP steps at another pace: not timed (the base pass is)
+    from engine.edit import EditSettings
+
+    guided = EditSettings(variants=3, steps=3, skip=0, refine=True, refine_guidance=1)
+    step = times.for_job(guided, tiles=4)
+    for done in range(1, 6):
+        t[0] += 1.0
+        step(done)
+    assert "3" not in times.to_json()["refine"] and times.to_json()["full"] == {"3": 1.0}
+
+
+def test_the_engine_tells_an_edits_steps_and_tiles_and_times_its_refinement(start_engine):
+    from engine.client import Client
+
+    server = start_engine()
+    with Client(server.endpoint, timeout=5) as client:
+        rgba = bytes(96 * 96 * 4)
+        mask = bytes(255 if 24 <= i % 96 < 72 and 24 <= i // 96 < 72 else 0 for i in range(96**2))
+        asked = {"variants": 2, "steps": 6, "skip": 0, "guidance_mode": "fast", "refine": True,
+                 "refine_strength": 0.5}  # fmt: skip
+        job = client.submit(rgba, 96, 96, mask, "a red ball", asked)
+        assert job.total == 6 + 3  # accepted says it before the first step
+        # the context box (72 px) over the tiny model's 32 px tiles, a quarter shared: 3 x 3
+        assert job.refine_tiles == 9
+        client.wait(job, timeout=120)
+        seconds = client.hello()["step_seconds"]
+        small = client.submit(bytes(40 * 40 * 4), 40, 40, bytes([255] * 1600), "x", asked)
+        assert (small.total, small.refine_tiles) == (6, 0)  # no gain over the base canvas: no pass
+        client.cancel(small)
+    assert set(seconds) == {"fast", "refine"} and seconds["refine"]["2"] > 0
+
+
 # -- wording ----------------------------------------------------------------------------------
 
 
@@ -370,12 +449,19 @@ def test_a_started_edit_says_what_runs_it_the_queue_and_the_time():
     info = {"models": "demo shapes-world UNet (trained here); CLIP", "device": "cpu",
             "step_seconds": {"full": {"2": 0.5}}}  # fmt: skip
     draft = settings.request({"prompt": "x", "preset": "draft"}).settings
-    line = wording.started(info, draft, 2)
+    line = wording.started(info, draft, Job("1", position=2, total=40))
     assert line.startswith("Running on demo shapes-world UNet. Waiting: 2 jobs ahead")
     assert "Expected: about 20 s (2 variant(s) x 40 steps)" in line
     paper = settings.request({"prompt": "x", "preset": "paper"}).settings
-    assert "Paper on a CPU engine is slow" in wording.started(info, paper, 0, settings.PAPER)
-    assert wording.started({}, draft, 0).startswith("Running on the engine. Starting…")
+    first = Job("2", total=75)
+    assert "Paper on a CPU engine is slow" in wording.started(info, paper, first, settings.PAPER)
+    assert wording.started({}, draft, first).startswith("Running on the engine. Starting…")
+    refined = settings.request({"prompt": "x", "preset": "draft", "refine": True}).settings
+    info["step_seconds"]["refine"] = {"2": 0.25}
+    line = wording.started(info, refined, Job("3", total=44, refine_tiles=4))
+    assert "about 24 s (2 variant(s) x 40 steps, then 4 refinement steps over 4 tiles)" in line
+    before = wording.before_run(info, refined, settings.DRAFT)
+    assert "then a refinement pass if the selection is larger than the model's canvas" in before
 
 
 def test_connection_line_names_model_and_device():

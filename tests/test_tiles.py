@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine import budget, region
-from engine.edit import EditSettings, refinement, run_edit
+from engine.edit import EditSettings, refine_tiles, refinement, run_edit
 from engine.guidance import Guide
 from engine.models import load_models
 from engine.tiles import Tiled, ramp, refine_canvas, starts
@@ -142,6 +142,21 @@ def test_a_guided_pass_judges_through_the_selections_alpha_on_its_own_canvas(tin
 
 class Cancelled(Exception):
     pass
+
+
+def test_the_tiles_counted_for_the_estimate_are_the_forwards_the_pass_makes(tiny):
+    image, mask = _picture(160, (20, 130))
+    settings = EditSettings(**FAST)
+    box = region.context_box(mask)
+    base, forwards, step = FAST["steps"] - FAST["skip"], [], [0]
+    hook = tiny.unet.register_forward_hook(lambda *_: forwards.append(step[0]))
+    try:
+        run_edit(tiny, image, mask, "x", settings, lambda done, *_: step.__setitem__(0, done))
+    finally:
+        hook.remove()
+    in_pass = sum(1 for s in forwards if s >= base)  # made during the steps after the base's
+    tiles = refine_tiles(settings, box, 32, tiny.downsampling)
+    assert tiles > 4 and in_pass == tiles * settings.refine_steps
 
 
 def test_cancel_stops_inside_the_pass_before_the_next_tile(tiny):

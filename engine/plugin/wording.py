@@ -136,11 +136,19 @@ def connection(endpoint: str, info: Mapping[str, Any]) -> str:
     return f"Engine: {short_models(str(info.get('models', '')))} on {where}{busy}"
 
 
-def before_run(info: Mapping[str, Any], settings: Mapping[str, Any], preset: str) -> str:
-    """The expected time of an edit, and the Paper preset's warning on a CPU engine."""
-    seconds = estimate.before(info, settings)
-    guided = settings["steps"] - settings.get("skip", 0)
-    work = f"{settings['variants']} variant(s) x {guided} steps"
+def before_run(
+    info: Mapping[str, Any], settings: Mapping[str, Any], preset: str, job: Any = None
+) -> str:
+    """The expected time of an edit, and the Paper preset's warning on a CPU engine. `job`:
+    the client's, once the engine accepted it (its steps and the refinement's tiles)."""
+    total, tiles = (job.total, job.refine_tiles) if job is not None else (0, 0)
+    p = estimate.plan(info, settings, total, tiles)
+    work = f"{p.variants} variant(s) x {p.steps} steps"
+    if p.refine_steps:
+        work += f", then {p.refine_steps} refinement steps over {p.tiles} tiles"
+    elif settings.get("refine") and job is None:
+        work += ", then a refinement pass if the selection is larger than the model's canvas"
+    seconds = p.seconds
     text = f"Expected: {estimate.duration(seconds)} ({work})" if seconds is not None else (
         f"{work}; the time is known after the engine's first edit"
     )
@@ -155,12 +163,12 @@ def before_run(info: Mapping[str, Any], settings: Mapping[str, Any], preset: str
 
 
 def started(
-    info: Mapping[str, Any], settings: Mapping[str, Any], position: int, preset: str = ""
+    info: Mapping[str, Any], settings: Mapping[str, Any], job: Any, preset: str = ""
 ) -> str:
-    """Once the engine accepted an edit: what runs it, the jobs ahead, the expected time (and,
-    given the preset, Paper's warning on a CPU engine)."""
+    """Once the engine accepted an edit (the client's `job`): what runs it, the jobs ahead, the
+    expected time (and, given the preset, Paper's warning on a CPU engine)."""
     models = short_models(str(info["models"])) if info.get("models") else "the engine"
-    return f"Running on {models}. {waiting(position)} {before_run(info, settings, preset)}"
+    return f"Running on {models}. {waiting(job.position)} {before_run(info, settings, preset, job)}"
 
 
 def progress(step: int, total: int, left: float | None) -> str:

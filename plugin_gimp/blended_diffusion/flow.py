@@ -123,8 +123,8 @@ def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rg
         raise Cancelled
     job = client.submit(rgba, window.width, window.height, mask, request.prompt, request.settings,
                         previews=settings.PREVIEWS)  # fmt: skip
-    clock = estimate.Clock(estimate.before(info, request.settings))
-    host.progress(0.0, PREFIX + wording.started(info, request.settings, job.position, preset))
+    clock = estimate.Clock(estimate.plan(info, request.settings, job.total, job.refine_tiles))
+    host.progress(0.0, PREFIX + wording.started(info, request.settings, job, preset))
     fraction, cancel_by = 0.0, None  # cancel_by: until when the engine may answer a cancel
     try:
         while not job.done:

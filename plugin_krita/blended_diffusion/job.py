@@ -222,8 +222,9 @@ class Controller:
         self.progress.models = wording.short_models(info.get("models", ""))
         if self._cancel:
             self._client.cancel(job)
-        self._clock = estimate.Clock(estimate.before(info, self._request.settings))
-        self._update(RUNNING, wording.started(info, self._request.settings, job.position))
+        asked = self._request.settings
+        self._clock = estimate.Clock(estimate.plan(info, asked, job.total, job.refine_tiles))
+        self._update(RUNNING, wording.started(info, asked, job))
 
     def _on_event(self, event) -> None:
         if event.type == "progress":
