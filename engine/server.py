@@ -340,7 +340,8 @@ class Server:
         accepted = {"job": job_id, "position": position, "total": job.total,
                     "refine_tiles": job.refine_tiles}  # fmt: skip
         self._send(client, protocol.encode("accepted", accepted))
-        self.log(f"job {job_id}: queued at {position}, {image.shape[1]}x{image.shape[0]}")
+        fine = f", refined over {job.refine_tiles} tiles a step" if job.refine_tiles else ""
+        self.log(f"job {job_id}: queued at {position}, {image.shape[1]}x{image.shape[0]}{fine}")
 
     def _record(self, event: str, job: Job, **details: Any) -> None:
         entry = {"event": event, "job": job.id, "step": job.step, "t": time.monotonic()}

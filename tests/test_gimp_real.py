@@ -228,11 +228,15 @@ def test_edit_in_gimp_adds_layers_in_one_undo_step(gimp, tiny_engine, model: str
         env["BD_EXPECT"] = "red"  # the shapes world's model must paint the selection red
         env["BD_FIELDS"] = json.dumps({"preset": "draft", "seed": 7})  # the Draft preset obeys
     with contextlib.ExitStack() as stack:
-        endpoint = tiny_engine[0]
+        endpoint, log = tiny_engine
         if model != "tiny":
-            endpoint = stack.enter_context(engine(model, tmp_path / "engine.log"))
+            log = tmp_path / "engine.log"
+            endpoint = stack.enter_context(engine(model, log))
         verdict = gimp.batch("edit", {**env, "BD_ENDPOINT": endpoint}, True, f"edit {model}")
     assert png.is_file() and png.stat().st_size > 0
+    # the run with Refine large selections asked the pass, and the engine planned it: the
+    # selection's context (about 50 px) is over 1.5 times the model's 32 px canvas
+    assert re.search(r"refined over \d+ tiles a step", log.read_text()), log.read_text()[-2000:]
     keep(png)
     print(f"\n{model}: edit {verdict['edit_seconds']} s, best mean RGB {verdict['best_mean_rgb']}")
 

@@ -487,7 +487,9 @@ class FakeClient:
         self.closed = False
 
     def hello(self) -> dict:
-        self.info = {"models": "tiny random model"}
+        self.hellos = getattr(self, "hellos", 0) + 1
+        seconds = {"full": {"1": 2.0}} if self.hellos > 1 else {}  # measured on the first job
+        self.info = {"models": "tiny random model", "step_seconds": seconds}
         return self.info
 
     def submit(
@@ -536,6 +538,18 @@ def run_until(controller, states, timeout: float = 5.0) -> None:
         assert time.monotonic() < deadline, controller.progress
         controller.tick()
         time.sleep(0.005)
+
+
+def test_a_second_run_on_the_same_client_is_estimated_from_the_engines_latest_step_times():
+    client = FakeClient()
+    controller = job_mod.Controller(connect=lambda e: client)
+    for expected in ("the time is known after the engine's first edit", "Expected: about"):
+        client.job.state = "queued"
+        controller.start(request(), pixels(), lambda g, ls: "ok")
+        run_until(controller, [job_mod.RUNNING])
+        assert expected in controller.progress.message, controller.progress.message
+        client.event("result")
+        controller.tick()
 
 
 def test_job_runs_through_its_states():

@@ -145,7 +145,8 @@ def before_run(
     p = estimate.plan(info, settings, total, tiles)
     work = f"{p.variants} variant(s) x {p.steps} steps"
     if p.refine_steps:
-        work += f", then {p.refine_steps} refinement steps over {p.tiles} tiles"
+        n = p.refine_steps
+        work += f", then {n} refinement step{'s' * (n != 1)} over {p.tiles} tiles"
     elif settings.get("refine") and job is None:
         work += ", then a refinement pass if the selection is larger than the model's canvas"
     seconds = p.seconds

@@ -200,9 +200,9 @@ class Controller:
 
     @staticmethod
     def _submit(client, request: settings.Request, pixels: Pixels):
-        """In the submit thread: the only place that may wait on the engine."""
-        if not client.info:
-            client.hello()
+        """In the submit thread: the only place that may wait on the engine. A hello each
+        time: the engine's step times (this run's estimate) change with every job it runs."""
+        client.hello()
         w = pixels.window
         return client.submit(pixels.image, w.width, w.height, pixels.mask, request.prompt,
                              request.settings, image_format="BGRA8",

@@ -221,7 +221,8 @@ def case_edit():
             ENV["BD_EXPORT"]), None)  # fmt: skip
     if display is None:
         verdict["undo"] = "not checked: needs the GUI (BD_UNDO=dbus)"
-        return check_fast_guidance(image, source, prompt)
+        check_fast_guidance(image, source, prompt)
+        return check_refine(image, source, prompt)
     gui_action("edit-undo")
     after = snapshot(image, source)
     check("one undo removes every result layer", after["layers"] == before["layers"],
@@ -237,6 +238,7 @@ def case_edit():
     verdict["undo"] = "edit-undo once: results gone, selection and source kept; edit-redo: back"
     check_keep(image, group, new)
     check_fast_guidance(image, source, prompt)
+    check_refine(image, source, prompt)
     display.delete()
 
 
@@ -266,6 +268,21 @@ def check_fast_guidance(image, source, prompt):
     check("fast guidance: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
     added = [la for la in image.get_layers() if la.get_id() not in before]
     check("fast guidance: a group of two more layers",
+          len(added) == 1 and len(added[0].get_children()) == 2,
+          [la.get_name() for la in added])  # fmt: skip
+
+
+def check_refine(image, source, prompt):
+    """The dialog's Refine large selections: an edit with it adds its own group of two (the
+    test reads in the engine's log that it planned the pass)."""
+    before = [la.get_id() for la in image.get_layers()]
+    status, message, seconds = call(
+        image, source, prompt=prompt, **TYPED, refine=True, endpoint=ENV["BD_ENDPOINT"]
+    )
+    verdict["refine_edit_seconds"] = round(seconds, 2)
+    check("refine: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
+    added = [la for la in image.get_layers() if la.get_id() not in before]
+    check("refine: a group of two more layers",
           len(added) == 1 and len(added[0].get_children()) == 2,
           [la.get_name() for la in added])  # fmt: skip
 

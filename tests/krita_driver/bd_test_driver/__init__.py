@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import traceback
 
@@ -238,7 +239,14 @@ class Driver:
         doc.setActiveNode(source)
         yield 0.1
 
-        # 1d. Previews and the run history (issue 17).
+        # 1d. Refine large selections: before the run the estimate names the pass; once the
+        # engine accepted it, the started line gives its steps and tiles a step; the progress
+        # bar counts the pass's steps; the result comes back as one group.
+        yield from self.refined_run(doc, docker, cfg, fast)
+        doc.setActiveNode(source)
+        yield 0.1
+
+        # 1e. Previews and the run history (issue 17).
         yield from self.previews_and_history(doc, docker, cfg)
         doc.setActiveNode(source)
         yield 0.1
@@ -417,6 +425,48 @@ class Driver:
         self.screenshot(docker, cfg, "visible")
         docker.set_values({"layer_only": False})
         doc.setModified(False)
+
+    def refined_run(self, doc, docker, cfg: dict, fast: dict):
+        from engine.plugin import settings
+
+        docker.set_values(fast | {"refine": True})
+        yield 0.2
+        before = docker.expected.text()
+        self.facts["expected_with_refine"] = before
+        self.check("refine: the estimate before the run names the pass",
+                   "then a refinement pass" in before, before)  # fmt: skip
+        shown, message, maxima = [], docker._message, set()
+        docker._message = lambda text, state="": (shown.append(text), message(text, state))[1]
+        groups = len(doc.rootNode().childNodes())
+
+        def finished() -> bool:
+            maxima.add(docker.progress_bar.maximum())
+            return not docker.controller.active
+
+        self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **fast | {"refine": True})
+        done = yield from self.wait(finished, 120)
+        del docker._message  # the docker's own method again
+        job, sent = docker.controller.job, settings.request(docker.values()).settings
+        self.facts["refined_run"] = {"sent_refine": sent.get("refine"), "total": job.total,
+                                     "tiles": job.refine_tiles, "shown": shown[:3]}  # fmt: skip
+        self.check("refine: the run succeeds", done and docker.controller.progress.state == "done",
+                   docker.status.text())  # fmt: skip
+        guided = sent["steps"] - sent.get("skip", 0)
+        self.check("refine: sent, and the engine runs the pass over tiles",
+                   sent.get("refine") is True and job.total > guided and job.refine_tiles > 1,
+                   self.facts["refined_run"])  # fmt: skip
+        pass_line = f"then {job.total - guided} refinement step"  # ", ... over N tiles"
+        pass_line = re.compile(re.escape(pass_line) + rf"s? over {job.refine_tiles} tiles")
+        self.check("refine: the started line gives the pass's steps and tiles",
+                   any(pass_line.search(t) for t in shown), shown[:3])  # fmt: skip
+        self.check("refine: the started line has an estimate (the engine timed fast steps)",
+                   any("Expected: about" in t for t in shown), shown[:3])  # fmt: skip
+        self.check("refine: the progress bar counts the pass's steps", job.total in maxima,
+                   sorted(maxima))  # fmt: skip
+        added = len(doc.rootNode().childNodes()) - groups
+        self.check("refine: one group added", added == 1, added)
+        docker.set_values({"refine": False})
+        yield 0.2
 
     @staticmethod
     def thumbnails(docker, running: bool) -> list:
