@@ -36,6 +36,17 @@ def test_the_measures_read_drawn_shapes_as_drawn():
     two = drawn.copy()
     two[:10, :10] = world.COLOURS["blue"]
     assert sh.blobs(two) == 2
+    # a faint shape (a third of the way to green) touching the circle counts apart; the demo
+    # model's regenerated background (within about 20 of the picture's) counts none
+    ys, xs = np.nonzero(mask)
+    left = (xs.min() + xs.max() + 1) / 2 - 0.35 * (xs.max() - xs.min() + 1)  # the circle's
+    faint = world.Shape("triangle", "green", left - 7, (ys.min() + ys.max() + 1) / 2, 8)
+    a = 0.33 * world.coverage(faint, image.shape[0])[..., None]
+    beside = np.rint(drawn * (1 - a) + np.asarray(world.COLOURS["green"]) * a).astype(np.uint8)
+    assert sh.blobs(beside) == 2
+    g = np.random.default_rng(0)
+    stray = np.clip(drawn + g.normal(0, 6, drawn.shape), 0, 255).astype(np.uint8)
+    assert sh.blobs(stray) == 1
     tex, tex_mask = sh.textured()
     assert sh.hf_ratio(tex, tex_mask) == pytest.approx(1, abs=0.2)  # the same texture inside
     soft = np.where(tex_mask[..., None] > 0, _blurred(tex, 4), tex)  # enlarged inside only
