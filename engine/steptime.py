@@ -24,6 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from filelock import FileLock, Timeout
+
 from engine import devices
 from engine.plugin.estimate import REFINE
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
     from engine.models import Models
 
 FILE_NAME = "step-times.json"
+LOCK_SECONDS = 10  # another engine holds the lock for milliseconds (the OS frees a dead one's)
 
 
 def engine_key(models: Models) -> dict[str, Any]:
@@ -137,21 +140,24 @@ class StepTimes:
 
     def save(self) -> None:
         """Write this key's figures if they changed since read or written (after a job): to a
-        temporary file first, so a reader never sees half of one. Other keys' entries stay."""
+        temporary file first, so a reader never sees half of one. Other keys' entries stay,
+        also those another engine on the same file writes meanwhile: the read and the write
+        hold a lock file beside it."""
         seconds = self.to_json()
         if self.path is None or seconds == self._saved:
             return
-        try:
-            others = [e for e in _read(self.path) if e["key"] != self.key]
-        except (OSError, ValueError):  # nothing there, or nothing worth keeping
-            others = []
-        entries = [*others, {"key": self.key, "step_seconds": seconds}]
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(entries, indent=1) + "\n")
-            os.replace(tmp, self.path)
-        except OSError as e:
+            with FileLock(self.path.with_name(f"{self.path.name}.lock"), timeout=LOCK_SECONDS):
+                try:
+                    others = [e for e in _read(self.path) if e["key"] != self.key]
+                except (OSError, ValueError):  # nothing there, or nothing worth keeping
+                    others = []
+                entries = [*others, {"key": self.key, "step_seconds": seconds}]
+                tmp.write_text(json.dumps(entries, indent=1) + "\n")
+                os.replace(tmp, self.path)
+        except (OSError, Timeout) as e:
             tmp.unlink(missing_ok=True)
             self._log(f"step times: cannot write {self.path}: {e}")
             return

@@ -12,6 +12,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -373,7 +374,38 @@ def test_an_unwritable_step_times_file_costs_a_log_line_not_the_job(start_engine
     said = [line for line in logs if line.startswith("step times:")]
     assert len(said) == 3 and said[0].startswith(f"step times: ignoring {path}: "), logs
     assert all(line.startswith(f"step times: cannot write {path}: ") for line in said[1:])
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [path.name, f"{path.name}.lock"]  # no temporary file left
+
+
+def test_engines_saving_to_one_file_at_once_keep_each_others_figures(tmp_path, monkeypatch):
+    """A save reads the other engines' entries and writes them back with its own: without the
+    lock, an engine writing between another's read and write lost its entry (a slow read here
+    makes that window wide)."""
+    from engine import steptime
+
+    path, read = tmp_path / "step-times.json", steptime._read
+
+    def slow_read(p: Path) -> list:
+        entries = read(p)
+        time.sleep(0.05)
+        return entries
+
+    monkeypatch.setattr(steptime, "_read", slow_read)
+    engines = []
+    for i in range(4):
+        times = steptime.StepTimes(clock=iter([0.0, i + 1.0]).__next__, path=path,
+                                   key={"precision": "fp32", "engine": i}, log=lambda _: None)
+        step = times.timer("full", 1)
+        step(1), step(2)  # a step of i + 1 seconds
+        engines.append(times)
+    threads = [threading.Thread(target=e.save) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    by_engine = {e["key"]["engine"]: e["step_seconds"] for e in kept(path)}
+    assert by_engine == {i: {"full": {"1": i + 1.0}} for i in range(4)}
 
 
 def test_serve_keeps_step_times_in_the_user_state_folder_unless_told_otherwise(

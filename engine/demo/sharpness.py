@@ -114,14 +114,17 @@ def edge_width(f: np.ndarray, rays: int = 64, step: float = 0.25) -> float:
 
 def blobs(rgb: np.ndarray, min_area: int = 8, threshold: float = 30.0) -> int:
     """Distinct coloured blobs: 4-connected groups of at least `min_area` pixels further than
-    `threshold` (RGB distance) from the background and nearest to the same colour of the world,
-    so a faint shape touching another counts apart. 30: the demo model's regenerated background
-    strays about 20 from the picture's (specks of 7-11 px further than 15, none further than
-    30, at seed 3); a shape a third of the way to green is about 35 from it."""
-    x = rgb.astype(np.float64)
-    far = np.linalg.norm(x - BACKGROUND, axis=-1) > threshold
-    colours = np.asarray(list(world.COLOURS.values()), np.float64)
-    nearest = np.linalg.norm(x[..., None, :] - colours, axis=-1).argmin(-1)
+    `threshold` (RGB distance) from the background and of one colour of the world (the one
+    whose line from the background passes nearest: a shape's faint or anti-aliased pixels are
+    mixes with the background), so a faint shape touching another counts apart. 30: the demo
+    model's regenerated background strays about 20 from the picture's (specks of 7-11 px
+    further than 15, none further than 30, at seed 3); a shape a third of the way to green is
+    about 35 from it."""
+    x = rgb.astype(np.float64) - BACKGROUND
+    far = np.linalg.norm(x, axis=-1) > threshold
+    lines = np.asarray(list(world.COLOURS.values()), np.float64) - BACKGROUND  # C x 3
+    t = np.clip(x @ lines.T / (lines * lines).sum(-1), 0, 1)  # H x W x C: how far along each
+    nearest = np.linalg.norm(x[..., None, :] - t[..., None] * lines, axis=-1).argmin(-1)
     seen = np.zeros_like(far)
     count = 0
     h, w = far.shape
