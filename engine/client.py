@@ -5,8 +5,8 @@ every ~20 ms, which never blocks, returns the events that arrived and sends the 
 engine needs to tell a live client from a killed one. The keep-alive names the active jobs; a
 job the engine no longer knows (it restarted, crashed or lost it) fails with code `lost` at the
 next pong. Blocking calls (`hello`, `submit`, `status`) give up after `timeout` seconds with
-EngineUnreachable or Timeout. `submit` applies the limits the engine announced in `hello`
-before sending anything.
+EngineUnreachable or Timeout, calling `idle` meanwhile where set. `submit` applies the limits
+the engine announced in `hello` before sending anything.
 
     client = Client("tcp://127.0.0.1:5557")
     client.hello()
@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from engine.protocol import Limits, Pixels, ProtocolError
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 ACTIVE = ("queued", "running")
+IDLE_SECONDS = 0.05  # how often a blocking request calls `idle` while it waits
 
 
 class ClientError(Exception):
@@ -187,6 +189,10 @@ class Client:
         self.endpoint, self.timeout = endpoint, timeout
         self.keepalive, self.engine_timeout = keepalive, engine_timeout
         self.info: dict[str, Any] = {}  # the engine's hello
+        # called every IDLE_SECONDS while a blocking request waits, so a host without threads
+        # keeps its window alive (GIMP); raising gives the wait up (a cancelled submit is
+        # cancelled at the engine too)
+        self.idle: Callable[[], None] | None = None
         self.limits = Limits()  # the engine's, once `hello` answered
         self._jobs: dict[str, Job] = {}  # active jobs by id
         self._pending: list[Event] = []  # events that arrived while a blocking call waited
@@ -274,10 +280,11 @@ class Client:
         self._jobs[job.id] = job
         try:
             reply = self._request("submit", fields, [pixels, sel], job=job.id)
-        except ClientError as e:
+        except Exception as e:
             self._jobs.pop(job.id, None)
-            if isinstance(e, Timeout | EngineUnreachable):  # unanswered: if it arrives late,
-                self._send("cancel", {"job": job.id}, wait=False)  # drop it there
+            # unanswered, or the wait given up (idle): if it arrives late, drop it there
+            if not isinstance(e, ClientError) or isinstance(e, Timeout | EngineUnreachable):
+                self._send("cancel", {"job": job.id}, wait=False)
             raise
         job.position = reply.header.get("position", 0)
         job.total = reply.header.get("total", 0)  # an older engine sends neither
@@ -396,6 +403,9 @@ class Client:
         answers = {"submit": "accepted", "hello": "hello", "status": "status"}[kind]
         deadline = time.monotonic() + self.timeout
         while (left := deadline - time.monotonic()) > 0:
+            if self.idle is not None:
+                self.idle()
+                left = min(left, IDLE_SECONDS)
             if not self._socket.poll(int(left * 1000) + 1):
                 continue
             try:

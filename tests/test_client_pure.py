@@ -49,6 +49,37 @@ def test_unreachable_engine_raises_within_timeout():
             client.submit(rgba, 8, 8, mask, "x")
 
 
+def test_a_waiting_request_calls_idle_which_may_give_it_up(fake_engine):
+    """A host without threads (GIMP) keeps its window alive through `idle` while a request
+    waits, and gives the wait up by raising there; a submit given up is cancelled at the
+    engine, whose answer may still come."""
+    engine = fake_engine(lambda h: [], hello=None)  # hears everything, answers nothing
+    calls: list[float] = []
+
+    class GaveUp(Exception):
+        pass
+
+    def idle() -> None:
+        calls.append(time.monotonic())
+        if len(calls) % 5 == 0:
+            raise GaveUp
+
+    with Client(engine.endpoint, timeout=5) as client:
+        client.idle = idle
+        start = time.monotonic()
+        with pytest.raises(GaveUp):
+            client.hello()
+        assert time.monotonic() - start < 1 and len(calls) == 5  # not the 5 s timeout
+        assert max(b - a for a, b in zip(calls, calls[1:], strict=False)) < 0.5
+        client.info = {"limits": {}}  # as if hello had answered: submit sends at once
+        with pytest.raises(GaveUp):
+            client.submit(*_job_args())
+        deadline = time.monotonic() + 5
+        while engine.requests.count("cancel") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert engine.requests[-2:] == ["submit", "cancel"]
+
+
 def test_submit_checks_buffer_sizes_before_sending():
     with Client(f"tcp://127.0.0.1:{free_port()}", timeout=0.2) as client:
         with pytest.raises(ValueError, match="needs 256 bytes, got 255"):

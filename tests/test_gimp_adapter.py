@@ -332,6 +332,18 @@ def test_a_dead_engine_is_reported_within_the_timeout():
         )
 
 
+def test_cancel_while_connecting_to_a_dead_engine_ends_the_run_at_once():
+    """The client asks the host between short waits (GIMP's window stays alive meanwhile); a
+    Cancel gives the wait up at once, not after the client's whole timeout."""
+    host, asked = FakeHost(Rect(40, 30, 20, 12)), []
+    host.cancelled = lambda: asked.append(time.monotonic()) or len(asked) > 5
+    values = VALUES | {"endpoint": f"tcp://127.0.0.1:{free_port()}"}
+    start = time.monotonic()
+    with pytest.raises(flow.Cancelled):
+        flow.run_edit(host, values, lambda e: engine_client.Client(e, timeout=5))
+    assert time.monotonic() - start < 1 and len(asked) == 6
+
+
 # -- the plug-in's shape ----------------------------------------------------------------------
 
 

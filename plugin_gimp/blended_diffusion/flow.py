@@ -101,6 +101,7 @@ def run_edit(
         client = connect(request.endpoint)
     except (ValueError, FileNotFoundError) as e:  # a malformed address; a remote's missing keys
         raise EditError(PREFIX + wording.describe(e)) from None
+    client.idle = lambda: _raise_if_cancelled(host)  # the window lives while a request waits
     try:
         info = client.hello()  # EngineUnreachable within the timeout, VersionMismatch
         request = settings.request(values, info.get("limits"))  # the engine's own limits
@@ -119,8 +120,7 @@ def run_edit(
 
 
 def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rgba, mask):
-    if host.cancelled():  # while connecting: nothing was submitted
-        raise Cancelled
+    _raise_if_cancelled(host)  # while reading the picture: nothing was submitted
     job = client.submit(rgba, window.width, window.height, mask, request.prompt, request.settings,
                         previews=settings.PREVIEWS)  # fmt: skip
     clock = estimate.Clock(estimate.plan(info, request.settings, job.total, job.refine_tiles))
@@ -151,6 +151,11 @@ def _submit_and_wait(client, host: Host, request, info, preset, window: Rect, rg
     if problem is not None:
         raise EditError(PREFIX + problem)
     return job
+
+
+def _raise_if_cancelled(host: Host) -> None:
+    if host.cancelled():
+        raise Cancelled
 
 
 def _show_best(host: Host, window: Rect, previews) -> None:
