@@ -371,6 +371,30 @@ def test_cancel_in_the_plug_ins_window_leaves_nothing(gimp, tiny_engine):
     print(f"progress window mid-run: {shot}")
 
 
+def test_the_plug_ins_window_answers_while_it_connects(gimp):
+    """A run with the last values against a dead engine: the client waits up to its 5 s
+    timeout for an answer, calling the window between short waits, so the Escape the test
+    presses half a second after the window shows cancels the run at once."""
+    dead = f"tcp://127.0.0.1:{free_port()}"
+    pressed: list[float] = []
+
+    def press_escape(gimp_process: subprocess.Popen) -> None:
+        display = x_display(gimp_process)
+        window = find_window(gimp.top, display, r'^Blended Diffusion: "a lost lantern"$')
+        time.sleep(0.5)
+        xdotool(gimp.top, display, "windowfocus", "--sync", window)  # no window manager
+        pressed.append(time.time())
+        xdotool(gimp.top, display, "key", "Escape")
+
+    env = {"BD_ENDPOINT": dead, "BD_PROMPT": "a lost lantern", "BD_FIELDS": json.dumps({})}
+    verdict = gimp.batch("connecting", env, True, during=press_escape)
+    (at,) = pressed
+    returned = verdict["returned_at"] - at
+    print(f"\nEscape while connecting -> returned in {returned:.2f} s "
+          f"({verdict['returned_at'] - verdict['started_at']:.2f} s after the run started)")
+    assert returned < 2.0  # the client's timeout is 5 s: the window was answering
+
+
 def xdotool(top: Path, display: dict[str, str], *args: str) -> str:
     r = trixie.run(top, ["xdotool", *args], {"HOME": HOME, **display}, 60)
     assert r.returncode == 0, f"xdotool {' '.join(args)}: {r.stderr[-2000:]}"

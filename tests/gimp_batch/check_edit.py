@@ -437,6 +437,23 @@ def case_window():
     display.delete()
 
 
+def case_connecting():
+    """A run with the last values (kept by a run that failed at once) whose engine is dead: its
+    progress window must answer while the client waits for the engine, and the Escape the test
+    presses half a second in must end the run as cancelled, before the client's 5 s timeout."""
+    fail_at_once()
+    image, source = make_image()
+    display = Gimp.Display.new(image)
+    before = snapshot(image, source)
+    started = time.time()
+    status, message, _ = call(image, source, Gimp.RunMode.WITH_LAST_VALS)
+    verdict["started_at"], verdict["returned_at"] = started, time.time()
+    check("cancelled while connecting: the procedure returns CANCEL",
+          status == Gimp.PDBStatusType.CANCEL, f"{status} {message}")  # fmt: skip
+    same_as(before, image, source, "cancelled while connecting")
+    display.delete()
+
+
 def case_dialog():
     """After a run with typed values failed, an interactive run: its dialog opens (the test
     checks it on screen and presses OK, from outside) and the run, with whatever values the
@@ -533,6 +550,7 @@ try:
     Gegl.init(None)
     cases = {"edit": case_edit, "errors": case_errors, "cancel": case_cancel,
              "visible": case_visible, "preview": case_preview, "window": case_window,
+             "connecting": case_connecting,
              "dialog": case_dialog}  # fmt: skip
     cases[ENV.get("BD_CASE", "edit")]()
     verdict["ok"] = bool(verdict["checks"]) and all(c["ok"] for c in verdict["checks"])
