@@ -47,6 +47,10 @@ def test_the_measures_read_drawn_shapes_as_drawn():
     g = np.random.default_rng(0)
     stray = np.clip(drawn + g.normal(0, 6, drawn.shape), 0, 255).astype(np.uint8)
     assert sh.blobs(stray) == 1
+    shaded = drawn.copy()  # its left half in shadow, half way to black: still one red blob
+    half = (sh.redness(drawn) > 0.2) & (np.arange(drawn.shape[1]) < left + 30)[None]
+    shaded[half] //= 2
+    assert sh.blobs(shaded) == 1
     tex, tex_mask = sh.textured()
     assert sh.hf_ratio(tex, tex_mask) == pytest.approx(1, abs=0.2)  # the same texture inside
     soft = np.where(tex_mask[..., None] > 0, _blurred(tex, 4), tex)  # enlarged inside only
