@@ -9,7 +9,8 @@ job runs is queued (its pixels read at the press). Settings persist in Krita's s
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from engine.plugin import settings, wording
 from engine.plugin.history import History, Run, Shot
@@ -43,65 +44,75 @@ MAX_WAITING = 3  # Generates queued behind the running one
 HISTORY = History()  # every document's runs since Krita started, shared by all windows
 
 
+class Kind(NamedTuple):
+    """How a kind of setting is shown: its widget, read, written, and the signal of a change."""
+
+    make: Callable[[Setting], Any]
+    read: Callable[[Any], Any]
+    write: Callable[[Any, Any], None]
+    changed: Callable[[Any], Any]
+
+
+def _prompt_box(_: Setting) -> QPlainTextEdit:
+    widget = QPlainTextEdit()
+    widget.setPlaceholderText("What the selection should become, e.g. a red ball")
+    widget.setMaximumHeight(70)
+    return widget
+
+
+def _choice_box(setting: Setting) -> QComboBox:
+    widget = QComboBox()
+    for value, label in setting.choices:
+        widget.addItem(label, value)
+    return widget
+
+
+def _number_box(setting: Setting):
+    widget = QSpinBox() if setting.kind is int else QDoubleSpinBox()
+    if setting.kind is float:
+        widget.setDecimals(0)
+        widget.setSingleStep(50)
+    widget.setRange(setting.low, setting.high)
+    widget.setSpecialValueText(setting.special)  # shown at the minimum
+    return widget
+
+
+KINDS = {
+    "prompt": Kind(_prompt_box, lambda w: w.toPlainText(), lambda w, v: w.setPlainText(v),
+                   lambda w: w.textChanged),
+    "choice": Kind(_choice_box, lambda w: w.currentData(),
+                   lambda w, v: w.setCurrentIndex(w.findData(v)), lambda w: w.currentIndexChanged),
+    "text": Kind(lambda _: QLineEdit(), lambda w: w.text().strip(), lambda w, v: w.setText(v),
+                 lambda w: w.editingFinished),
+    "flag": Kind(lambda s: QCheckBox(s.label), lambda w: w.isChecked(),
+                 lambda w, v: w.setChecked(v), lambda w: w.toggled),
+    "number": Kind(_number_box, lambda w: w.value(), lambda w, v: w.setValue(v),
+                   lambda w: w.valueChanged),
+}  # fmt: skip
+
+
+def kind(setting: Setting) -> Kind:
+    if setting.name == "prompt":
+        return KINDS["prompt"]
+    if setting.choices:
+        return KINDS["choice"]
+    return KINDS[{str: "text", bool: "flag"}.get(setting.kind, "number")]
+
+
 def make_field(setting: Setting):
     """The widget of one setting, with the table's range, default and tooltip."""
-    if setting.name == "prompt":
-        widget = QPlainTextEdit()
-        widget.setPlaceholderText("What the selection should become, e.g. a red ball")
-        widget.setMaximumHeight(70)
-    elif setting.choices:
-        widget = QComboBox()
-        for value, label in setting.choices:
-            widget.addItem(label, value)
-    elif setting.kind is str:
-        widget = QLineEdit()
-    elif setting.kind is bool:
-        widget = QCheckBox(setting.label)
-    else:
-        widget = QSpinBox() if setting.kind is int else QDoubleSpinBox()
-        if setting.kind is float:
-            widget.setDecimals(0)
-            widget.setSingleStep(50)
-        widget.setRange(setting.low, setting.high)
-        widget.setSpecialValueText(setting.special)  # shown at the minimum
+    widget = kind(setting).make(setting)
     widget.setToolTip(setting.tooltip)
     write_field(widget, setting, setting.default)
     return widget
 
 
 def read_field(widget, setting: Setting) -> Any:
-    if setting.name == "prompt":
-        return widget.toPlainText()
-    if setting.choices:
-        return widget.currentData()
-    if setting.kind is str:
-        return widget.text().strip()
-    if setting.kind is bool:
-        return widget.isChecked()
-    return widget.value()
+    return kind(setting).read(widget)
 
 
 def write_field(widget, setting: Setting, value: Any) -> None:
-    if setting.name == "prompt":
-        widget.setPlainText(value)
-    elif setting.choices:
-        widget.setCurrentIndex(widget.findData(value))
-    elif setting.kind is str:
-        widget.setText(value)
-    elif setting.kind is bool:
-        widget.setChecked(value)
-    else:
-        widget.setValue(value)
-
-
-def changed_signal(widget, setting: Setting):
-    if setting.name == "prompt":
-        return widget.textChanged
-    if setting.choices:
-        return widget.currentIndexChanged
-    if setting.kind is str:
-        return widget.editingFinished
-    return widget.toggled if setting.kind is bool else widget.valueChanged
+    kind(setting).write(widget, value)
 
 
 class BlendedDiffusionDocker(DockWidget):
@@ -186,7 +197,7 @@ class BlendedDiffusionDocker(DockWidget):
         self.setWidget(root)
 
         for s in settings.TABLE:
-            signal = changed_signal(self.fields[s.name], s)
+            signal = kind(s).changed(self.fields[s.name])
             if s.name == "preset":
                 signal.connect(lambda *_: self.follower.preset_changed())
             elif s.advanced:
