@@ -36,11 +36,11 @@ def test_the_measures_read_drawn_shapes_as_drawn():
     two = drawn.copy()
     two[:10, :10] = world.COLOURS["blue"]
     assert sh.blobs(two) == 2
-    # a faint shape (a third of the way to green) touching the circle counts apart; the demo
-    # model's regenerated background (within about 20 of the picture's) counts none
+    # a faint shape (a third of the way to green) beside the circle counts; the demo model's
+    # regenerated background (within about 20 of the picture's) counts none
     ys, xs = np.nonzero(mask)
     left = (xs.min() + xs.max() + 1) / 2 - 0.35 * (xs.max() - xs.min() + 1)  # the circle's
-    faint = world.Shape("triangle", "green", left - 7, (ys.min() + ys.max() + 1) / 2, 8)
+    faint = world.Shape("triangle", "green", left - 12, (ys.min() + ys.max() + 1) / 2, 8)
     a = 0.33 * world.coverage(faint, image.shape[0])[..., None]
     beside = np.rint(drawn * (1 - a) + np.asarray(world.COLOURS["green"]) * a).astype(np.uint8)
     assert sh.blobs(beside) == 2

@@ -112,34 +112,14 @@ def edge_width(f: np.ndarray, rays: int = 64, step: float = 0.25) -> float:
     return float(np.median(widths)) if widths else float("nan")
 
 
-def _chroma(rgb: np.ndarray) -> np.ndarray:
-    """A colour's difference from the background less that difference's grey part: what a
-    shape's hue adds, whatever its shading or its mix with the background."""
-    d = np.asarray(rgb, np.float64) - BACKGROUND
-    return d - d.mean(-1, keepdims=True)
-
-
-def hues(rgb: np.ndarray, least: float = 10.0) -> np.ndarray:
-    """Each pixel's chromatic colour of the world (an index into world.COLOURS): the one its
-    chroma points towards; -1 where it has less than `least` (only lighter or darker than the
-    background: white, black, grey). A dark red, a faint red and a red are all red."""
-    q = _chroma(rgb)
-    colours = _chroma(np.asarray(list(world.COLOURS.values())))
-    size = np.linalg.norm(colours, axis=-1)
-    chromatic = np.nonzero(size > 4 * least)[0]  # white and black differ from it by 16
-    nearest = chromatic[(q @ (colours[chromatic] / size[chromatic, None]).T).argmax(-1)]
-    return np.where(np.linalg.norm(q, axis=-1) >= least, nearest, -1)
-
-
 def blobs(rgb: np.ndarray, min_area: int = 8, threshold: float = 30.0) -> int:
     """Distinct coloured blobs: 4-connected groups of at least `min_area` pixels further than
-    `threshold` (RGB distance) from the background and of one hue (`hues`), so a faint shape
-    touching another counts apart while a shaded one stays whole. 30: the demo model's
-    regenerated background strays about 20 from the picture's (specks of 7-11 px further than
-    15, none further than 30, at seed 3); a shape a third of the way to green is about 35
-    from it."""
+    `threshold` (RGB distance) from the background. 30: the demo model's regenerated
+    background strays about 20 from the picture's (specks of 7-11 px further than 15, none
+    further than 30, at seed 3), a shape a third of the way to green is about 35 from it (60
+    missed such shapes). Shapes that touch count as one: splitting them by hue split pale and
+    shaded shapes into pieces."""
     far = np.linalg.norm(rgb.astype(np.float64) - BACKGROUND, axis=-1) > threshold
-    hue = hues(rgb)
     seen = np.zeros_like(far)
     count = 0
     h, w = far.shape
@@ -151,8 +131,7 @@ def blobs(rgb: np.ndarray, min_area: int = 8, threshold: float = 30.0) -> int:
             cy, cx = queue.popleft()
             area += 1
             for ny, nx in ((cy - 1, cx), (cy + 1, cx), (cy, cx - 1), (cy, cx + 1)):
-                if (0 <= ny < h and 0 <= nx < w and far[ny, nx] and not seen[ny, nx]
-                        and hue[ny, nx] == hue[y, x]):  # fmt: skip
+                if 0 <= ny < h and 0 <= nx < w and far[ny, nx] and not seen[ny, nx]:
                     seen[ny, nx] = True
                     queue.append((ny, nx))
         count += area >= min_area
