@@ -322,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--figure",
         type=Path,
-        help="a PNG of seed --figure-seed's red circle and texture without the pass, with each "
-        "--setting row's and drawn at that size",
+        help="a PNG of seed --figure-seed's red circle and texture without the pass, at its "
+        "defaults, with each --setting row's and drawn at that size",
     )
     p.add_argument("--figure-seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         result["rows"][name] = summary(runs[name], runs["without the pass"])
     if args.figure:
         seed = args.figure_seed
-        shown = ["without the pass"] + args.setting
+        shown = list(rows)  # without the pass, at its defaults, each --setting
         pics = [(name, runs[name][seed]["pictures"]) for name in shown]
         figure(
             [
