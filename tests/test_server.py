@@ -274,8 +274,18 @@ def test_pixels_from_the_wire_become_rgba_arrays():
 # -- step times kept across restarts ----------------------------------------------------------
 
 
-def kept(path: Path) -> list[dict]:
-    return json.loads(path.read_text())
+def kept(path: Path, expect: list[dict] | None = None) -> list[dict] | None:
+    """The step-times file's entries: once they are `expect` (given), for up to 10 s. The engine
+    writes them just after the job's answer, so a test that has the answer may read too soon."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            entries = None
+        if expect is None or entries == expect or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.02)
 
 
 def key_of(start_engine) -> dict:
@@ -310,7 +320,8 @@ def test_step_times_kept_for_another_model_device_or_precision_are_not_announced
         run_all([c], [job])
         seconds = c.hello()["step_seconds"]
     assert job.state == "done" and seconds["full"]["2"] != 9.0
-    assert kept(path) == [other, {"key": key, "step_seconds": seconds}]  # the other one stays
+    expected = [other, {"key": key, "step_seconds": seconds}]  # the other one stays
+    assert kept(path, expected) == expected
 
 
 def test_a_jobs_step_times_are_kept_for_the_next_engine_on_the_same_file(start_engine, tmp_path):
@@ -322,7 +333,8 @@ def test_a_jobs_step_times_are_kept_for_the_next_engine_on_the_same_file(start_e
         run_all([c], [job])
         seconds = c.hello()["step_seconds"]
     assert job.state == "done" and list(seconds) == ["full"] and list(seconds["full"]) == ["2"]
-    assert kept(path) == [{"key": first.step_times.key, "step_seconds": seconds}]
+    expected = [{"key": first.step_times.key, "step_seconds": seconds}]
+    assert kept(path, expected) == expected
     first.stop()
     second = start_engine(step_file=path)
     with client(second.endpoint) as c:
@@ -358,7 +370,8 @@ def test_an_unusable_step_times_file_is_ignored_said_once_and_replaced(
     assert job.state == "done" and seconds
     said = [line for line in logs if line.startswith("step times:")]
     assert len(said) == 1 and said[0].startswith(f"step times: ignoring {path}: "), logs
-    assert kept(path) == [{"key": server.step_times.key, "step_seconds": seconds}]
+    expected = [{"key": server.step_times.key, "step_seconds": seconds}]
+    assert kept(path, expected) == expected
 
 
 def test_an_unwritable_step_times_file_costs_a_log_line_not_the_job(start_engine, tmp_path):
@@ -626,6 +639,9 @@ def test_serve_command_edits_for_the_cli_and_stops_cleanly_on_sigterm(tmp_path):
         edited = np.asarray(Image.open(out / "rank-1.png"))
         keep = np.frombuffer(mask, np.uint8).reshape(48, 64) == 0
         assert (edited[keep] == image[keep]).all()  # outside the selection: the same bytes
+        deadline = time.monotonic() + 10  # written (whole: by a rename) just after its answer
+        while not steps.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert list(kept(steps)[0]["step_seconds"]["full"]) == ["2"]  # the edit's steps, kept
 
         with client(endpoint) as c:  # SIGTERM mid-job: the job is cancelled, the engine exits
