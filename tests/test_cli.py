@@ -139,7 +139,7 @@ def test_bench_prints_both_formulations_measured_in_one_run():
         assert "run as AVX2, capped" in table.stdout
         assert re.search(r"engine, batch 1 +fp32 ", table.stdout)
     assert "previews (a preview every step, worst case)" in table.stdout
-    # the refinement at 2x the tiny model's 32 px: 3 x 3 tiles of 32 over 64 with 25% overlap
+    # the refinement at 2x the tiny model's 32 px: 3 x 3 tiles of 32 over 64, half shared
     assert re.search(r"refinement at 2x \(9 tiles\): [\d.]+ s/step, \d+ steps", table.stdout)
 
 

@@ -432,8 +432,8 @@ def test_the_engine_tells_an_edits_steps_and_tiles_and_times_its_refinement(star
                  "refine_strength": 0.5}  # fmt: skip
         job = client.submit(rgba, 96, 96, mask, "a red ball", asked)
         assert job.total == 6 + 3  # accepted says it before the first step
-        # the context box (72 px) over the tiny model's 32 px tiles, a quarter shared: 3 x 3
-        assert job.refine_tiles == 9
+        # the context box (72 px) over the tiny model's 32 px tiles, half shared: 4 x 4
+        assert job.refine_tiles == 16
         client.wait(job, timeout=120)
         seconds = client.hello()["step_seconds"]
         small = client.submit(bytes(40 * 40 * 4), 40, 40, bytes([255] * 1600), "x", asked)
