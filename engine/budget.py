@@ -34,6 +34,7 @@ _VIT_FLOATS_PER_TOKEN_LAYER = 16
 @dataclass(frozen=True)
 class Estimate:
     parts: dict[str, int]  # bytes by part
+    box: region.Box  # the edit's context box, costed here (the server plans the pass with it)
 
     @property
     def total(self) -> int:
@@ -117,7 +118,8 @@ def estimate(
             "unet_activations": unet,
             "clip_copies": copies * (3 * clip_size * clip_size * 4 + facts.clip_copy_bytes),
             "refinement": refine,
-        }
+        },
+        box,
     )
 
 

@@ -331,9 +331,8 @@ class Server:
             )
         job = Job(client, job_id, msg.header["prompt"], image, mask, settings, held=cost.held)
         job.previews = msg.header["previews"]
-        box = region.context_box(mask, settings.padding, settings.grow, settings.feather)
         native, factor = self.facts.config.image_size, self.facts.downsampling
-        job.refine_tiles = refine_tiles(settings, box, native, factor)
+        job.refine_tiles = refine_tiles(settings, cost.box, native, factor)
         job.total = settings.steps - settings.skip
         job.total += settings.refine_steps if job.refine_tiles else 0
         position = self._queue.add(job)
