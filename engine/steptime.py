@@ -94,7 +94,8 @@ class StepTimes:
                 base.append((done, self._clock()))
                 record(mode, base, 1)
             elif tiles:
-                fine.extend(base[-1:] if not fine else [])
+                if not fine:  # the pass's first step counts from the base pass's last
+                    fine.extend(base[-1:])
                 fine.append((done, self._clock()))
                 record(REFINE, fine, tiles)
 
