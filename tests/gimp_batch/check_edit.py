@@ -221,8 +221,7 @@ def case_edit():
             ENV["BD_EXPORT"]), None)  # fmt: skip
     if display is None:
         verdict["undo"] = "not checked: needs the GUI (BD_UNDO=dbus)"
-        check_fast_guidance(image, source, prompt)
-        return check_refine(image, source, prompt)
+        return check_choices(image, source, prompt)
     gui_action("edit-undo")
     after = snapshot(image, source)
     check("one undo removes every result layer", after["layers"] == before["layers"],
@@ -237,8 +236,7 @@ def case_edit():
           [group.get_id()] and len(group.get_children()) == 2)  # fmt: skip
     verdict["undo"] = "edit-undo once: results gone, selection and source kept; edit-redo: back"
     check_keep(image, group, new)
-    check_fast_guidance(image, source, prompt)
-    check_refine(image, source, prompt)
+    check_choices(image, source, prompt)
     display.delete()
 
 
@@ -258,33 +256,23 @@ def check_keep(image, group, variants):
     gui_action("edit-redo")
 
 
-def check_fast_guidance(image, source, prompt):
-    """The dialog's Fast guidance choice: a second edit with it adds its own group of two."""
-    before = [la.get_id() for la in image.get_layers()]
-    status, message, seconds = call(
-        image, source, prompt=prompt, **TYPED, fast_guidance=True, endpoint=ENV["BD_ENDPOINT"]
-    )
-    verdict["fast_edit_seconds"] = round(seconds, 2)
-    check("fast guidance: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
-    added = [la for la in image.get_layers() if la.get_id() not in before]
-    check("fast guidance: a group of two more layers",
-          len(added) == 1 and len(added[0].get_children()) == 2,
-          [la.get_name() for la in added])  # fmt: skip
+# the dialog's choices a further edit turns on, each adding its own group of two: (the checks'
+# name, the argument, the verdict's key); Refine's pass the test reads in the engine's log
+CHOICES = (("fast guidance", "fast_guidance", "fast_edit_seconds"),
+           ("refine", "refine", "refine_edit_seconds"))
 
 
-def check_refine(image, source, prompt):
-    """The dialog's Refine large selections: an edit with it adds its own group of two (the
-    test reads in the engine's log that it planned the pass)."""
-    before = [la.get_id() for la in image.get_layers()]
-    status, message, seconds = call(
-        image, source, prompt=prompt, **TYPED, refine=True, endpoint=ENV["BD_ENDPOINT"]
-    )
-    verdict["refine_edit_seconds"] = round(seconds, 2)
-    check("refine: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
-    added = [la for la in image.get_layers() if la.get_id() not in before]
-    check("refine: a group of two more layers",
-          len(added) == 1 and len(added[0].get_children()) == 2,
-          [la.get_name() for la in added])  # fmt: skip
+def check_choices(image, source, prompt):
+    for what, argument, key in CHOICES:
+        before = [la.get_id() for la in image.get_layers()]
+        asked = {**TYPED, argument: True, "endpoint": ENV["BD_ENDPOINT"]}
+        status, message, seconds = call(image, source, prompt=prompt, **asked)
+        verdict[key] = round(seconds, 2)
+        check(f"{what}: success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}")
+        added = [la for la in image.get_layers() if la.get_id() not in before]
+        check(f"{what}: a group of two more layers",
+              len(added) == 1 and len(added[0].get_children()) == 2,
+              [la.get_name() for la in added])  # fmt: skip
 
 
 def case_errors():
