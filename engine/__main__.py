@@ -51,7 +51,7 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=d.refine,
         help="a second pass at the selection's own resolution when it is larger than the model's "
-        "(default off: README)",
+        "(default on; --no-refine: off)",
     )
     p.add_argument(
         "--refine-strength", type=float, default=d.refine_strength, help="its noise (0 to 1)"

@@ -61,7 +61,7 @@ def test_paper_preset_is_the_official_defaults():
     paper = settings.request(VALUES | {"preset": "paper"}).settings
     # the paper: 100 steps, 25 skipped (75 guided), 4 variants, full guidance at the model's weight
     assert paper == {"variants": 4, "steps": 100, "skip": 25, "padding": 0.25,
-                     "guidance_mode": "full"}  # fmt: skip
+                     "guidance_mode": "full", "refine": True}  # fmt: skip
 
 
 def test_draft_is_quicker_than_paper():
@@ -76,10 +76,13 @@ def test_custom_takes_the_advanced_values_a_preset_overrides_them():
                        "fast_guidance": True, "guidance_weight": 200.0, "seed": 7}  # fmt: skip
     assert settings.request(custom).settings == {
         "variants": 3, "steps": 40, "skip": 20, "padding": 0.25, "guidance_mode": "fast",
-        "seed": 7, "guidance_weight": 200.0,
+        "refine": True, "seed": 7, "guidance_weight": 200.0,
     }  # fmt: skip
     draft = settings.request(custom | {"preset": "draft"}).settings
     assert draft["variants"] == settings.PRESETS["draft"]["variants"] and draft["seed"] == 7
+    # unticked, the pass is turned off by name (the engine's default is on); no preset ticks it
+    unticked = settings.request(custom | {"refine": False, "preset": "paper"}).settings
+    assert unticked["refine"] is False
 
 
 @hypothesis_settings(deadline=None)

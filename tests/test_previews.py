@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GREEN = (10, 200, 30, 255)
 # unguided (the tiny random model's guided sample turns NaN after a dozen steps), 2 variants
 RUN = {"steps": 8, "skip": 0, "variants": 2, "augmentations": 1, "seed": 4}
-RUN |= {"guidance_weight": 0, "range_weight": 0}
+RUN |= {"guidance_weight": 0, "range_weight": 0, "refine": False}  # the base steps' previews
 
 
 def ellipse_picture(width: int = 320, height: int = 240) -> tuple[bytes, bytes, np.ndarray]:

@@ -15,7 +15,7 @@ from engine.region import composite
 # the clean-disc setting (engine/demo/sharpness.py CLEAN): the demo model's base edit of this
 # selection is one clean red disc at seeds 1-5 and 7 of 0-7 (README)
 QUICK = dict(variants=1, seed=0, steps=sh.CLEAN["steps"], skip=sh.CLEAN["skip"],
-             guidance_weight=sh.CLEAN["guidance_weight"])
+             guidance_weight=sh.CLEAN["guidance_weight"], refine=False)  # the base edit alone
 
 
 def _blurred(rgb: np.ndarray, scale: int) -> np.ndarray:
@@ -76,7 +76,8 @@ ON = dict(refine=True)  # at its default strength, 0.1
 def test_the_pass_narrows_a_clean_discs_edge_keeping_its_blobs_and_red(demo, seed):
     """Measured over seeds 0-7 (README, fp32): without the pass 4.19 +- 0.27 px over the 6
     clean discs, 3.12 +- 0.32 with it at its defaults (drawn: 1.5); seeds 2 and 3: 4.25 -> 3.0
-    and 4.0 -> 3.0."""
+    and 4.0 -> 3.0. Another AVX2 EPYC (Zen 3, fp32) measured 4.75 -> 4.25 and 4.0 -> 3.0: the
+    CPU's kernels move a seed's figures, so the margin is the smallest seen, half a pixel."""
     image, mask = sh.picture()  # a round selection, its context box 4x the demo model's 32 px
     _, soft = _seen(demo, image, mask, seed=seed)
     _, sharp = _seen(demo, image, mask, seed=seed, **ON)
@@ -84,7 +85,7 @@ def test_the_pass_narrows_a_clean_discs_edge_keeping_its_blobs_and_red(demo, see
     assert sh.blobs(soft) == 1 and sh.is_red(sh.blob_colour(soft))  # a clean disc to measure
     drawn = sh.edge_width(sh.redness(sh.drawn_circle(image, mask)))
     assert before > 2 * drawn  # readable and soft
-    assert after < before - 0.5  # narrower by a margin
+    assert after <= before - 0.5  # narrower by a margin
     assert sh.blobs(sharp) == sh.blobs(soft)
     assert sh.is_red(sh.blob_colour(sharp))
     assert np.abs(np.subtract(sh.blob_colour(sharp), sh.blob_colour(soft))).max() < 40

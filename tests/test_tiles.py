@@ -182,8 +182,8 @@ def test_cancel_stops_inside_the_pass_before_the_next_tile(tiny):
 def test_the_budget_counts_the_pass_and_names_it(tiny):
     image, mask = _picture(1024, (100, 900))
     facts = budget.Facts.of(tiny)
-    on = budget.estimate(facts, image.shape, mask, EditSettings(refine=True))
-    off = budget.estimate(facts, image.shape, mask, EditSettings())  # off by default
+    on = budget.estimate(facts, image.shape, mask, EditSettings())  # on by default
+    off = budget.estimate(facts, image.shape, mask, EditSettings(refine=False))
     capped = budget.estimate(facts, image.shape, mask, EditSettings(refine=True, refine_cap=2))
     assert off.parts["refinement"] == 0 < capped.parts["refinement"] < on.parts["refinement"]
     assert "refine" in budget.advice(on, EditSettings(refine=True))

@@ -148,9 +148,9 @@ TABLE: tuple[Setting, ...] = (
         "refine",
         "Refine large selections",
         "A selection larger than the model's canvas (256 px for ADM 256) is edited at the model's "
-        "size, then refined at its own resolution over tiles: slower, and in the demo world it "
-        "added tile-shaped patches (off by default)",
-        False,
+        "size, then refined at its own resolution over tiles: sharper, and slower the larger "
+        "the selection (the expected time says how much)",
+        True,
         advanced=True,  # no preset decides it: it trades time for detail at any quality
     ),
     Setting("endpoint", "Engine", "Where the engine listens (`python -m engine serve`)",
@@ -276,6 +276,7 @@ def request(values: Mapping[str, Any], limits: Mapping[str, Any] | None = None) 
         "skip": skip_for(steps, int(v["strength"])),
         "padding": PADDING,
         "guidance_mode": "fast" if v["fast_guidance"] else "full",
+        "refine": bool(v["refine"]),
     }
     if v["seed"] >= 0:
         settings["seed"] = int(v["seed"])
@@ -284,8 +285,6 @@ def request(values: Mapping[str, Any], limits: Mapping[str, Any] | None = None) 
     for name in ("grow", "feather"):  # done by the engine; 0 (off) is its default
         if v[name] > 0:
             settings[name] = int(v[name])
-    if v["refine"]:  # off is the engine's default
-        settings["refine"] = True
     return Request(prompt, endpoint, settings, bool(v["layer_only"]))
 
 

@@ -429,7 +429,8 @@ class Driver:
     def refined_run(self, doc, docker, cfg: dict, fast: dict):
         from engine.plugin import settings
 
-        docker.set_values(fast | {"refine": True})
+        self.check("refine: on by default", docker.values()["refine"] is True, docker.values())
+        docker.set_values(fast)
         yield 0.2
         before = docker.expected.text()
         self.facts["expected_with_refine"] = before
@@ -443,7 +444,7 @@ class Driver:
             maxima.add(docker.progress_bar.maximum())
             return not docker.controller.active
 
-        self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **fast | {"refine": True})
+        self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **fast)
         done = yield from self.wait(finished, 120)
         del docker._message  # the docker's own method again
         job, sent = docker.controller.job, settings.request(docker.values()).settings
@@ -479,6 +480,8 @@ class Driver:
     def previews_and_history(self, doc, docker, cfg: dict):
         """Thumbnails appear and change mid-run (sampled twice) with nothing of them in the
         document; then a variant shown alone, Keep and Discard in one undo step each."""
+        from engine.plugin import settings
+
         app = Krita.instance()
         tree, rows = self.names(doc.rootNode()), self.history_rows()
         # the demo model guided (its previews show the edit emerging: the README's picture);
@@ -514,6 +517,11 @@ class Driver:
         done = yield from self.wait(lambda: not docker.controller.active, 240)
         self.check("the previewed run succeeds",
                    done and docker.controller.state == "done", docker.status.text())  # fmt: skip
+        job = docker.controller.job  # Refine unticked after 1d: over the same large selection
+        self.check("refine off: sent off, and the engine runs no pass",
+                   job.refine_tiles == 0 and job.total == slow["steps"]  # strength 100: no skip
+                   and settings.request(docker.values()).settings["refine"] is False,
+                   (job.total, job.refine_tiles))  # fmt: skip
         yield 0.3
         self.check("no preview thumbnail left", not self.thumbnails(docker, True))
         results = self.thumbnails(docker, False)
