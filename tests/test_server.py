@@ -29,7 +29,8 @@ from engine.protocol import Limits, Pixels, encode
 from engine.server import to_array
 
 ROOT = Path(__file__).resolve().parents[1]
-# 3 steps, no refinement pass (on by default; test_tiles runs it through the engine)
+# 3 steps, no refinement pass (on by default; test_never_wedges' property test and the host
+# tests run it through the engine)
 QUICK = {"steps": 4, "skip": 1, "variants": 2, "augmentations": 2, "refine": False}
 # cancelled long before its end; unguided, since the tiny random model's guided sample turns
 # NaN after about a dozen steps (and the job then ends with a non_finite error)

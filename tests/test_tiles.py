@@ -184,9 +184,9 @@ def test_the_budget_counts_the_pass_and_names_it(tiny):
     facts = budget.Facts.of(tiny)
     on = budget.estimate(facts, image.shape, mask, EditSettings())  # on by default
     off = budget.estimate(facts, image.shape, mask, EditSettings(refine=False))
-    capped = budget.estimate(facts, image.shape, mask, EditSettings(refine=True, refine_cap=2))
+    capped = budget.estimate(facts, image.shape, mask, EditSettings(refine_cap=2))
     assert off.parts["refinement"] == 0 < capped.parts["refinement"] < on.parts["refinement"]
-    assert "refine" in budget.advice(on, EditSettings(refine=True))
+    assert "refine" in budget.advice(on, EditSettings())
 
 
 @pytest.mark.parametrize(
