@@ -44,9 +44,9 @@ PLUGIN = "blended_diffusion"
 LIB = "_lib"  # inside each installed plug-in: the shared client (+ pyzmq); first on sys.path
 MANIFEST = "INSTALLED.json"
 MANIFEST_FORMAT = 1
-# engine/ files the plug-ins import: the client and the plug-ins' shared core (engine/plugin/)
-CLIENT_FILES = ("__init__.py", "protocol.py", "client.py")
-CORE = "plugin"
+# engine/ files the plug-ins import: the package top and engine/shared/ (wire, client, core)
+CLIENT_FILES = ("__init__.py",)
+CORE = "shared"
 SKIP = {"__pycache__", ".DS_Store", LIB}  # never copied from a source tree
 KRITA_KEY = f"enable_{PLUGIN}"
 KRITA_SECTION = "[python]"

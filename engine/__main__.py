@@ -111,7 +111,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     settings.check()
     region.check_inputs(image, mask)  # before minutes of model loading
     if args.engine:
-        from engine.client import ClientError
+        from engine.shared.client import ClientError
 
         try:
             label, variants = _edit_remote(args, image, mask, settings)
@@ -161,8 +161,8 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
     from tqdm import tqdm
 
     from engine import region
-    from engine.client import connect
     from engine.edit import Variant
+    from engine.shared.client import connect
 
     height, width, channels = image.shape
     if args.previews:

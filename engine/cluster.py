@@ -34,10 +34,11 @@ from ray import serve
 from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 
-from engine import budget, protocol
+from engine import budget
 from engine.jobs import CANCELLED, FAILED, Job, JobQueue
 from engine.models import Models
 from engine.server import Server
+from engine.shared import protocol
 from engine.steptime import engine_key
 
 APP = "blended-diffusion"  # the Serve application's name on the cluster

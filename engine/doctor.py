@@ -218,10 +218,10 @@ def plugins(report: Report, args: argparse.Namespace) -> None:
 
 def engine(report: Report, endpoint: str, timeout: float, keys: Path | None) -> None:
     report.section("engine")
-    if importlib.util.find_spec("engine.client") is None:
-        report.line("engine", f"{endpoint}: engine.client is not available, cannot ask")
+    if importlib.util.find_spec("engine.shared.client") is None:
+        report.line("engine", f"{endpoint}: engine.shared.client is not available, cannot ask")
         return
-    from engine.client import Client, EngineUnreachable, load_keys
+    from engine.shared.client import Client, EngineUnreachable, load_keys
 
     try:
         with Client(endpoint, timeout=timeout, **(load_keys(keys) if keys else {})) as client:
@@ -239,7 +239,7 @@ def engine(report: Report, endpoint: str, timeout: float, keys: Path | None) -> 
 
 def default_endpoint() -> str:
     try:
-        from engine.client import DEFAULT_ENDPOINT
+        from engine.shared.client import DEFAULT_ENDPOINT
     except ImportError:  # no client (or no pyzmq): the engine's documented default
         return "tcp://127.0.0.1:5557"
     return DEFAULT_ENDPOINT

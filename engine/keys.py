@@ -16,7 +16,7 @@ from pathlib import Path
 
 import zmq.auth
 
-from engine.client import default_key_dir
+from engine.shared.client import default_key_dir
 
 SERVER = "server"
 ALLOWED = "allowed"

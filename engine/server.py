@@ -32,13 +32,14 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine import __version__, budget, devices, preview, protocol, region, weights
-from engine.client import default_key_dir
+from engine import __version__, budget, devices, preview, region, weights
 from engine.edit import Diverged, EditSettings, refine_tiles, run_edit
 from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueue
 from engine.keys import CurveKeys
 from engine.models import Models
-from engine.protocol import Limits, Pixels, ProtocolError, is_loopback
+from engine.shared import protocol
+from engine.shared.client import default_key_dir
+from engine.shared.protocol import Limits, Pixels, ProtocolError, is_loopback
 from engine.steptime import FILE_NAME, StepTimes, engine_key
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"

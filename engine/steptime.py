@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from filelock import FileLock, Timeout
 
 from engine import devices
-from engine.plugin.estimate import REFINE
+from engine.shared.estimate import REFINE
 
 if TYPE_CHECKING:
     from engine.models import Models

@@ -15,23 +15,34 @@ import pytest
 import zmq
 from conftest import free_port, host_picture
 
-from engine import protocol
-from engine.client import Client, EngineError, EngineUnreachable, VersionMismatch, rgba_to_bgra
-from engine.protocol import Pixels, encode
+from engine.shared import protocol
+from engine.shared.client import (
+    Client,
+    EngineError,
+    EngineUnreachable,
+    VersionMismatch,
+    rgba_to_bgra,
+)
+from engine.shared.protocol import Pixels, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fresh_interpreter_imports_client_without_torch_or_numpy():
     code = (
-        "import sys, engine.protocol, engine.client\n"
+        "import sys, engine.shared.protocol, engine.shared.client\n"
         "heavy = {'torch', 'numpy', 'platformdirs'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-@pytest.mark.parametrize("module", ["protocol.py", "client.py", "__init__.py"])
+SHIPPED = [
+    "__init__.py", *(f"shared/{p.name}" for p in sorted((ROOT / "engine/shared").glob("*.py")))
+]
+
+
+@pytest.mark.parametrize("module", SHIPPED)
 def test_client_side_parses_as_python_310(module):
     source = (ROOT / "engine" / module).read_text()
     ast.parse(source, feature_version=(3, 10))

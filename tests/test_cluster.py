@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from test_server import LONG, QUICK, client, first_progress, run_all, start_serve, submit
 
-from engine import protocol
-from engine.client import Client
+from engine.shared import protocol
+from engine.shared.client import Client
 
 ROOT = Path(__file__).resolve().parents[1]
 LONGER = {**LONG, "steps": 1000}  # outlasts whatever the test does while it runs
@@ -59,7 +59,7 @@ def timed_pair(a: Client, b: Client) -> tuple[float, list]:
 
 def test_the_single_process_engine_imports_nothing_of_ray():
     code = (
-        "import sys, engine.__main__, engine.server, engine.client; "
+        "import sys, engine.__main__, engine.server, engine.shared.client; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

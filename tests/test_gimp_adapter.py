@@ -20,9 +20,9 @@ sys.path.insert(0, str(PLUGIN))  # the plug-in's modules import each other by pl
 
 import flow  # noqa: E402
 
-from engine import client as engine_client  # noqa: E402
-from engine.plugin import settings, wording  # noqa: E402
-from engine.plugin.geometry import Rect  # noqa: E402
+from engine.shared import client as engine_client  # noqa: E402
+from engine.shared import settings, wording  # noqa: E402
+from engine.shared.geometry import Rect  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 VALUES = settings.defaults() | {"prompt": "a red circle"}
@@ -81,7 +81,7 @@ class FakeHost:
 
 
 class FakeClient:
-    """Answers like engine.client.Client; `script` is what poll() returns, call by call."""
+    """Answers like engine.shared.client.Client; `script` is what poll() returns, call by call."""
 
     def __init__(self, script, models="tiny [random model]", hello_error=None, submit_error=None):
         self.script, self.models, self.closed, self.submitted = list(script), models, False, None

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.plugin import settings
+from engine.shared import settings
 from tests.conftest import free_port
 from tests.hosts import trixie, visible
 from tests.recording_engine import received

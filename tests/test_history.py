@@ -1,13 +1,13 @@
-"""The plug-ins' run history (engine/plugin/history.py): previews while running, the best so far,
+"""The plug-ins' run history (engine/shared/history.py): previews while running, the best so far,
 results ranked, Keep / Discard / Again / Vary decided host-agnostically."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine.client import Preview, Variant
-from engine.plugin.history import DISCARDED, DONE, KEPT, LIMIT, RUNNING, History
-from engine.plugin.wording import ResultLayer
+from engine.shared.client import Preview, Variant
+from engine.shared.history import DISCARDED, DONE, KEPT, LIMIT, RUNNING, History
+from engine.shared.wording import ResultLayer
 
 SETTINGS = {"variants": 3, "seed": 40, "steps": 50, "skip": 10}
 

@@ -42,7 +42,7 @@ PLACES = {
 SCRUB = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "APPDATA", "LOCALAPPDATA", install.HOME_ENV)
 
 
-def fake_checkout(root: Path, client: bool = True) -> Path:
+def fake_checkout(root: Path, top: bool = True) -> Path:
     files = {
         f"plugin_krita/{P}.desktop": f"[Desktop Entry]\nType=Service\nX-KDE-Library={P}\n",
         f"plugin_krita/{P}/__init__.py": "from .extension import *\n",
@@ -51,11 +51,11 @@ def fake_checkout(root: Path, client: bool = True) -> Path:
         f"plugin_gimp/{P}/{P}.py": "#!/usr/bin/env python3\n",
         f"plugin_gimp/{P}/ui/dialog.py": "# gimp\n",
         f"plugin_gimp/{P}/__pycache__/x.cpython-311.pyc": "not copied",
-        "engine/__init__.py": "",
-        "engine/protocol.py": "# protocol\n",
+        "engine/shared/protocol.py": "# protocol\n",
+        "engine/shared/client.py": "# client\n",
     }
-    if client:
-        files["engine/client.py"] = "# client\n"
+    if top:
+        files["engine/__init__.py"] = ""
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_text(text)
@@ -125,7 +125,10 @@ def test_install_update_uninstall_in_each_layout(tmp_path, layout):
     assert not (gimp / P / "__pycache__").exists()
     for folder in (krita / P, gimp / P):
         lib = folder / "_lib"
-        assert sorted(p.name for p in (lib / "engine").iterdir()) == sorted(install.CLIENT_FILES)
+        assert sorted(p.name for p in (lib / "engine").iterdir()) == ["__init__.py", "shared"]
+        assert sorted(p.name for p in (lib / "engine/shared").iterdir()) == [
+            "client.py", "protocol.py"
+        ]
         manifest = json.loads((lib / "INSTALLED.json").read_text())
         assert manifest["pyzmq"]["bundled"] is False
         assert not (lib / "zmq").exists()
@@ -203,16 +206,16 @@ def test_dry_run_changes_nothing(tmp_path):
 
 
 def test_a_bundled_wheel_is_unpacked_into_lib_and_removed_with_the_plugin(tmp_path):
-    src = fake_checkout(tmp_path / "src", client=False)
+    src = fake_checkout(tmp_path / "src", top=False)
     home = tmp_path / "home"
     wheel = fake_wheel(tmp_path)
     r = run_install(home, "linux", "--host-python", "3.11", "--pyzmq-wheel", str(wheel), source=src)
-    assert "client.py does not exist" in r.stderr  # skipped with a warning, others copied
+    assert "__init__.py does not exist" in r.stderr  # skipped with a warning, others copied
     for root in (home / PLACES["linux"][0], home / PLACES["linux"][1]):
         lib = root / P / "_lib"
         assert (lib / "zmq/__init__.py").read_text() == "FAKE = True\n"
         assert (lib / "pyzmq.libs/libzmq.so.5").is_file()
-        assert sorted(p.name for p in (lib / "engine").iterdir()) == ["__init__.py", "protocol.py"]
+        assert sorted(p.name for p in (lib / "engine").iterdir()) == ["shared"]
         pyzmq = json.loads((lib / "INSTALLED.json").read_text())["pyzmq"]
         assert pyzmq["bundled"] and pyzmq["wheel"] == wheel.name and pyzmq["python"] == "3.11"
 

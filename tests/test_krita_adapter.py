@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import free_port, host_picture
 
-from engine.plugin import settings
-from engine.plugin.geometry import Rect
-from engine.plugin.wording import ResultLayer
+from engine.shared import settings
+from engine.shared.geometry import Rect
+from engine.shared.wording import ResultLayer
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUEST = settings.request({"prompt": "a red ball"})  # the defaults: the visible picture
@@ -474,10 +474,10 @@ def test_settings_go_through_kritas_store(krita):
 
 
 class FakeClient:
-    """The client's interface (engine/client.py) with scripted events."""
+    """The client's interface (engine/shared/client.py) with scripted events."""
 
     def __init__(self, error: Exception | None = None, block: threading.Event | None = None):
-        from engine.client import Job
+        from engine.shared.client import Job
 
         self.info: dict = {}
         self.job = Job("job1")
@@ -514,7 +514,7 @@ class FakeClient:
         self.closed = True
 
     def event(self, kind: str, **fields):
-        from engine.client import Event
+        from engine.shared.client import Event
 
         # as the client's poll does: the job is updated before its event is returned
         state = {"result": "done", "error": "failed", "cancelled": "cancelled"}
@@ -553,7 +553,7 @@ def test_a_second_run_on_the_same_client_is_estimated_from_the_engines_latest_st
 
 
 def test_job_runs_through_its_states():
-    from engine.client import Variant
+    from engine.shared.client import Variant
 
     client = FakeClient()
     seen, applied = [], []
@@ -585,7 +585,7 @@ def test_job_runs_through_its_states():
     ],
 )
 def test_submit_errors_become_messages(error, message):
-    from engine.client import EngineError, EngineUnreachable, VersionMismatch
+    from engine.shared.client import EngineError, EngineUnreachable, VersionMismatch
 
     exc = {
         "unreachable": EngineUnreachable("engine unreachable at tcp://x: no connection"),
@@ -601,7 +601,7 @@ def test_submit_errors_become_messages(error, message):
 
 
 def test_engine_errors_and_lost_engine_while_running():
-    from engine.client import EngineError
+    from engine.shared.client import EngineError
 
     for code, message in (("internal", "refused the edit (internal)"), ("timeout", "Lost")):
         client = FakeClient()
@@ -653,7 +653,7 @@ def test_missing_pyzmq_is_a_message():
 
 
 def test_a_failing_apply_is_a_message():
-    from engine.client import Variant
+    from engine.shared.client import Variant
 
     client = FakeClient()
     controller = job_mod.Controller(connect=lambda e: client)
@@ -728,8 +728,8 @@ def test_zip_for_kritas_importer(tmp_path):
         "blended_diffusion/",  # Krita's importer looks for the folder's own entry
         "blended_diffusion/__init__.py",
         "blended_diffusion/blended_diffusion.action",
-        "blended_diffusion/_lib/engine/client.py",
-        "blended_diffusion/_lib/engine/protocol.py",
+        "blended_diffusion/_lib/engine/shared/client.py",
+        "blended_diffusion/_lib/engine/shared/protocol.py",
         "blended_diffusion/_lib/zmq/__init__.py",
         "blended_diffusion/_lib/pyzmq.libs/libzmq.so",
     ):

@@ -187,7 +187,7 @@ def test_plugin_in_real_krita(model: str, tmp_path: Path) -> None:
 
     imported = out / "imported"
     for rel in ("pykrita/blended_diffusion.desktop", "pykrita/blended_diffusion/__init__.py",
-                "pykrita/blended_diffusion/_lib/engine/client.py",
+                "pykrita/blended_diffusion/_lib/engine/shared/client.py",
                 "actions/blended_diffusion.action"):  # fmt: skip
         assert (imported / rel).is_file(), f"Krita's importer did not extract {rel}"
     verdict_file = out / "verdict.json"

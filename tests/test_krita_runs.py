@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.plugin.history import RUNNING, Run
+from engine.shared.history import RUNNING, Run
 
 KRITA = Path(__file__).resolve().parents[1] / "plugin_krita" / "blended_diffusion"
 

@@ -19,11 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import LONG, QUICK, ROOT, client, events_of, first_progress, run_all, submit
 
-from engine import protocol
-from engine.client import Client, EngineError, Job
 from engine.edit import EditSettings, run_edit
 from engine.jobs import Cancelled
-from engine.protocol import Limits, Pixels, encode
+from engine.shared import protocol
+from engine.shared.client import Client, EngineError, Job
+from engine.shared.protocol import Limits, Pixels, encode
 
 TERMINAL = ("result", "error", "cancelled")
 

@@ -1,4 +1,4 @@
-"""The plug-ins' shared core (engine/plugin): the settings table and requests, the context window
+"""The plug-ins' shared core (engine/shared): the settings table and requests, the context window
 within the engine's limit, time estimates, wording; and the engine's measured step times."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from engine import edit, protocol, region
-from engine.client import Job
-from engine.plugin import estimate, geometry, settings, wording
-from engine.plugin.geometry import Rect
+from engine import edit, region
+from engine.shared import estimate, geometry, protocol, settings, wording
+from engine.shared.client import Job
+from engine.shared.geometry import Rect
 from engine.steptime import StepTimes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,15 +28,15 @@ VALUES = settings.defaults() | {"prompt": "a red circle"}
 def test_core_imports_without_pyzmq_torch_or_numpy():
     code = (
         "import sys; sys.modules['zmq'] = None\n"  # any `import zmq` now fails
-        "import engine.plugin.settings, engine.plugin.geometry, engine.plugin.estimate\n"
-        "import engine.plugin.wording\n"
-        "heavy = {'torch', 'numpy', 'engine.client'} & set(sys.modules)\n"
+        "import engine.shared.settings, engine.shared.geometry, engine.shared.estimate\n"
+        "import engine.shared.wording\n"
+        "heavy = {'torch', 'numpy', 'engine.shared.client'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "engine" / "plugin").glob("*.py")), ids=str)
+@pytest.mark.parametrize("path", sorted((ROOT / "engine" / "shared").glob("*.py")), ids=str)
 def test_core_parses_as_python_310(path):
     ast.parse(path.read_text(), feature_version=(3, 10))  # Krita 5.2 bundles Python 3.10
 
@@ -390,7 +390,7 @@ def test_step_times_measured_after_the_first_step():
 
 
 def test_the_engine_announces_its_step_times(start_engine):
-    from engine.client import Client
+    from engine.shared.client import Client
 
     server = start_engine()
     with Client(server.endpoint, timeout=5) as client:
@@ -425,7 +425,7 @@ def test_the_refinements_steps_are_timed_per_tile_apart_from_the_base_pass():
 
 
 def test_the_engine_tells_an_edits_steps_and_tiles_and_times_its_refinement(start_engine):
-    from engine.client import Client
+    from engine.shared.client import Client
 
     server = start_engine()
     with Client(server.endpoint, timeout=5) as client:

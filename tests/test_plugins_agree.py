@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.client import Job
-from engine.plugin import settings
-from engine.plugin.geometry import Rect
+from engine.shared import settings
+from engine.shared.client import Job
+from engine.shared.geometry import Rect
 
 ROOT = Path(__file__).resolve().parents[1]
 KRITA = ROOT / "plugin_krita" / "blended_diffusion"

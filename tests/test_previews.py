@@ -16,10 +16,9 @@ import pytest
 import zmq
 from PIL import Image
 
-from engine import protocol
-from engine.client import Client
-from engine.plugin import png
-from engine.protocol import Pixels, ProtocolError
+from engine.shared import png, protocol
+from engine.shared.client import Client
+from engine.shared.protocol import Pixels, ProtocolError
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEN = (10, 200, 30, 255)

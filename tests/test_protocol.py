@@ -8,8 +8,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import protocol
-from engine.protocol import Limits, Pixels, ProtocolError, decode_reply, decode_request, encode
+from engine.shared import protocol
+from engine.shared.protocol import (
+    Limits,
+    Pixels,
+    ProtocolError,
+    decode_reply,
+    decode_request,
+    encode,
+)
 
 
 def submit_frames(width=4, height=3, **header) -> list[bytes]:

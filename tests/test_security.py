@@ -10,8 +10,8 @@ from conftest import free_port, host_picture
 
 from engine import keys
 from engine.__main__ import main
-from engine.client import Client, EngineUnreachable, connect, default_key_dir, load_keys
 from engine.server import BindRefused, Server
+from engine.shared.client import Client, EngineUnreachable, connect, default_key_dir, load_keys
 
 
 def test_non_loopback_bind_without_keys_is_refused(tiny_models, tmp_path, capsys):

@@ -23,10 +23,10 @@ from conftest import host_picture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine import protocol
-from engine.client import Client, EngineError, Job
-from engine.protocol import Limits, Pixels, encode
 from engine.server import to_array
+from engine.shared import protocol
+from engine.shared.client import Client, EngineError, Job
+from engine.shared.protocol import Limits, Pixels, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 # 3 steps, no refinement pass (on by default; test_never_wedges' property test and the host
@@ -148,7 +148,7 @@ def test_cancel_of_a_queued_job_removes_it(start_engine):
 
 ORPHAN = """
 import sys
-from engine.client import Client
+from engine.shared.client import Client
 c = Client(sys.argv[1], keepalive=0.2)
 job = c.submit(bytes(64 * 64 * 4), 64, 64, bytes(2048) + b"\\xff" * 2048, "orphan", {LONG})
 print("accepted", job.id, flush=True)

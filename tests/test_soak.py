@@ -18,9 +18,9 @@ import zmq
 from conftest import free_port, host_picture
 from test_server import LONG, ORPHAN, QUICK, ROOT
 
-from engine import protocol
-from engine.client import Client, EngineError, Job
-from engine.protocol import Pixels, encode
+from engine.shared import protocol
+from engine.shared.client import Client, EngineError, Job
+from engine.shared.protocol import Pixels, encode
 
 BUDGET_GIB = 1.0
 KEEPALIVE_TIMEOUT = 3.0

@@ -113,8 +113,8 @@ def run(
 
 
 def preset_settings() -> dict[str, dict]:
-    """The plug-ins' presets (engine/plugin/settings.py) as the engine's settings."""
-    from engine.plugin.settings import PRESETS, request
+    """The plug-ins' presets (engine/shared/settings.py) as the engine's settings."""
+    from engine.shared.settings import PRESETS, request
 
     return {f"preset {name}": request({"prompt": "x", "preset": name}).settings for name in PRESETS}
 

@@ -15,8 +15,8 @@ gi.require_version("Gegl", "0.4")
 from flow import EditError  # noqa: E402
 from gi.repository import Gegl, Gimp  # noqa: E402
 
-from engine.plugin.geometry import Rect  # noqa: E402
-from engine.plugin.wording import GROUP_PREFIX, ResultLayer  # noqa: E402
+from engine.shared.geometry import Rect  # noqa: E402
+from engine.shared.wording import GROUP_PREFIX, ResultLayer  # noqa: E402
 
 if TYPE_CHECKING:
     from progress import ProgressWindow

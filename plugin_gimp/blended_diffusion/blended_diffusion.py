@@ -6,7 +6,7 @@ to a running engine (`python -m engine serve`) and adds its results as layers ab
 layer, the best visible, in one undo step. Beside this file: params (the arguments, from the
 shared settings table), flow (the edit, host-independent), adapter (the only Gimp/Gegl pixel
 and layer code) and progress (the progress window, with its Cancel, of a run with a UI); the
-settings, geometry and wording both plug-ins share are in _lib/engine/plugin.
+settings, geometry and wording both plug-ins share are in _lib/engine/shared.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ gi.require_version("Gegl", "0.4")
 import params  # noqa: E402
 from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
 
-from engine.plugin import settings, wording  # noqa: E402
+from engine.shared import settings, wording  # noqa: E402
 
 PROCEDURE = "python-fu-blended-diffusion"
 KEEP = "python-fu-blended-diffusion-keep"

@@ -9,7 +9,7 @@ A cancel is sent to the engine, whose answer is awaited a few seconds, and the e
 the plug-in instead; the engine then misses the keep-alive `poll()` sends and drops the job.
 While the engine works, the best variant's preview is shown in the image through the host's
 temporary preview layer, which is removed whatever the outcome. Settings, geometry and wording
-are the shared core's (engine/plugin), as in the Krita plug-in.
+are the shared core's (engine/shared), as in the Krita plug-in.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from engine import client as engine_client
-from engine.plugin import estimate, geometry, history, png, settings, wording
-from engine.plugin.geometry import Rect
-from engine.plugin.wording import ResultLayer
+from engine.shared import client as engine_client
+from engine.shared import estimate, geometry, history, png, settings, wording
+from engine.shared.geometry import Rect
+from engine.shared.wording import ResultLayer
 
 PREFIX = wording.GROUP_PREFIX  # progress and errors name the plug-in as its groups do
 CANCEL_WAIT = settings.TIMEOUT  # seconds for the engine to confirm a cancel (it takes one step)

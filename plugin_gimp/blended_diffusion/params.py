@@ -1,4 +1,4 @@
-"""The procedure's arguments, made from the shared settings table (engine/plugin/settings.py),
+"""The procedure's arguments, made from the shared settings table (engine/shared/settings.py),
 and the values remembered between runs.
 
 No gi import: GIMP registers the procedure from it before any connection (and before pyzmq is
@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from engine.plugin.settings import BY_NAME, TABLE, Setting, dumps, effective, loads
+from engine.shared.settings import BY_NAME, TABLE, Setting, dumps, effective, loads
 
 REMEMBERED = "blended-diffusion-last-values.json"  # in GIMP's profile folder
 

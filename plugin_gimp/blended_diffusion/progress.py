@@ -19,7 +19,7 @@ gi.require_version("Gtk", "3.0")
 gi.require_version("GimpUi", "3.0")
 from gi.repository import Gdk, GimpUi, GLib, Gtk  # noqa: E402
 
-from engine.plugin.wording import GROUP_PREFIX  # noqa: E402
+from engine.shared.wording import GROUP_PREFIX  # noqa: E402
 
 WIDTH = 46  # characters the status text wraps at: a run's longest line takes two rows
 

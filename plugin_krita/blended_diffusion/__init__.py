@@ -1,7 +1,7 @@
 """Blended Diffusion for Krita: edit a selection from a text prompt with a running engine.
 
 The plug-in's `_lib` folder (filled by install.py: the shared engine client, and pyzmq when
-Krita's Python lacks it) goes first on sys.path, so `import engine.client` finds that copy.
+Krita's Python lacks it) goes first on sys.path, so `import engine.shared.client` finds that copy.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The docker: prompt, preset, seed, Advanced settings, the engine's state, Generate/Cancel,
 progress and a message line.
 
-Every setting's widget is made from the shared settings table (engine/plugin/settings.py), as
+Every setting's widget is made from the shared settings table (engine/shared/settings.py), as
 GIMP's procedure is. The docker reads the document through `document` and leaves the job to
 `job.Controller`, ticking it from a QTimer while a job is active. A Generate pressed while a
 job runs is queued (its pixels read at the press). Settings persist in Krita's settings store.
@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from engine.plugin import settings, wording
-from engine.plugin.history import History, Run, Shot
-from engine.plugin.settings import Setting
+from engine.shared import settings, wording
+from engine.shared.history import History, Run, Shot
+from engine.shared.settings import Setting
 
 from . import document
 from .document import DockWidget, UserError

@@ -19,10 +19,10 @@ from typing import Any
 
 import krita
 
-from engine.plugin import geometry
-from engine.plugin.geometry import Rect
-from engine.plugin.settings import Request
-from engine.plugin.wording import ResultLayer
+from engine.shared import geometry
+from engine.shared.geometry import Rect
+from engine.shared.settings import Request
+from engine.shared.wording import ResultLayer
 
 from .job import Pixels
 
@@ -141,7 +141,7 @@ def add_results(export: Export, group_name: str, layers: list[ResultLayer]) -> s
         raise UserError("the image was closed while the engine worked")
     group = doc.createGroupLayer(group_name)
     nodes = []
-    from engine.client import rgba_to_bgra  # Krita's pixelData is B, G, R, A
+    from engine.shared.client import rgba_to_bgra  # Krita's pixelData is B, G, R, A
 
     for spec in layers:
         node = doc.createNode(spec.name, "paintlayer")

@@ -8,7 +8,7 @@ GUI thread except the calls that can block: `hello` and `submit` wait up to the 
 timeout for an engine that is not there. They run in a short-lived thread that touches only the
 client's socket (handed back to the GUI thread by `join`), so a dead engine never freezes Krita.
 `Probe` asks an engine's state (model, device, step times) the same way, before any Generate.
-Settings, geometry and wording are the shared core's (engine/plugin), as in the GIMP plug-in.
+Settings, geometry and wording are the shared core's (engine/shared), as in the GIMP plug-in.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.plugin import estimate, settings, wording
-from engine.plugin.geometry import Rect
-from engine.plugin.wording import ResultLayer
+from engine.shared import estimate, settings, wording
+from engine.shared.geometry import Rect
+from engine.shared.wording import ResultLayer
 
 IDLE, SUBMITTING, RUNNING, DONE, FAILED, CANCELLED = (
     "idle",
@@ -53,12 +53,12 @@ class Progress:
     error: bool = False
     seed: int | None = None  # the best variant's seed of the last result
     models: str = ""  # what the engine said it runs
-    previews: list = field(default_factory=list)  # the last step's (engine.client.Preview)
+    previews: list = field(default_factory=list)  # the last step's (engine.shared.client.Preview)
 
 
 def connect(endpoint: str):
     """The shared client; imported late so a missing pyzmq becomes a message, not a dead plug-in."""
-    from engine import client
+    from engine.shared import client
 
     return client.connect(endpoint, timeout=TIMEOUT)  # with CURVE keys for a remote engine
 

@@ -1,7 +1,7 @@
 """The docker's runs: live thumbnails of the variants while the engine works, then the document's
 history of runs (thumbnail, prompt, seed per variant) with Keep, Discard, Again and Vary.
 
-The history itself is the shared core's (engine/plugin/history.py); this is its Qt face. Nothing
+The history itself is the shared core's (engine/shared/history.py); this is its Qt face. Nothing
 shown here enters the document: previews are pictures in the docker only, and the results are
 the layers the job added. Clicking a finished variant shows it alone in the image.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from engine.plugin.history import DONE, RUNNING, Run, Shot
+from engine.shared.history import DONE, RUNNING, Run, Shot
 
 from .qt import (
     QHBoxLayout,

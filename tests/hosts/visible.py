@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.plugin import geometry
-from engine.plugin.geometry import Rect
+from engine.shared import geometry
+from engine.shared.geometry import Rect
 from tests.recording_engine import received
 
 SELECTION, GROW = [30, 20, 36, 24], 3

@@ -100,7 +100,7 @@ class Driver:
     # -- the scenario ------------------------------------------------------------------------
 
     def scenario(self):
-        from engine.plugin import settings  # from the plug-in's _lib, on sys.path once it loaded
+        from engine.shared import settings  # from the plug-in's _lib, on sys.path once it loaded
 
         cfg, app = self.config, Krita.instance()
         area = (tuple(cfg.get("selection", SELECTION)), cfg.get("feather", FEATHER))
@@ -355,7 +355,7 @@ class Driver:
         """What the artist sees goes in (tests/hosts/visible.py's scene): a transparent "Ink"
         layer over a painted background is active, with and without "This layer only"; then a
         group is active. The test reads what the engine received for each prompt."""
-        from engine.plugin.wording import group_name
+        from engine.shared.wording import group_name
 
         doc = self.new_document("bd-visible")
         yield 0.3
@@ -427,7 +427,7 @@ class Driver:
         doc.setModified(False)
 
     def refined_run(self, doc, docker, cfg: dict, fast: dict):
-        from engine.plugin import settings
+        from engine.shared import settings
 
         self.check("refine: on by default", docker.values()["refine"] is True, docker.values())
         docker.set_values(fast)
@@ -480,7 +480,7 @@ class Driver:
     def previews_and_history(self, doc, docker, cfg: dict):
         """Thumbnails appear and change mid-run (sampled twice) with nothing of them in the
         document; then a variant shown alone, Keep and Discard in one undo step each."""
-        from engine.plugin import settings
+        from engine.shared import settings
 
         app = Krita.instance()
         tree, rows = self.names(doc.rootNode()), self.history_rows()
@@ -591,8 +591,8 @@ class Driver:
                    self.names(doc.rootNode()))  # fmt: skip
 
     def results(self, doc, job, cfg: dict, tree_before: list[str]) -> None:
-        from engine.plugin import settings
-        from engine.plugin.wording import group_name, layer_name
+        from engine.shared import settings
+        from engine.shared.wording import group_name, layer_name
 
         root = doc.rootNode().childNodes()
         names = [c.name() for c in root]

@@ -28,8 +28,8 @@ from typing import Any
 
 import zmq
 
-from engine import protocol
-from engine.protocol import Limits, Pixels, ProtocolError
+from engine.shared import protocol
+from engine.shared.protocol import Limits, Pixels, ProtocolError
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 ACTIVE = ("queued", "running")
@@ -82,7 +82,7 @@ class Preview:
     step: int
     width: int
     height: int
-    png: bytes  # engine/plugin/png.py decodes it without numpy; Qt's QImage.fromData too
+    png: bytes  # engine/shared/png.py decodes it without numpy; Qt's QImage.fromData too
     box: tuple[int, int, int, int]  # x, y, width, height in the submitted image: what it shows
 
 
@@ -233,7 +233,7 @@ class Client:
 
     def hello(self) -> dict[str, Any]:
         """The engine's protocol version, models label, device and limits."""
-        self.info = self._request("hello", {"client": "engine.client"}).header
+        self.info = self._request("hello", {"client": "engine.shared.client"}).header
         self.limits = Limits.from_json(self.info.get("limits"))
         return self.info
 

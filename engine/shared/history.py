@@ -1,7 +1,7 @@
 """A document's runs, as a plug-in lists them: what each variant looks like, its seed, its rank.
 
 Host-agnostic (no Qt, no Krita, no GIMP): a run starts with the request the artist sent; while the
-engine works its variants' previews (engine.client.Preview, PNG) arrive and the best so far is the
+engine works its variants' previews (client.Preview, PNG) arrive and the best so far is the
 one of lowest CLIP distance; when the result arrives the variants take their rank, distance and
 layer name, best first. Keep, Discard, Again and Vary are decided here (which layer stays, which
 settings to send); the plug-in's adapter does them to the document.
@@ -63,7 +63,7 @@ class Run:
         return self.shot(seed)
 
     def preview(self, previews: Iterable[Any]) -> None:
-        """Take a progress event's previews (engine.client.Preview)."""
+        """Take a progress event's previews (engine.shared.client.Preview)."""
         for p in previews:
             shot = self.shot(p.seed)
             shot.picture, shot.step, shot.distance = p.png, p.step, p.distance

@@ -1,6 +1,6 @@
 """What both plug-ins share, host-agnostic: pure Python, importable without pyzmq.
 
-GIMP registers its procedure before any connection, so nothing here imports `engine.client`
+GIMP registers its procedure before any connection, so nothing here imports `engine.shared.client`
 at module level. install.py copies this package beside the client into each plug-in's `_lib`.
 
 - `settings`: the settings table both UIs are built from, presets, request building/validation.

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.plugin.settings import PADDING
+from engine.shared.settings import PADDING
 
 MAX_SIDE = 4096  # the engine's default limit; its `hello` says its own
 MIN_CONTEXT = 48  # engine/region.py's least context box side (tests check they agree)

@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engine.plugin import estimate
-from engine.plugin.settings import PAPER, PRESETS, PROMPT_SHOWN, skip_for
+from engine.shared import estimate
+from engine.shared.settings import PAPER, PRESETS, PROMPT_SHOWN, skip_for
 
 CLIENT_MISSING = (
     "The engine client cannot load in this program's Python ({error}): it needs pyzmq and the "
@@ -20,7 +20,7 @@ CLIENT_MISSING = (
 def describe(error: BaseException) -> str:
     """What went wrong and what to do, for any error an edit can end with."""
     try:
-        from engine.client import EngineError, EngineUnreachable, Timeout, VersionMismatch
+        from engine.shared.client import EngineError, EngineUnreachable, Timeout, VersionMismatch
     except ImportError:
         EngineError = EngineUnreachable = Timeout = VersionMismatch = ()  # noqa: N806
     if isinstance(error, ImportError):
