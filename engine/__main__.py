@@ -19,67 +19,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
-    from engine.accel import RECOMPUTE
-    from engine.devices import PRECISIONS
-    from engine.edit import GUIDANCE_MODES, SAMPLERS, EditSettings
+    """One option a setting of the request schema, named, typed and bounded by it."""
+    from engine.shared.request import FIELDS
 
-    d = EditSettings()
-    p.add_argument("--variants", type=int, default=d.variants)
-    p.add_argument("--seed", type=int, default=None, help="default: random (reported)")
-    p.add_argument("--steps", type=int, default=d.steps, help="respaced sampling steps T")
-    p.add_argument("--skip", type=int, default=d.skip, help="first steps skipped (k = T - skip)")
-    p.add_argument(
-        "--guidance-weight", type=float, help="CLIP weight (default: the model's, per mode)"
-    )
-    p.add_argument("--range-weight", type=float, default=d.range_weight)
-    p.add_argument("--augmentations", type=int, default=d.augmentations)
-    p.add_argument("--sampler", default=d.sampler, choices=SAMPLERS)
-    p.add_argument("--guidance-mode", default=d.guidance_mode, choices=GUIDANCE_MODES)
-    p.add_argument("--guidance-every", type=int, default=d.guidance_every, help="guide 1 step in N")
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
-    p.add_argument("--recompute", default=d.recompute, choices=RECOMPUTE, help="UNet activations")
-    p.add_argument(
-        "--batch", type=int, default=d.batch, help="variants through the models together"
-    )
-    p.add_argument("--padding", type=float, default=d.padding, help="context around the selection")
-    p.add_argument("--grow", type=int, default=d.grow, help="grow the selection by N px (0: off)")
-    p.add_argument(
-        "--feather", type=int, default=d.feather, help="feather its edge by N px (0: off)"
-    )
-    p.add_argument(
-        "--refine",
-        action=argparse.BooleanOptionalAction,
-        default=d.refine,
-        help="a second pass at the selection's own resolution when it is larger than the model's "
-        "(default on; --no-refine: off)",
-    )
-    p.add_argument(
-        "--refine-strength", type=float, default=d.refine_strength, help="its noise (0 to 1)"
-    )
-    p.add_argument(
-        "--refine-overlap", type=float, default=d.refine_overlap, help="tiles' overlap (0 to 0.75)"
-    )
-    p.add_argument(
-        "--refine-cap",
-        type=float,
-        default=d.refine_cap,
-        help="its largest side in model sides, e.g. 2 or 4 (default 0: the image's own scale)",
-    )
-    p.add_argument(
-        "--refine-guidance",
-        type=float,
-        default=d.refine_guidance,
-        help="its CLIP guidance, a share of the edit's (0: unguided)",
-    )
+    for f in FIELDS:
+        flag, default = "--" + f.name.replace("_", "-"), f.default
+        text = f"{f.help} ({f.range_text()}; default {'none' if default is None else default})"
+        if f.kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        else:
+            p.add_argument(flag, type=f.kind, default=default, choices=f.choices or None, help=text)
 
 
 def _settings(args: argparse.Namespace):
-    """EditSettings from the options, which are named after its fields."""
-    import dataclasses
+    """The checked settings from the options, which are named after its fields."""
+    from engine.shared import request
 
-    from engine.edit import EditSettings
-
-    return EditSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EditSettings)})
+    return request.check({f.name: getattr(args, f.name) for f in request.FIELDS})
 
 
 def _read_inputs(image_path: str, mask_path: str):
@@ -103,28 +59,27 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from engine import region
-    from engine.edit import run_edit
+    from engine.edit import plan, run_edit
     from engine.models import load_models
 
     image, mask = _read_inputs(args.image, args.mask)
     settings = _settings(args)
-    settings.check()
     region.check_inputs(image, mask)  # before minutes of model loading
     if args.engine:
         from engine.shared.client import ClientError
 
         try:
-            label, variants = _edit_remote(args, image, mask, settings)
+            label, planned, variants = _edit_remote(args, image, mask, settings)
         except ClientError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        _save_variants(Path(args.out), image, args.prompt, label, variants)
+        _save_variants(Path(args.out), image, args.prompt, label, planned, variants)
         return 0
     models = load_models(
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
     )
     print(f"models: {models.label} on {models.device}", file=sys.stderr)
-    bar = tqdm(total=settings.steps - settings.skip, desc="denoising", unit="step", file=sys.stderr)
+    bar = tqdm(total=settings.steps_run, desc="denoising", unit="step", file=sys.stderr)
 
     def on_step(done: int, total: int, _previews) -> None:
         bar.total = total  # the refinement's steps join the count
@@ -132,12 +87,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     variants = run_edit(models, image, mask, args.prompt, settings, on_step)
     bar.close()
-    _save_variants(Path(args.out), image, args.prompt, models.label, variants)
+    planned = plan(models.config.image_size, models.downsampling, mask, settings).to_json()
+    _save_variants(Path(args.out), image, args.prompt, models.label, planned, variants)
     return 0
 
 
-def _save_variants(out: Path, image, prompt: str, models_label: str, variants) -> None:
-    """rank-N.png (the image with variant N composited) and scores.json, in-process or remote."""
+def _save_variants(
+    out: Path, image, prompt: str, models_label: str, planned: dict, variants
+) -> None:
+    """rank-N.png (the image with variant N composited) and scores.json (with the edit's
+    geometry, `planned`), in-process or remote."""
     from PIL import Image
 
     from engine import region
@@ -148,21 +107,20 @@ def _save_variants(out: Path, image, prompt: str, models_label: str, variants) -
         name = f"rank-{v.rank}.png"
         Image.fromarray(region.composite(image, v.rgba, v.box)).save(out / name)
         entries.append({"rank": v.rank, "file": name, "clip_distance": v.distance, "seed": v.seed})
-    scores = {"prompt": prompt, "models": models_label, "variants": entries}
+    scores = {"prompt": prompt, "models": models_label, **planned, "variants": entries}
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(f"{len(entries)} variants, best first, in {out}/ (rank-1.png ... scores.json)")
 
 
 def _edit_remote(args: argparse.Namespace, image, mask, settings):
-    """The same edit through a running engine (`--engine`); returns (models label, variants)."""
-    import dataclasses
-
+    """The same edit through a running engine (`--engine`); returns (models label, the edit's
+    geometry, variants)."""
     import numpy as np
     from tqdm import tqdm
 
-    from engine import region
     from engine.edit import Variant
     from engine.shared.client import connect
+    from engine.shared.geometry import Rect
 
     height, width, channels = image.shape
     if args.previews:
@@ -176,16 +134,12 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
             height,
             np.ascontiguousarray(mask).tobytes(),
             args.prompt,
-            {  # precision and recompute follow the engine's hardware, not the client's
-                k: v
-                for k, v in dataclasses.asdict(settings).items()
-                if v is not None and k not in ("precision", "recompute", "batch")
-            },
+            settings.wire(),  # precision, recompute, batch: the engine's own, for its hardware
             image_format="RGBA8" if channels == 4 else "RGB8",
             previews={"every": args.preview_every} if args.previews else None,
         )
         bar = tqdm(
-            total=settings.steps - settings.skip, desc="denoising", unit="step", file=sys.stderr
+            total=settings.steps_run, desc="denoising", unit="step", file=sys.stderr
         )
 
         def on_event(event) -> None:
@@ -201,14 +155,14 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
     variants = [
         Variant(
             rank=v.rank,
-            box=region.Box(v.x, v.y, v.width, v.height),
+            box=Rect(v.x, v.y, v.width, v.height),
             rgba=np.frombuffer(v.rgba, np.uint8).reshape(v.height, v.width, 4),
             distance=v.distance,
             seed=v.seed,
         )
         for v in job.variants
     ]
-    return job.models, variants
+    return job.models, job.plan, variants
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -30,15 +30,16 @@ from collections.abc import Callable
 import torch
 
 from engine import accel, devices, preview, region
-from engine.edit import EditSettings
 from engine.guidance import Guide
 from engine.models import CONFIGS, build_unet, load_clip, make_diffusion
 from engine.reference import official_cond_fn, official_step
 from engine.sampler import blend, clip_loss_fn, guided_step, randn
-from engine.tiles import Tiled, starts
+from engine.shared.geometry import Canvas, Rect, tile_grid
+from engine.shared.request import Settings
+from engine.tiles import Tiled
 
 SCHEDULE_STEPS, SKIP = 100, 25  # the official defaults: 75 denoising steps an edit
-REFINE_STEPS = EditSettings(steps=SCHEDULE_STEPS).refine_steps  # the pass's, at its defaults
+REFINE_STEPS = Settings(steps=SCHEDULE_STEPS).refine_steps  # the pass's, at its defaults
 PROMPT = "a stone fountain"
 
 
@@ -118,7 +119,8 @@ def measure(part: str, model: str, batch: int, steps: int, opts: dict) -> dict:
 
         picture = ((source[0].permute(1, 2, 0) + 1) * 127.5).byte().cpu().numpy()
         selection = (mask[0, 0] * 255).byte().cpu().numpy()
-        whole, sel = region.Box(0, 0, size, size), region.selection_bounds(selection)
+        whole = Canvas(Rect(0, 0, size, size), size, size, (size, size))
+        sel = region.selection_bounds(selection)
         previewer = preview.Previewer(
             guide, PROMPT, picture, selection, whole, sel, mask, list(range(batch))
         )
@@ -175,11 +177,13 @@ def measure_refine(model: str, scale: int, steps: int, opts: dict) -> dict:
     unet = build_unet(config, seed=0).requires_grad_(False).eval().to(dev)
     accel.prepare(unet, dev)
     precision = devices.resolve_precision(opts["precision"], dev)
-    native, overlap = config.image_size, EditSettings.refine_overlap
+    native, overlap = config.image_size, Settings.refine_overlap
     unet = accel.in_precision(unet, dev, precision)
-    tiled = Tiled(unet, (native, native), overlap)
-    diffusion = make_diffusion(config, SCHEDULE_STEPS, dev)
     side, g = native * scale, devices.generators([0], dev)
+    # every tile of the canvas runs: the pass at its most
+    tiles = tile_grid(Canvas(Rect(0, 0, side, side), side, side, (side, side)), native, overlap)
+    tiled = Tiled(unet, tiles, overlap)
+    diffusion = make_diffusion(config, SCHEDULE_STEPS, dev)
     source = torch.rand(1, 3, side, side, generator=torch.Generator().manual_seed(0)).to(dev)
     mask = torch.zeros(1, 1, side, side, device=dev)
     mask[..., side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 1
@@ -199,7 +203,7 @@ def measure_refine(model: str, scale: int, steps: int, opts: dict) -> dict:
             times.append(_timed(step, dev))
     return {
         "scale": scale,
-        "tiles": len(starts(side, native, overlap)) ** 2,
+        "tiles": len(tiles),
         "step_s": sum(times) / len(times),
         "peak_rss_mb": _peak_rss_mb(),
         "precision": precision,

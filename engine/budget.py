@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from engine import accel, devices, region
-from engine.edit import EditSettings, refinement
+from engine.edit import Plan
 from engine.models import Models, UNetConfig
+from engine.shared.geometry import Rect
+from engine.shared.request import Settings
 
 _GB = 2**30
 # Tensors of model-scale size a guided step keeps per variant besides the UNet's activations
@@ -34,7 +36,6 @@ _VIT_FLOATS_PER_TOKEN_LAYER = 16
 @dataclass(frozen=True)
 class Estimate:
     parts: dict[str, int]  # bytes by part
-    box: region.Box  # the edit's context box, costed here (the server plans the pass with it)
 
     @property
     def total(self) -> int:
@@ -83,18 +84,19 @@ class Facts:
 
 
 def estimate(
-    facts: Facts, image_shape: tuple[int, ...], mask: np.ndarray, settings: EditSettings
+    facts: Facts, image_shape: tuple[int, ...], mask: np.ndarray, plan: Plan
 ) -> Estimate:
-    """The peak memory of the edit of an image of `image_shape` inside `mask` with `settings`."""
+    """The peak memory of the edit of an image of `image_shape` inside `mask` as `plan`s."""
+    settings = plan.settings
     height, width = mask.shape
     channels = image_shape[2] if len(image_shape) > 2 else 4
     # the selection as grow and feather will shape it, and the edit's own box around it
-    sel = region.shaped_bounds(mask, settings.grow, settings.feather)
-    box = region.context_box(mask, settings.padding, settings.grow, settings.feather)
-    inside = min(box.w, width) * min(box.h, height)  # only the box's part inside is read
+    sel: Rect = region.shaped_bounds(mask, settings.grow, settings.feather)
+    box = plan.canvas.box
+    inside = min(box.width, width) * min(box.height, height)  # only the box's part is read
     n = settings.variants
     batch = min(settings.batch, n)  # variants through the models together
-    size = facts.config.image_size
+    base = plan.canvas
     precision = devices.resolve_precision(settings.precision, facts.device)
     unet = 0
     if settings.guidance_mode == "full":
@@ -104,26 +106,24 @@ def estimate(
         ):
             unet //= 10
     copies = batch * settings.augmentations
-    fine = refinement(settings, box, size, facts.downsampling)
-    refine = 0
+    fine, refine = plan.refinement, 0
     if fine:
         tile = int(accel.activations_gb(facts.config.arch, batch, precision) * _GB) // 10
-        refine = n * _STEP_TENSORS * 3 * fine[0] * fine[1] * 4 + tile
+        refine = n * _STEP_TENSORS * 3 * fine.canvas.width * fine.canvas.height * 4 + tile
     clip_size = facts.clip_image_size
     return Estimate(
         {
             "input": height * width * (channels + 1),
-            "image_scale": inside * 3 * 2 + sel.w * sel.h * 4 * n * 2,
-            "model_scale": n * _STEP_TENSORS * 3 * size * size * 4,
+            "image_scale": inside * 3 * 2 + sel.area * 4 * n * 2,
+            "model_scale": n * _STEP_TENSORS * 3 * base.width * base.height * 4,
             "unet_activations": unet,
             "clip_copies": copies * (3 * clip_size * clip_size * 4 + facts.clip_copy_bytes),
             "refinement": refine,
-        },
-        box,
+        }
     )
 
 
-def advice(cost: Estimate, settings: EditSettings) -> str:
+def advice(cost: Estimate, settings: Settings) -> str:
     """Which setting to lower, by the part that costs the most."""
     part = max(cost.parts, key=cost.parts.get)
     return {

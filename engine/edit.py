@@ -6,6 +6,7 @@ Used by the command line and the server alike; knows nothing of files or sockets
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -19,96 +20,19 @@ from engine.guidance import Guide
 from engine.models import Models
 from engine.preview import Preview, Previewer
 from engine.sampler import StepCallback, blended_diffusion
+from engine.shared import geometry, request
+from engine.shared.geometry import Canvas, Rect, Refinement
+from engine.shared.request import Settings
 
 # what a step reports: (done, total, previews), where previews(max_side) renders the variants'
 # current estimates on demand (engine/preview.py), so a step nobody previews costs nothing more
 StepReport = Callable[[int, int, Callable[[int], list[Preview]]], None]
 
-SAMPLERS = ("ddpm", "ddim")
-GUIDANCE_MODES = ("full", "fast")
-MAX_SHAPING = 1000  # the largest grow or feather, in pixels
-MAX_REFINE_CAP = 16  # the largest refinement canvas side, in model sides
-MAX_REFINE_GUIDANCE = 10  # the refinement's largest guidance, as a share of the edit's
-
-
-@dataclass
-class EditSettings:
-    variants: int = 4
-    seed: int | None = None  # None: a random seed, reported back
-    steps: int = 100
-    skip: int = 25
-    guidance_weight: float | None = None  # lambda_clip; None: the model's default for the mode
-    range_weight: float = 50.0
-    augmentations: int = 8
-    sampler: str = "ddpm"
-    guidance_mode: str = "full"
-    guidance_every: int = 1  # guide one step in N: faster, further from the paper
-    padding: float = 0.25  # context on each side, as a fraction of the selection's size
-    grow: int = 0  # pixels the selection grows by before the edit
-    feather: int = 0  # pixels of feathering added to the (hard) selection's edge
-    precision: str = "auto"  # engine/devices.py: what the device computes natively
-    recompute: str = "auto"  # drop UNet activations and recompute them when memory is short
-    # variants through the models together: 1 makes a variant's seed reproduce it alone, needs
-    # one variant's memory and costs nothing on a CPU (a batch of 1 already fills its cores)
-    batch: int = 1
-    # the refinement pass (engine/tiles.py) for a context box larger than the model's canvas:
-    # `refine_strength` of the schedule's noise levels denoised again at the box's resolution,
-    # its side capped at `refine_cap` x the model's (0: the image's own scale), over tiles
-    # sharing `refine_overlap` of their side (defaults measured in the demo world, README);
-    # `refine_guidance`: its CLIP guidance as a share of the edit's, in fast mode (a backward
-    # through every tile would keep all their activations); 0: unguided
-    refine: bool = True  # in the demo world it narrowed every clean edge, adding nothing (README)
-    refine_strength: float = 0.1
-    refine_overlap: float = 0.5  # 0.25 narrowed edges less evenly (README)
-    refine_cap: float = 0.0
-    refine_guidance: float = 0.0
-
-    @property
-    def refine_steps(self) -> int:
-        return max(1, round(self.refine_strength * self.steps))
-
-    def check(self) -> None:
-        if not 1 <= self.variants <= 64:
-            raise region.RegionError(f"variants must be 1 to 64, got {self.variants}")
-        if self.steps < 2:  # guided_diffusion's posterior variance needs two timesteps
-            raise region.RegionError(f"steps must be at least 2, got {self.steps}")
-        if not 0 <= self.skip < self.steps:
-            raise region.RegionError(
-                f"skip must be 0 to steps - 1 ({self.steps - 1}), got {self.skip}"
-            )
-        if self.augmentations < 1:
-            raise region.RegionError("augmentations must be at least 1")
-        if self.sampler not in SAMPLERS:
-            raise region.RegionError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.guidance_mode not in GUIDANCE_MODES:
-            raise region.RegionError(f"guidance mode must be one of {GUIDANCE_MODES}")
-        if self.batch < 1:
-            raise region.RegionError("batch must be at least 1")
-        for name in ("grow", "feather"):
-            if not 0 <= getattr(self, name) <= MAX_SHAPING:
-                raise region.RegionError(f"{name} must be 0 to {MAX_SHAPING} pixels")
-        if self.guidance_every < 1:
-            raise region.RegionError("guidance_every must be at least 1")
-        if self.precision not in devices.PRECISIONS:
-            raise region.RegionError(f"precision must be one of {devices.PRECISIONS}")
-        if self.recompute not in accel.RECOMPUTE:
-            raise region.RegionError(f"recompute must be one of {accel.RECOMPUTE}")
-        if not 0 < self.refine_strength <= 1:
-            raise region.RegionError("refine_strength must be over 0 and at most 1")
-        if not 0 <= self.refine_overlap <= 0.75:
-            raise region.RegionError("refine_overlap must be 0 to 0.75 of a tile's side")
-        if self.refine_cap and not 1 <= self.refine_cap <= MAX_REFINE_CAP:
-            raise region.RegionError(
-                f"refine_cap must be 0 (the image's own scale) or 1 to {MAX_REFINE_CAP}"
-            )
-        if not 0 <= self.refine_guidance <= MAX_REFINE_GUIDANCE:
-            raise region.RegionError(f"refine_guidance must be 0 to {MAX_REFINE_GUIDANCE}")
-
 
 @dataclass
 class Variant:
     rank: int  # 1 = closest to the prompt
-    box: region.Box  # where `rgba` sits in the image
+    box: Rect  # where `rgba` sits in the image
     rgba: np.ndarray  # h x w x 4 uint8: the edit, alpha = the selection
     distance: float  # CLIP distance of the masked result to the prompt (lower is closer)
     seed: int
@@ -118,11 +42,11 @@ class Diverged(ValueError):
     """The edit produced NaN or infinite values; the message names the likely setting."""
 
 
-def _diverged(settings: EditSettings, default_weight: float, where: str) -> Diverged:
+def _diverged(settings: Settings, default_weight: float, where: str) -> Diverged:
     """Name the settings far above their defaults: what made the guidance blow up."""
     weights = {
         "guidance_weight": (settings.guidance_weight, default_weight),
-        "range_weight": (settings.range_weight, EditSettings.range_weight),
+        "range_weight": (settings.range_weight, Settings.range_weight),
     }
     high = sorted(
         ((v / max(d, 1e-9), k, v, d) for k, (v, d) in weights.items() if v and v > 10 * d),
@@ -151,32 +75,59 @@ def _checked_forwards(models: Models, check: Callable[[], None]) -> Iterator[Non
 
 
 def _on_canvas(
-    image: np.ndarray, mask: np.ndarray, box: region.Box, canvas: tuple[int, int], dev
+    image: np.ndarray, mask: np.ndarray, canvas: Canvas, dev
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The context box on a canvas as the sampler takes it: source 1x3xHxW, hard mask 1x1xHxW
     and the selection's alpha 1x1xHxW that CLIP judges through (region.seen_on_canvas)."""
-    rgb, m = region.to_model(image, mask, box, canvas)
+    rgb, m = region.to_model(image, mask, canvas)
     source = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().to(dev)
-    seen = torch.from_numpy(region.seen_on_canvas(mask, box, canvas))[None, None].to(dev)
+    seen = torch.from_numpy(region.seen_on_canvas(mask, canvas))[None, None].to(dev)
     return source, torch.from_numpy(m)[None, None].to(dev), seen
 
 
-def refinement(
-    settings: EditSettings, box: region.Box, native: int, factor: int
-) -> tuple[int, int] | None:
-    """The refinement pass's canvas for the context `box` with the model's `native` side and
-    downsampling `factor`; None: no pass."""
-    if not settings.refine:
-        return None
-    base = region.canvas_size(box, native, factor)
-    return tiles.refine_canvas(box, base, native, factor, settings.refine_cap)
+@dataclass(frozen=True)
+class Plan:
+    """What an edit will do, worked out from the selection before it runs (the memory budget,
+    the step total and the time estimate read it; the edit follows it)."""
+
+    settings: Settings
+    canvas: Canvas  # the context box on the model's canvas
+    refinement: Refinement | None  # None: no refinement pass
+
+    @property
+    def total(self) -> int:
+        return self.settings.total_steps(self.refinement is not None)
+
+    @property
+    def refine_tiles(self) -> int:
+        """The UNet forwards a step of the refinement makes (0: no pass), for the estimates."""
+        return len(self.refinement.tiles) if self.refinement else 0
+
+    def to_json(self) -> dict:
+        box = self.canvas.box
+        return {
+            "context_box": [box.x, box.y, box.width, box.height],
+            "model_canvas": list(self.canvas.size),
+            "scale": [round(s, 6) for s in self.canvas.scale],
+            "refine": self.refinement.to_json() if self.refinement else None,
+        }
 
 
-def refine_tiles(settings: EditSettings, box: region.Box, native: int, factor: int) -> int:
-    """The UNet forwards a step of the refinement pass makes for the context `box` (0: no
-    pass): what its steps cost, for the time estimates."""
-    fine = refinement(settings, box, native, factor)
-    return tiles.count(fine, native, settings.refine_overlap) if fine else 0
+def plan(native: int, factor: int, mask: np.ndarray, settings: Settings) -> Plan:
+    """The plan of the edit inside `mask` on a model of `native` side and downsampling
+    `factor`: the box around the selection as grow and feather will shape it, its canvas, and
+    the refinement over the tiles that touch it."""
+    box = region.context_box(mask, settings.padding, settings.grow, settings.feather)
+    canvas = geometry.canvas_for(box, native, factor)
+    fine = None
+    if settings.refine:
+        reach = geometry.shaping_reach(settings.grow, settings.feather)
+        fine = geometry.refinement(
+            canvas, native, factor, cap=settings.refine_cap, overlap=settings.refine_overlap,
+            steps=settings.refine_steps, base_steps=settings.steps_run,
+            touches=region.selected_within(mask, reach),
+        )  # fmt: skip
+    return Plan(settings, canvas, fine)
 
 
 def run_edit(
@@ -184,7 +135,7 @@ def run_edit(
     image: np.ndarray,
     mask: np.ndarray,
     prompt: str,
-    settings: EditSettings,
+    settings: Settings,
     on_step: StepReport | None = None,
     check: Callable[[], None] | None = None,
 ) -> list[Variant]:
@@ -201,20 +152,20 @@ def run_edit(
     raising in either aborts. Raises Diverged when the sample turns NaN or infinite.
     """
     check = check or (lambda: None)
-    settings.check()
+    settings = request.check(dataclasses.asdict(settings))
     region.check_inputs(image, mask)
     check()
     seed = settings.seed if settings.seed is not None else random.randrange(2**31)
-    # the box from the selection as it will be shaped: the one the memory budget costed
-    box = region.context_box(mask, settings.padding, settings.grow, settings.feather)
+    # from the selection as it will be shaped: what the memory budget costed
+    planned = plan(models.config.image_size, models.downsampling, mask, settings)
+    canvas, fine = planned.canvas, planned.refinement
     mask = region.shape_selection(mask, settings.grow, settings.feather)
     sel = region.selection_bounds(mask)
     dev = models.device
-    canvas = region.canvas_size(box, models.config.image_size, models.downsampling)
-    source, mask_t, seen = _on_canvas(image, mask, box, canvas, dev)
+    source, mask_t, seen = _on_canvas(image, mask, canvas, dev)
     seeds = [seed + i for i in range(settings.variants)]
     guide = Guide(models.clip, settings.augmentations)
-    previewer = Previewer(guide, prompt, image, mask, box, sel, seen, seeds)
+    previewer = Previewer(guide, prompt, image, mask, canvas, sel, seen, seeds)
     precision = devices.resolve_precision(settings.precision, dev)
     batch = min(settings.batch, settings.variants)
     recompute = accel.resolve_recompute(
@@ -225,9 +176,7 @@ def run_edit(
         settings.guidance_weight if settings.guidance_weight is not None else default_weight
     )
 
-    fine = refinement(settings, box, models.config.image_size, models.downsampling)
-    base_steps = settings.steps - settings.skip
-    total = base_steps + (settings.refine_steps if fine else 0)
+    base_steps, total = settings.steps_run, planned.total
 
     def progress(offset: int, previewer: Previewer) -> StepCallback:  # both passes as one run
         def step(done: int, _: int, x0: torch.Tensor) -> None:
@@ -256,7 +205,7 @@ def run_edit(
             mask_t,
             prompt,
             generators,
-            skip=settings.skip,
+            skip=settings.start,
             clip_weight=clip_weight,
             range_weight=settings.range_weight,
             guidance_mode=settings.guidance_mode,
@@ -267,12 +216,12 @@ def run_edit(
         )
         if fine:
             check()
-            source, mask_t, seen = _on_canvas(image, mask, box, fine, dev)
-            previewer = Previewer(guide, prompt, image, mask, box, sel, seen, seeds)
-            native = models.config.image_size
+            source, mask_t, seen = _on_canvas(image, mask, fine.canvas, dev)
+            previewer = Previewer(guide, prompt, image, mask, fine.canvas, sel, seen, seeds)
             out = tiles.refine(
-                unet, diffusion, guide, source, mask_t, out, prompt, generators,
-                steps=settings.refine_steps, tile=(native, native),
+                unet, diffusion, guide, source, mask_t, out, (canvas, fine.canvas), prompt,
+                generators,
+                steps=settings.refine_steps, tiles=fine.tiles,
                 overlap=settings.refine_overlap, seen=seen, clip_weight=settings.refine_guidance
                 * clip_weight * models.config.guidance_weight("fast") / default_weight,
                 callback=progress(base_steps, previewer), **sampler,
@@ -293,6 +242,7 @@ def run_edit(
     variants = []
     for r, i in enumerate(order, 1):
         check()
-        rgba = region.layer_pixels(region.from_model(results[i], box, sel), mask, sel)
+        edited = region.from_model(results[i], fine.canvas if fine else canvas, sel)
+        rgba = region.layer_pixels(edited, mask, sel)
         variants.append(Variant(rank=r, box=sel, rgba=rgba, distance=dists[i], seed=seeds[i]))
     return variants

@@ -28,7 +28,7 @@ class Job:
     prompt: str
     image: Any  # HxWx3|4 uint8 numpy array
     mask: Any  # HxW uint8 numpy array
-    settings: Any  # engine.edit.EditSettings
+    settings: Any  # engine.edit.Settings
     state: str = QUEUED
     step: int = 0
     total: int = 0  # the steps of both passes

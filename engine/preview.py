@@ -21,6 +21,7 @@ from PIL import Image
 
 from engine import region
 from engine.guidance import Guide
+from engine.shared.geometry import Canvas, Rect
 
 
 @dataclass
@@ -29,13 +30,13 @@ class Preview:
     seed: int
     rgba: np.ndarray  # h x w x 4 uint8: the selection's box, composited over the source
     distance: float | None  # CLIP distance of the estimate (None: NaN)
-    box: region.Box  # what it shows: the selection's bounds in the picture, at image scale
+    box: Rect  # what it shows: the selection's bounds in the picture, at image scale
 
 
-def size_for(box: region.Box, max_side: int) -> tuple[int, int]:
+def size_for(box: Rect, max_side: int) -> tuple[int, int]:
     """(width, height) of a preview of `box`: its shape, at most `max_side`, never enlarged."""
-    scale = min(1.0, max_side / max(box.w, box.h))
-    return max(1, round(box.w * scale)), max(1, round(box.h * scale))
+    scale = min(1.0, max_side / max(box.width, box.height))
+    return max(1, round(box.width * scale)), max(1, round(box.height * scale))
 
 
 class Previewer:
@@ -47,24 +48,24 @@ class Previewer:
         prompt: str,
         image: np.ndarray,
         mask: np.ndarray,
-        box: region.Box,
-        sel: region.Box,
+        canvas: Canvas,
+        sel: Rect,
         seen: torch.Tensor,
         seeds: list[int],
     ) -> None:
         """`mask`: the selection as edited (grown, feathered) at image scale; `seen` its alpha
-        on the canvas, what the final ranking judges through (region.seen_on_canvas); `box`
-        the context box, `sel` the selection's bounds."""
+        on the canvas, what the final ranking judges through (region.seen_on_canvas); `canvas`
+        the context box on the model's canvas, `sel` the selection's bounds."""
         self.guide, self.prompt, self.image, self.mask = guide, prompt, image, mask
-        self.box, self.sel, self.seen, self.seeds = box, sel, seen, seeds
+        self.canvas, self.sel, self.seen, self.seeds = canvas, sel, seen, seeds
         self._under: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # max_side -> source, alpha
 
     def _source(self, max_side: int) -> tuple[np.ndarray, np.ndarray]:
         """The source's RGBA and the selection's alpha (0..1) over `sel` at preview scale."""
         if max_side not in self._under:
             s, size = self.sel, size_for(self.sel, max_side)
-            patch = self.image[s.y : s.y + s.h, s.x : s.x + s.w]
-            alpha = Image.fromarray(self.mask[s.y : s.y + s.h, s.x : s.x + s.w].copy())
+            patch = self.image[s.y : s.y + s.height, s.x : s.x + s.width]
+            alpha = Image.fromarray(self.mask[s.y : s.y + s.height, s.x : s.x + s.width].copy())
             if patch.shape[2] == 3:
                 patch = np.concatenate([patch, np.full_like(patch[..., :1], 255)], axis=2)
             rgba = Image.fromarray(np.ascontiguousarray(patch)).resize(size, Image.Resampling.BOX)
@@ -87,8 +88,8 @@ class Previewer:
         dists = guided.float().tolist()
         canvases = x0.permute(0, 2, 3, 1).cpu().numpy()
         out = []
-        for i, (canvas, dist) in enumerate(zip(canvases, dists, strict=True)):
-            edit = region.from_model(canvas, self.box, self.sel, size).astype(np.float32)
+        for i, (x0_i, dist) in enumerate(zip(canvases, dists, strict=True)):
+            edit = region.from_model(x0_i, self.canvas, self.sel, size).astype(np.float32)
             rgba = under * (1 - alpha)
             rgba[..., :3] += edit * alpha
             rgba[..., 3:] += 255 * alpha

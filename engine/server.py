@@ -33,7 +33,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from engine import __version__, budget, devices, preview, region, weights
-from engine.edit import Diverged, EditSettings, refine_tiles, run_edit
+from engine.edit import Diverged, plan, run_edit
 from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueue
 from engine.keys import CurveKeys
 from engine.models import Models
@@ -310,17 +310,15 @@ class Server:
                 f"the engine's queue is full ({self.limits.max_queue} jobs): try again later",
                 job_id,
             )
-        settings = EditSettings(**msg.header["settings"])
-        try:
-            settings.check()  # what the protocol cannot see alone, e.g. skip < steps
-        except region.RegionError as e:
-            raise ProtocolError(protocol.BAD_FIELD, str(e), job_id) from None
+        settings = msg.header["settings"]  # checked by the schema
         image, mask = (to_array(p) for p in msg.frames)
         try:
             region.check_inputs(image, mask)  # now, not after the queue
         except region.RegionError as e:
             raise ProtocolError(protocol.BAD_INPUT, str(e), job_id) from None
-        cost = budget.estimate(self.facts, image.shape, mask, settings)
+        native, factor = self.facts.config.image_size, self.facts.downsampling
+        planned = plan(native, factor, mask, settings)
+        cost = budget.estimate(self.facts, image.shape, mask, planned)
         held = sum(j.held for j in self._queue.waiting)
         if cost.total + held > self.memory_budget:
             raise ProtocolError(
@@ -332,13 +330,10 @@ class Server:
             )
         job = Job(client, job_id, msg.header["prompt"], image, mask, settings, held=cost.held)
         job.previews = msg.header["previews"]
-        native, factor = self.facts.config.image_size, self.facts.downsampling
-        job.refine_tiles = refine_tiles(settings, cost.box, native, factor)
-        job.total = settings.steps - settings.skip
-        job.total += settings.refine_steps if job.refine_tiles else 0
+        job.refine_tiles, job.total = planned.refine_tiles, planned.total
         position = self._queue.add(job)
         accepted = {"job": job_id, "position": position, "total": job.total,
-                    "refine_tiles": job.refine_tiles}  # fmt: skip
+                    "refine_tiles": job.refine_tiles, "plan": planned.to_json()}  # fmt: skip
         self._send(client, protocol.encode("accepted", accepted))
         fine = f", refined over {job.refine_tiles} tiles a step" if job.refine_tiles else ""
         self.log(f"job {job_id}: queued at {position}, {image.shape[1]}x{image.shape[0]}{fine}")
@@ -488,7 +483,7 @@ class Server:
                 shown_now = previews(asked["max_side"])
                 progress["previews"], frames = self._previews(shown_now)
                 box = shown_now[0].box
-                progress["box"] = {"x": box.x, "y": box.y, "width": box.w, "height": box.h}
+                progress["box"] = {"x": box.x, "y": box.y, "width": box.width, "height": box.height}
                 self._record("preview", job, t=now)
             self._notify("progress", job, protocol.encode("progress", progress, frames))
 
@@ -532,8 +527,8 @@ class Server:
     def _result(self, job: Job, variants: list) -> list:
         frames = [
             Pixels(
-                v.box.w,
-                v.box.h,
+                v.box.width,
+                v.box.height,
                 "RGBA8",
                 np.ascontiguousarray(v.rgba).tobytes(),
                 name=f"rank-{v.rank}",
@@ -545,8 +540,8 @@ class Server:
                 "rank": v.rank,
                 "x": v.box.x,
                 "y": v.box.y,
-                "width": v.box.w,
-                "height": v.box.h,
+                "width": v.box.width,
+                "height": v.box.height,
                 "distance": float(v.distance),
                 "seed": v.seed,
             }

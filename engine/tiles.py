@@ -10,7 +10,8 @@ fused at every step: MultiDiffusion (Bar-Tal et al., ICML 2023).
 The fusion averages the UNet's outputs, not the tiles' steps: a DDPM or DDIM step is linear in
 the predicted noise, so the two are the same for the mean (the learnt variance is averaged in log
 space). Each tile's weight fades linearly over the overlap towards its inner edges, so a tile's
-own bias never shows as a step where the next tile takes over.
+own bias never shows as a step where the next tile takes over. Only the tiles that touch the
+selection run (engine/shared/geometry.py plans them): the blend throws the rest away.
 """
 
 from __future__ import annotations
@@ -22,41 +23,9 @@ import torch
 import torch.nn.functional as F
 from guided_diffusion.gaussian_diffusion import GaussianDiffusion
 
-from engine import region
 from engine.guidance import Guide
 from engine.sampler import blended_diffusion
-
-MIN_GAIN = 1.5  # refine when the refinement canvas's side is at least this x the base canvas's
-
-
-def refine_canvas(
-    box: region.Box, base: tuple[int, int], native: int, factor: int, cap: float
-) -> tuple[int, int] | None:
-    """The refinement canvas (width, height) for the context `box`: the box's own pixel count,
-    its side at most `cap` x the model's `native` side (0: no cap); None when it would not be
-    MIN_GAIN x the `base` canvas's side (the base edit is then already about as sharp)."""
-    side = math.sqrt(box.w * box.h)
-    if cap:
-        side = min(side, cap * native)
-    canvas = region.canvas_size(box, round(side), factor)
-    if canvas[0] * canvas[1] < MIN_GAIN**2 * base[0] * base[1]:
-        return None
-    return canvas
-
-
-def starts(length: int, tile: int, overlap: float) -> list[int]:
-    """Where tiles of `tile` pixels start to cover `length`, evenly spread, neighbours sharing at
-    least `overlap` x tile pixels."""
-    if length <= tile:
-        return [0]
-    stride = max(1, tile - math.ceil(overlap * tile))
-    n = math.ceil((length - tile) / stride) + 1
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
-
-
-def count(canvas: tuple[int, int], tile: int, overlap: float) -> int:
-    """The UNet forwards `Tiled` makes a step over `canvas` (width, height) with square tiles."""
-    return len(starts(canvas[0], tile, overlap)) * len(starts(canvas[1], tile, overlap))
+from engine.shared.geometry import Canvas, Rect
 
 
 def ramp(tile: int, overlap: float) -> torch.Tensor:
@@ -69,28 +38,29 @@ def ramp(tile: int, overlap: float) -> torch.Tensor:
 
 
 class Tiled:
-    """The UNet (any callable `unet(x, t, **kwargs)`) over a canvas of any size: run on each tile
-    of `tile` = (height, width) pixels and fused by weight. A canvas no larger than one tile runs
-    as it is. Each tile is its own forward, so a hook on the UNet sees every one (cancel)."""
+    """The UNet (any callable `unet(x, t, **kwargs)`) over a canvas of any size: run on each of
+    `tiles` (canvas rectangles) and fused by weight. A canvas no larger than its one tile runs
+    as it is. Each tile is its own forward, so a hook on the UNet sees every one (cancel).
+    Pixels no tile covers (outside the selection: the blend replaces them) predict 0."""
 
-    def __init__(self, unet: Callable, tile: tuple[int, int], overlap: float) -> None:
-        self.unet, self.tile, self.overlap = unet, tile, overlap
+    def __init__(self, unet: Callable, tiles: Sequence[Rect], overlap: float) -> None:
+        self.unet, self.tiles, self.overlap = unet, tiles, overlap
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         height, width = x.shape[-2:]
-        th, tw = min(self.tile[0], height), min(self.tile[1], width)
-        if (th, tw) == (height, width):
+        if len(self.tiles) == 1 and (self.tiles[0].width, self.tiles[0].height) == (width, height):
             return self.unet(x, t, **kwargs)
-        weight = (ramp(th, self.overlap)[:, None] * ramp(tw, self.overlap)[None]).to(x.device)
         out, total = None, x.new_zeros(height, width)
-        for y in starts(height, th, self.overlap):
-            for x0 in starts(width, tw, self.overlap):
-                part = self.unet(x[..., y : y + th, x0 : x0 + tw], t, **kwargs)
-                if out is None:
-                    out = part.new_zeros(*part.shape[:2], height, width)
-                out[..., y : y + th, x0 : x0 + tw] += part * weight.to(part.dtype)
-                total[y : y + th, x0 : x0 + tw] += weight
-        return out / total
+        for r in self.tiles:
+            weight = (ramp(r.height, self.overlap)[:, None] * ramp(r.width, self.overlap)[None])
+            weight = weight.to(x.device)
+            y0, y1, x0, x1 = r.y, r.y + r.height, r.x, r.x + r.width
+            part = self.unet(x[..., y0:y1, x0:x1], t, **kwargs)
+            if out is None:
+                out = part.new_zeros(*part.shape[:2], height, width)
+            out[..., y0:y1, x0:x1] += part * weight.to(part.dtype)
+            total[y0:y1, x0:x1] += weight
+        return out / total.clamp(min=1e-6)
 
 
 def refine(
@@ -100,26 +70,31 @@ def refine(
     source: torch.Tensor,
     mask: torch.Tensor,
     edits: torch.Tensor,
+    canvases: tuple[Canvas, Canvas],
     prompt: str,
     generators: Sequence[torch.Generator],
     *,
     steps: int,
-    tile: tuple[int, int],
+    tiles: Sequence[Rect],
     overlap: float,
     clip_weight: float = 0.0,
     **sampler: object,
 ) -> torch.Tensor:
-    """The refinement of `edits` (Nx3xhxw, the base pass's predictions) on the canvas of
-    `source` (1x3xHxW) inside the hard `mask` (1x1xHxW): enlarged, noised to the last `steps`
-    of `diffusion`'s schedule and denoised over tiles of `tile` (height, width), blended with the
+    """The refinement of `edits` (Nx3xhxw, the base pass's predictions on the first of
+    `canvases`) on the second, that of `source` (1x3xHxW) inside the hard `mask` (1x1xHxW):
+    enlarged, noised to the last `steps` of `diffusion`'s schedule and denoised over `tiles`
+    (those touching the selection), blended with the
     noised source at every step. `clip_weight` > 0 guides the pass in fast mode (the UNet's
     output taken as a constant: no tile's activations kept for a backward); the other keywords
     go to `blended_diffusion` (sampler, batch, callback, `seen`: the selection's alpha on this
     canvas, which CLIP judges through)."""
-    start = F.interpolate(edits, size=source.shape[-2:], mode="bicubic").clamp(-1, 1)
+    (base_w, base_h), (fine_w, fine_h) = (c.content for c in canvases)
+    start = F.interpolate(edits[..., :base_h, :base_w], size=(fine_h, fine_w), mode="bicubic")
+    pad = (0, source.shape[-1] - fine_w, 0, source.shape[-2] - fine_h)
+    start = F.pad(start.clamp(-1, 1), pad)  # the padding is outside the mask: the source's
     start = start * mask + source * (1 - mask)
     return blended_diffusion(
-        Tiled(unet, tile, overlap),
+        Tiled(unet, tiles, overlap),
         diffusion,
         guide,
         source,

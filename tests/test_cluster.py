@@ -91,9 +91,9 @@ def test_a_front_end_estimates_a_job_as_the_replica_would(tiny_models):
     memory its device had, never the front end's own device."""
     from engine.budget import Facts, estimate
     from engine.cluster import Described
-    from engine.edit import EditSettings
+    from engine.shared.request import Settings
 
-    settings, mask = EditSettings(variants=2), np.zeros((64, 64), np.uint8)
+    settings, mask = Settings(variants=2), np.zeros((64, 64), np.uint8)
     mask[10:30, 10:40] = 255
     facts = vars(Facts.of(tiny_models))
     local = estimate(Facts.of(tiny_models), (64, 64, 4), mask, settings)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from engine.demo.ablation import Reader
-from engine.edit import EditSettings, run_edit
+from engine.edit import run_edit
 from engine.models import CONFIGS, CheckpointError, load_models, load_unet
 from engine.region import composite
+from engine.shared.request import Settings
 
 SETTINGS = dict(variants=4, steps=50, skip=10, seed=0)
 
@@ -53,7 +54,7 @@ def _seen(picture, variant) -> np.ndarray:
 
 def _edit(demo, picture, prompt, **overrides):
     image, mask = picture
-    return run_edit(demo, image, mask, prompt, EditSettings(**(SETTINGS | overrides)))
+    return run_edit(demo, image, mask, prompt, Settings(**(SETTINGS | overrides)))
 
 
 def test_a_red_circle_is_red_and_read_as_red(demo, reader, picture):
@@ -86,7 +87,7 @@ def test_a_red_circle_in_a_top_border_strip_is_red_and_inside_the_picture(demo):
     image[40:54, 10:24] = 255
     mask = np.zeros((64, 64), np.uint8)
     mask[:16] = 255
-    best = run_edit(demo, image, mask, "a red circle", EditSettings(**SETTINGS))[0]
+    best = run_edit(demo, image, mask, "a red circle", Settings(**SETTINGS))[0]
     strip = composite(image, best.rgba, best.box)[:16].astype(int)
     red = strip[..., 0] - np.maximum(strip[..., 1], strip[..., 2]) > 100
     assert red.mean() >= 0.1  # a tenth of the strip turned red

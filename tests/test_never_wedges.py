@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import LONG, QUICK, ROOT, client, events_of, first_progress, run_all, submit
 
-from engine.edit import EditSettings, run_edit
+from engine.edit import run_edit
 from engine.jobs import Cancelled
 from engine.shared import protocol
 from engine.shared.client import Client, EngineError, Job
 from engine.shared.protocol import Limits, Pixels, encode
+from engine.shared.request import Settings
 
 TERMINAL = ("result", "error", "cancelled")
 
@@ -132,12 +133,12 @@ def test_the_budget_costs_the_selection_as_grow_and_feather_will_shape_it(start_
     fast = {**QUICK, "guidance_mode": "fast"}
     rgba, mask_bytes = host_picture(64, 64, (20, 16, 10, 8))
     mask = np.frombuffer(mask_bytes, np.uint8).reshape(64, 64)
-    drawn = budget.estimate(facts, (64, 64, 4), mask, EditSettings(**fast))
-    grown = budget.estimate(facts, (64, 64, 4), mask, EditSettings(**fast, grow=20))
+    drawn = budget.estimate(facts, (64, 64, 4), mask, Settings(**fast))
+    grown = budget.estimate(facts, (64, 64, 4), mask, Settings(**fast, grow=20))
     # as if the artist had selected the grown region, for a grow (exact) and a feather (within)
     shaped = region.shape_selection(mask, grow=20)
-    assert grown.parts == budget.estimate(facts, (64, 64, 4), shaped, EditSettings(**fast)).parts
-    feathered = budget.estimate(facts, (64, 64, 4), mask, EditSettings(**fast, feather=12))
+    assert grown.parts == budget.estimate(facts, (64, 64, 4), shaped, Settings(**fast)).parts
+    feathered = budget.estimate(facts, (64, 64, 4), mask, Settings(**fast, feather=12))
     assert feathered.total > drawn.total
     assert grown.parts["image_scale"] > 2 * drawn.parts["image_scale"]
     server.memory_budget = (drawn.total + grown.total) // 2
@@ -325,7 +326,7 @@ def edit(models, counter: Counter, on_step=None, options=LONG) -> None:
     rgba, mask = host_picture(32, 32, (8, 8, 12, 12))
     image = np.frombuffer(rgba, np.uint8).reshape(32, 32, 4).copy()
     m = np.frombuffer(mask, np.uint8).reshape(32, 32).copy()
-    run_edit(models, image, m, "x", EditSettings(**options, seed=1), on_step, counter.check)
+    run_edit(models, image, m, "x", Settings(**options, seed=1), on_step, counter.check)
 
 
 @pytest.mark.parametrize("cancel_at", [0, 3], ids=["before the first step", "mid-sampling"])

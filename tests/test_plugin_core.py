@@ -376,12 +376,12 @@ def test_step_times_measured_after_the_first_step():
     assert StepTimes().to_json() == {}
     # a job's timer: keyed by its mode and variants; one guiding a step in N mixes two paces,
     # one asking another precision than the engine's steps at another pace
-    from engine.edit import EditSettings
+    from engine.shared.request import Settings
 
-    for asked, t[0] in ((EditSettings(variants=2, guidance_every=3), 40.0),
-                        (EditSettings(variants=3, guidance_mode="fast"), 50.0),
-                        (EditSettings(variants=5, precision="bf16"), 60.0),
-                        (EditSettings(variants=6, precision="fp32"), 70.0)):  # fmt: skip
+    for asked, t[0] in ((Settings(variants=2, guidance_every=3), 40.0),
+                        (Settings(variants=3, guidance_mode="fast"), 50.0),
+                        (Settings(variants=5, precision="bf16"), 60.0),
+                        (Settings(variants=6, precision="fp32"), 70.0)):  # fmt: skip
         step = times.for_job(asked)
         step(1)
         t[0] += 1.5
@@ -414,9 +414,9 @@ def test_the_refinements_steps_are_timed_per_tile_apart_from_the_base_pass():
         step(done)
     assert times.to_json() == {"fast": {"2": 1.0}, "refine": {"2": 2.0}}  # 8 s a step, 4 tiles
     # a pass guided by CLIP steps at another pace: not timed (the base pass is)
-    from engine.edit import EditSettings
+    from engine.shared.request import Settings
 
-    guided = EditSettings(variants=3, steps=3, skip=0, refine=True, refine_guidance=1)
+    guided = Settings(variants=3, steps=3, skip=0, refine=True, refine_guidance=1)
     step = times.for_job(guided, tiles=4)
     for done in range(1, 6):
         t[0] += 1.0

@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 from engine.demo import sharpness as sh
 from engine.demo import world
-from engine.edit import EditSettings, run_edit
+from engine.edit import run_edit
 from engine.models import load_models
 from engine.region import composite
+from engine.shared.request import Settings
 
 # the clean-disc setting (engine/demo/sharpness.py CLEAN): the demo model's base edit of this
 # selection is one clean red disc at seeds 1-5 and 7 of 0-7 (README)
@@ -63,7 +64,7 @@ def demo():
 
 
 def _seen(models, image, mask, **overrides):
-    best = run_edit(models, image, mask, sh.PROMPT, EditSettings(**(QUICK | overrides)))[0]
+    best = run_edit(models, image, mask, sh.PROMPT, Settings(**(QUICK | overrides)))[0]
     b = best.box
     out = composite(image, best.rgba, b)
     return out, out[b.y : b.y + b.h, b.x : b.x + b.w]

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from engine.edit import EditSettings, run_edit
+from engine.edit import run_edit
 from engine.guidance import Guide, range_loss
 from engine.models import load_models
 from engine.reference import official_cond_fn, official_step
 from engine.region import composite
 from engine.sampler import blend, clip_loss_fn, guided_step
+from engine.shared.request import Settings
 
 FAST = dict(steps=12, skip=3, variants=2, augmentations=4)
 
@@ -150,7 +151,7 @@ def _picture(h: int, w: int) -> np.ndarray:
 )
 def test_pixels_outside_the_mask_stay_byte_identical(tiny, shape, mask_fn):
     image, mask = _picture(*shape), mask_fn()
-    variants = run_edit(tiny, image, mask, "a red circle", EditSettings(seed=5, **FAST))
+    variants = run_edit(tiny, image, mask, "a red circle", Settings(seed=5, **FAST))
     assert [v.rank for v in variants] == [1, 2]
     assert variants[0].distance <= variants[1].distance
     for v in variants:
@@ -168,7 +169,7 @@ def test_same_seed_same_result_other_seed_other_result(tiny):
     def run(seed):
         return [
             v.rgba
-            for v in run_edit(tiny, image, mask, "a blue square", EditSettings(seed=seed, **FAST))
+            for v in run_edit(tiny, image, mask, "a blue square", Settings(seed=seed, **FAST))
         ]
 
     first, again, other = run(11), run(11), run(12)
@@ -179,7 +180,7 @@ def test_same_seed_same_result_other_seed_other_result(tiny):
 def test_guidance_lowers_the_clip_distance(tiny):
     image, mask = _picture(48, 48), _soft_disc(48, 48, 24, 24, 14)
     guided, plain = (
-        run_edit(tiny, image, mask, "a red circle", EditSettings(seed=3, guidance_weight=w, **FAST))
+        run_edit(tiny, image, mask, "a red circle", Settings(seed=3, guidance_weight=w, **FAST))
         for w in (1000.0, 0.0)
     )
     assert guided[0].distance < plain[0].distance
@@ -187,7 +188,7 @@ def test_guidance_lowers_the_clip_distance(tiny):
 
 def test_ddim_and_class_conditional_paths_run(tiny):
     image, mask = _picture(40, 40), _soft_disc(40, 40, 20, 20, 8)
-    v = run_edit(tiny, image, mask, "a red circle", EditSettings(seed=1, sampler="ddim", **FAST))
+    v = run_edit(tiny, image, mask, "a red circle", Settings(seed=1, sampler="ddim", **FAST))
     assert len(v) == 2 and np.isfinite(v[0].distance)
     # the 512 model's random class per step, on the tiny architecture
     diffusion = tiny.diffusion(10)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from engine import region
-from engine.edit import EditSettings, run_edit
+from engine.edit import run_edit
 from engine.region import composite
+from engine.shared.request import Settings
 
 FAST = dict(steps=12, skip=3, variants=2, augmentations=2, seed=5)
 
@@ -35,7 +36,7 @@ def test_a_feathered_edge_gets_the_edit_at_full_strength_faded_once(tiny_models,
     not the hard selection's edit.)"""
     image, mask = picture(64), _feathered_disc(64, 24, 12)
     a = mask / 255.0
-    soft = run_edit(tiny_models, image, mask, "a red circle", EditSettings(**FAST))
+    soft = run_edit(tiny_models, image, mask, "a red circle", Settings(**FAST))
     strengths = {0.3: [], 0.5: [], 0.7: []}
     for s in soft:
         b = s.box
@@ -67,7 +68,7 @@ def test_border_and_long_selections_edit_inside_and_keep_every_other_byte(tiny_m
     mask = np.zeros(shape, np.uint8)
     x, y, w, h = sel
     mask[y : y + h, x : x + w] = 255
-    for v in run_edit(tiny_models, image, mask, "a blue square", EditSettings(**FAST)):
+    for v in run_edit(tiny_models, image, mask, "a blue square", Settings(**FAST)):
         assert v.box == region.Box(*sel)
         out = composite(image, v.rgba, v.box)
         assert (out[mask == 0] == image[mask == 0]).all()
@@ -78,7 +79,7 @@ def test_grow_and_feather_are_done_by_the_engine_and_nothing_beyond_changes(tiny
     image = _textured(64)
     mask = np.zeros((64, 64), np.uint8)
     mask[24:40, 24:40] = 255
-    settings = EditSettings(grow=4, feather=6, **FAST)
+    settings = Settings(grow=4, feather=6, **FAST)
     shaped = region.shape_selection(mask, 4, 6)
     for v in run_edit(tiny_models, image, mask, "a red circle", settings):
         assert v.box == region.selection_bounds(shaped)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from engine import budget, region
-from engine.edit import EditSettings, refine_tiles, refinement, run_edit
+from engine.edit import refine_tiles, refinement, run_edit
 from engine.guidance import Guide
 from engine.models import load_models
+from engine.shared.request import Settings
 from engine.tiles import Tiled, ramp, refine_canvas, starts
 
 FAST = dict(steps=8, skip=2, variants=1, augmentations=2, seed=3, refine=True, refine_strength=0.3)
@@ -87,7 +88,7 @@ def _picture(size=96, sel=(24, 72)):
 
 def test_the_pass_runs_for_a_large_selection_counts_its_steps_and_keeps_outside_bytes(tiny):
     image, mask = _picture()
-    settings = EditSettings(**FAST, feather=6)
+    settings = Settings(**FAST, feather=6)
     shaped = region.shape_selection(mask, 0, 6)
     box = region.context_box(shaped)
     assert refinement(settings, box, 32, tiny.downsampling)
@@ -110,7 +111,7 @@ def test_the_pass_runs_for_a_large_selection_counts_its_steps_and_keeps_outside_
     assert (v.box, v.rgba[..., 3].tolist()) == (sel, shaped[sel.y : sel.y + sel.h,
             sel.x : sel.x + sel.w].tolist())  # fmt: skip  # the feathered alpha, exactly
     assert (out[shaped == 0] == image[shaped == 0]).all()
-    off = run_edit(tiny, image, mask, "x", EditSettings(**FAST | dict(feather=6, refine=False)))[0]
+    off = run_edit(tiny, image, mask, "x", Settings(**FAST | dict(feather=6, refine=False)))[0]
     assert not np.array_equal(v.rgba, off.rgba)  # the pass changed the edit
 
 
@@ -118,7 +119,7 @@ def test_a_guided_pass_judges_through_the_selections_alpha_on_its_own_canvas(tin
     """refine_guidance > 0: CLIP sees the pass's estimate through the feathered alpha on the
     pass's canvas (region.seen_on_canvas), as the base edit and the ranking do."""
     image, mask = _picture()
-    settings = EditSettings(**FAST, feather=6, refine_guidance=1, range_weight=0)
+    settings = Settings(**FAST, feather=6, refine_guidance=1, range_weight=0)
     shaped = region.shape_selection(mask, 0, 6)
     box = region.context_box(shaped)
     fine = refinement(settings, box, 32, tiny.downsampling)
@@ -136,7 +137,7 @@ def test_a_guided_pass_judges_through_the_selections_alpha_on_its_own_canvas(tin
     assert len(on_fine) == settings.refine_steps  # every step of the pass guided
     for m in on_fine:
         assert (m[..., seen == 0] == 0).all() and (m[..., (seen > 0) & (seen < 1)] != 0).any()
-    unguided = run_edit(tiny, image, mask, "x", EditSettings(**FAST, feather=6, range_weight=0))
+    unguided = run_edit(tiny, image, mask, "x", Settings(**FAST, feather=6, range_weight=0))
     assert not np.array_equal(guided.rgba, unguided[0].rgba)
 
 
@@ -146,7 +147,7 @@ class Cancelled(Exception):
 
 def test_the_tiles_counted_for_the_estimate_are_the_forwards_the_pass_makes(tiny):
     image, mask = _picture(160, (20, 130))
-    settings = EditSettings(**FAST)
+    settings = Settings(**FAST)
     box = region.context_box(mask)
     base, forwards, step = FAST["steps"] - FAST["skip"], [], [0]
     hook = tiny.unet.register_forward_hook(lambda *_: forwards.append(step[0]))
@@ -175,18 +176,18 @@ def test_cancel_stops_inside_the_pass_before_the_next_tile(tiny):
             seen["forwards_after"] += 1
 
     with pytest.raises(Cancelled):
-        run_edit(tiny, image, mask, "x", EditSettings(**FAST), on_step, check)
+        run_edit(tiny, image, mask, "x", Settings(**FAST), on_step, check)
     assert seen["steps"] == base + 1 and seen["forwards_after"] == 0
 
 
 def test_the_budget_counts_the_pass_and_names_it(tiny):
     image, mask = _picture(1024, (100, 900))
     facts = budget.Facts.of(tiny)
-    on = budget.estimate(facts, image.shape, mask, EditSettings())  # on by default
-    off = budget.estimate(facts, image.shape, mask, EditSettings(refine=False))
-    capped = budget.estimate(facts, image.shape, mask, EditSettings(refine_cap=2))
+    on = budget.estimate(facts, image.shape, mask, Settings())  # on by default
+    off = budget.estimate(facts, image.shape, mask, Settings(refine=False))
+    capped = budget.estimate(facts, image.shape, mask, Settings(refine_cap=2))
     assert off.parts["refinement"] == 0 < capped.parts["refinement"] < on.parts["refinement"]
-    assert "refine" in budget.advice(on, EditSettings())
+    assert "refine" in budget.advice(on, Settings())
 
 
 @pytest.mark.parametrize(
@@ -201,4 +202,4 @@ def test_the_budget_counts_the_pass_and_names_it(tiny):
 )
 def test_refine_settings_out_of_range_are_refused(bad):
     with pytest.raises(region.RegionError, match="refine"):
-        EditSettings(**bad).check()
+        Settings(**bad).check()

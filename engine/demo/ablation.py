@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.demo.world import CAPTIONS
-from engine.edit import EditSettings, Variant, run_edit
+from engine.edit import Variant, run_edit
 from engine.guidance import Guide
 from engine.models import Models, load_models
+from engine.shared.request import Settings
 
 PROMPTS = ("a red circle", "a blue square", "a green triangle", "a yellow circle")
 SETTINGS: dict[str, dict] = {
@@ -92,7 +93,7 @@ def run(
         for i in range(rounds * len(PROMPTS)):
             prompt = PROMPTS[i % len(PROMPTS)]
             edit = {"variants": variants, "steps": steps, "skip": skip} | overrides
-            edit = EditSettings(seed=seed + 100 * i, **edit)
+            edit = Settings(seed=seed + 100 * i, **edit)
             result = run_edit(models, image, mask, prompt, edit)
             verdicts += [judge(reader, prompt, v) for v in result]
             best.append(verdicts[-len(result)])  # rank 1: the layer the artist sees

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.demo import world
-from engine.edit import EditSettings, run_edit
+from engine.edit import run_edit
 from engine.models import Models, load_models
 from engine.region import composite
+from engine.shared.request import Settings
 
 BACKGROUND = (110, 130, 110)  # a grey-green far from every colour of the world
 PROMPT = "a red circle"
@@ -169,7 +170,7 @@ def drawn_circle(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def measure(
-    models: Models, settings: EditSettings, save: Path | None = None, shape: str = "disc"
+    models: Models, settings: Settings, save: Path | None = None, shape: str = "disc"
 ) -> dict:
     """The measures above for the best variant of one edit of each picture with `settings`
     and a selection of `shape`; `save`: where the edited pictures go (PNG, the path's name +
@@ -183,7 +184,8 @@ def measure(
         out["pictures"][name] = seen
         if save:
             Image.fromarray(seen).save(save.with_name(f"{save.name}-{name}.png"))
-        sel = seen[best.box.y : best.box.y + best.box.h, best.box.x : best.box.x + best.box.w]
+        b = best.box
+        sel = seen[b.y : b.y + b.height, b.x : b.x + b.width]
         out[name] = {"seconds": round(time.perf_counter() - start, 1)}
         if name == "plain":
             out[name] |= {
@@ -271,7 +273,7 @@ def summary(runs: list[dict], without: list[dict]) -> dict:
 
 
 def _settings(item: str) -> dict:
-    """`NAME=VALUE[,NAME=VALUE...]` as EditSettings keywords (values in JSON)."""
+    """`NAME=VALUE[,NAME=VALUE...]` as Settings keywords (values in JSON)."""
     pairs = (pair.partition("=") for pair in item.split(","))
     return {name: json.loads(value) for name, _, value in pairs}
 
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[name].append(
                 measure(
                     models,
-                    EditSettings(**base | row, seed=seed),
+                    Settings(**base | row, seed=seed),
                     args.save and args.save / f"row{i}-seed{seed}",
                     args.shape,
                 )

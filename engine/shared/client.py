@@ -94,6 +94,7 @@ class Job:
     step: int = 0
     total: int = 0  # its steps, the refinement's too (from `accepted`, then each progress)
     refine_tiles: int = 0  # the UNet forwards a refinement step makes (0: no refinement)
+    plan: dict[str, Any] = field(default_factory=dict)  # accepted's geometry (scores.json's)
     variants: list[Variant] = field(default_factory=list)  # best first
     models: str = ""  # the engine's models label, shown with the results
     error: EngineError | None = None
@@ -289,6 +290,7 @@ class Client:
         job.position = reply.header.get("position", 0)
         job.total = reply.header.get("total", 0)  # an older engine sends neither
         job.refine_tiles = reply.header.get("refine_tiles", 0)
+        job.plan = reply.header.get("plan") or {}
         return job
 
     def _check_limits(

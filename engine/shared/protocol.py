@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import re
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from engine.shared import request
 
 PROTOCOL_VERSION = 1
 
@@ -29,14 +30,6 @@ PREVIEW_INTERVAL = 1.0
 PREVIEW_MAX_SIDE = 128
 PREVIEW_MIN_SIDE = 16
 PREVIEW_MAX_EVERY = 1000
-
-# Mirrors engine.edit's SAMPLERS, GUIDANCE_MODES, MAX_SHAPING, MAX_REFINE_CAP and
-# MAX_REFINE_GUIDANCE (that module imports torch).
-SAMPLERS = ("ddpm", "ddim")
-GUIDANCE_MODES = ("full", "fast")
-MAX_SHAPING = 1000
-MAX_REFINE_CAP = 16
-MAX_REFINE_GUIDANCE = 10
 
 REQUESTS = ("hello", "submit", "cancel", "status", "ping")
 MAX_FRAMES = 3  # a header and at most two pixel frames (a submit's image and mask)
@@ -221,27 +214,6 @@ def _int(value: Any, name: str, lo: int, hi: int, code: str = BAD_FIELD) -> int:
     return value
 
 
-def _number(value: Any, name: str, lo: float, hi: float) -> float:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise ProtocolError(BAD_FIELD, f"{name} must be a finite number, got {value!r:.40}")
-    if not lo <= value <= hi:
-        raise ProtocolError(BAD_FIELD, f"{name} must be {lo:g} to {hi:g}, got {value:g}")
-    return float(value)
-
-
-def _flag(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise ProtocolError(BAD_FIELD, f"{name} must be true or false, got {value!r:.40}")
-    return value
-
-
-def _refine_cap(value: Any, name: str) -> float:
-    cap = _number(value, name, 0, MAX_REFINE_CAP)
-    if 0 < cap < 1:
-        raise ProtocolError(BAD_FIELD, f"{name} must be 0 (the image's own scale) or at least 1")
-    return cap
-
-
 def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     if value not in choices or not isinstance(value, str):
         raise ProtocolError(BAD_FIELD, f"{name} must be one of {', '.join(choices)}")
@@ -295,38 +267,13 @@ def job_id(header: dict[str, Any], required: bool = True) -> str | None:
     return job
 
 
-def check_settings(settings: Any, limits: Limits) -> dict[str, Any]:
-    """The edit settings a client may send; absent ones take the engine's defaults."""
-    if not isinstance(settings, dict):
-        raise ProtocolError(BAD_FIELD, "settings must be an object")
-    checks = {
-        "variants": lambda v, n: _int(v, n, 1, limits.max_variants, LIMIT),
-        "seed": lambda v, n: None if v is None else _int(v, n, 0, 2**32 - 1),
-        # guided_diffusion's schedule needs two timesteps (its posterior variance reads t = 1)
-        "steps": lambda v, n: _int(v, n, 2, limits.max_steps, LIMIT),
-        "skip": lambda v, n: _int(v, n, 0, limits.max_steps - 1),
-        "guidance_weight": lambda v, n: _number(v, n, 0, 1e6),
-        "range_weight": lambda v, n: _number(v, n, 0, 1e6),
-        "augmentations": lambda v, n: _int(v, n, 1, limits.max_augmentations, LIMIT),
-        "sampler": lambda v, n: _choice(v, n, SAMPLERS),
-        "guidance_mode": lambda v, n: _choice(v, n, GUIDANCE_MODES),
-        "guidance_every": lambda v, n: _int(v, n, 1, 100),
-        "padding": lambda v, n: _number(v, n, 0, 4),
-        "grow": lambda v, n: _int(v, n, 0, MAX_SHAPING),
-        "feather": lambda v, n: _int(v, n, 0, MAX_SHAPING),
-        "refine": _flag,
-        "refine_strength": lambda v, n: _number(v, n, 0.01, 1),
-        "refine_overlap": lambda v, n: _number(v, n, 0, 0.75),
-        "refine_cap": _refine_cap,
-        "refine_guidance": lambda v, n: _number(v, n, 0, MAX_REFINE_GUIDANCE),
-    }
-    unknown = sorted(k for k in settings if k not in checks)
-    if unknown:
-        raise ProtocolError(
-            BAD_FIELD,
-            f"unknown settings {', '.join(map(str, unknown))[:200]}; known: " + ", ".join(checks),
-        )
-    return {k: checks[k](v, f"settings.{k}") for k, v in settings.items()}
+def check_settings(settings: Any, limits: Limits) -> request.Settings:
+    """The edit settings a client may send (engine/shared/request.py, the one schema); absent
+    ones take their defaults. Over an engine's limit: LIMIT, else BAD_FIELD."""
+    try:
+        return request.check(settings, limits.to_json(), wire=True)
+    except request.SettingError as e:
+        raise ProtocolError(LIMIT if e.limit else BAD_FIELD, str(e)) from None
 
 
 def check_previews(previews: Any) -> dict[str, int] | None:

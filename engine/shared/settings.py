@@ -1,8 +1,8 @@
 """The settings an artist sets, in one table: the Krita docker, the GIMP procedure and its dialog
 are built from it, and the engine's `hello` limits tighten it.
 
-An artist sets Strength (how much of the selection may change, in %) rather than the engine's
-`skip` (steps left out at the start), and picks a preset: "Draft" (fewer steps and variants:
+An artist sets Strength (how much of the selection may change, in %: the request's own setting,
+which each method maps to its start), and picks a preset: "Draft" (fewer steps and variants:
 chosen from measurements in the demo world, see README), "Paper" (the official
 defaults: 4 variants, 100 steps, 75% strength) or "Custom" (the Advanced settings as set).
 A preset other than Custom decides the Advanced settings it names (quality and speed); the UIs
@@ -17,13 +17,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from engine.shared import request as schema
+from engine.shared.protocol import Limits
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"  # `python -m engine serve`'s own default
 TIMEOUT = 5.0  # seconds a blocking client call may take: a dead engine is reported by then
 POLL_SECONDS = 0.02  # how often a host polls the client (krita-ai-diffusion polls every 20 ms)
 PREVIEWS = {"every": 1}  # what the hosts ask: as often as the engine allows (one a second)
-# The context around the selection, as a fraction of its size, always sent: the plug-ins read
-# exactly the window that holds the engine's context box for it (geometry.context_window).
-PADDING = 0.25
 INT_MAX = 2**31 - 1  # Qt spin boxes and GIMP int arguments are 32-bit signed
 PROMPT_SHOWN = 40  # characters of the prompt in layer and group names
 
@@ -42,6 +42,17 @@ class Setting:
     choices: tuple[tuple[str, str], ...] = ()  # (id, label) of a choice
     advanced: bool = False  # under "Advanced": set by the preset unless it is Custom
     limit: str = ""  # the engine's `hello` limit that caps `high`
+
+
+def _from_schema(name: str, label: str, tooltip: str, default: Any = None, **ui: Any) -> Setting:
+    """A request setting as the UIs show it: its range and limit from the request schema
+    (capped by a default engine's limits until one says its own), its default the schema's
+    unless the UI needs a value where the schema has None (-1: the special choice)."""
+    f = schema.BY_NAME[name]
+    low = -1 if f.optional and default == -1 else f.low
+    high = schema.high_for(f, Limits().to_json())
+    default = f.default if default is None else default
+    return Setting(name, label, tooltip, default, low, high, limit=f.limit, **ui)
 
     @property
     def kind(self) -> type:
@@ -64,39 +75,23 @@ TABLE: tuple[Setting, ...] = (
         "Random seed: the same seed and settings give the same result; -1 picks one",
         -1,
         -1,
-        INT_MAX,
+        INT_MAX,  # the schema's seeds go to 2**32 - 1: the UIs' spin boxes stop here
         special="random",
     ),
-    Setting(
+    _from_schema(
         "variants",
         "Variants",
         "How many results to make, one layer each: the best is shown",
-        4,
-        1,
-        8,
         advanced=True,
-        limit="max_variants",
     ),
-    Setting(
+    _from_schema(
         "strength",
         "Strength %",
         "How much of the selection may change: 100 repaints it all, lower keeps more of its "
         "colours and layout (the paper's 75%)",
-        75,
-        1,
-        100,
         advanced=True,
     ),
-    Setting(
-        "steps",
-        "Steps",
-        "Denoising steps: more is slower and finer",
-        100,
-        2,
-        1000,
-        advanced=True,
-        limit="max_steps",
-    ),
+    _from_schema("steps", "Steps", "Denoising steps: more is slower and finer", advanced=True),
     Setting(
         "fast_guidance",
         "Fast guidance",
@@ -105,34 +100,26 @@ TABLE: tuple[Setting, ...] = (
         False,
         advanced=True,
     ),
-    Setting(
+    _from_schema(
         "guidance_weight",
         "Guidance",
         "How strongly CLIP pulls the edit towards the prompt; -1: the model's default",
         -1.0,
-        -1.0,
-        1e6,
         special="model default",
         advanced=True,
     ),
-    Setting(
+    _from_schema(
         "grow",
         "Grow px",
         "Grow the selection by this many pixels before the edit (0: the selection as it is)",
-        0,
-        0,
-        1000,
         special="off",
         advanced=True,
     ),
-    Setting(
+    _from_schema(
         "feather",
         "Feather px",
         "Soften a hard selection's edge over about this many pixels, so the edit fades into "
         "the picture (0: the selection as it is)",
-        0,
-        0,
-        1000,
         special="off",
         advanced=True,
     ),
@@ -144,13 +131,12 @@ TABLE: tuple[Setting, ...] = (
         False,
         advanced=True,
     ),
-    Setting(
+    _from_schema(
         "refine",
         "Refine large selections",
         "A selection larger than the model's canvas (256 px for ADM 256) is edited at the model's "
         "size, then refined at its own resolution over tiles: sharper, and slower the larger "
         "the selection (the expected time says how much)",
-        True,
         advanced=True,  # no preset decides it: it trades time for detail at any quality
     ),
     Setting("endpoint", "Engine", "Where the engine listens (`python -m engine serve`)",
@@ -198,11 +184,6 @@ def effective(values: Mapping[str, Any]) -> dict[str, Any]:
     """All settings, defaults filled in, the preset's values over the Advanced ones."""
     out = defaults() | dict(values)
     return out | PRESETS.get(out["preset"], {})
-
-
-def skip_for(steps: int, strength: int) -> int:
-    """The engine's `skip` for a strength in %: the steps left out at the start (1 runs)."""
-    return min(max(steps - round(steps * strength / 100), 0), steps - 1)
 
 
 def coerce(setting: Setting, raw: Any) -> Any:
@@ -269,12 +250,10 @@ def request(values: Mapping[str, Any], limits: Mapping[str, Any] | None = None) 
     endpoint = str(v["endpoint"] or "").strip()
     if "://" not in endpoint or endpoint.endswith("://"):
         raise ValueError(f"The engine address must look like {DEFAULT_ENDPOINT}, not {endpoint!r}.")
-    steps = int(v["steps"])
     settings: dict[str, Any] = {
         "variants": int(v["variants"]),
-        "steps": steps,
-        "skip": skip_for(steps, int(v["strength"])),
-        "padding": PADDING,
+        "steps": int(v["steps"]),
+        "strength": int(v["strength"]),
         "guidance_mode": "fast" if v["fast_guidance"] else "full",
         "refine": bool(v["refine"]),
     }
@@ -285,6 +264,10 @@ def request(values: Mapping[str, Any], limits: Mapping[str, Any] | None = None) 
     for name in ("grow", "feather"):  # done by the engine; 0 (off) is its default
         if v[name] > 0:
             settings[name] = int(v[name])
+    try:  # what the table cannot see: the schema's own check, as the engine will make it
+        schema.check(settings, limits, wire=True)
+    except schema.SettingError as e:
+        raise ValueError(str(e)) from None
     return Request(prompt, endpoint, settings, bool(v["layer_only"]))
 
 

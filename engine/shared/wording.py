@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.shared import estimate
-from engine.shared.settings import PAPER, PRESETS, PROMPT_SHOWN, skip_for
+from engine.shared.request import skip_for
+from engine.shared.settings import PAPER, PRESETS, PROMPT_SHOWN
 
 CLIENT_MISSING = (
     "The engine client cannot load in this program's Python ({error}): it needs pyzmq and the "
