@@ -16,27 +16,26 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 from engine import __version__, weights
 
-INSTALLER = Path(__file__).resolve().parent.parent / "install.py"
+# The installer (install.py's package, standard library only) knows where the plug-ins go and
+# which GPUs torch can drive: ask it, never copy it. It lives in the checkout beside engine/ and
+# is not part of the engine's distribution, so the checkout goes first on the path here, also
+# when the doctor runs from another folder; an engine installed without its checkout has none.
+CHECKOUT = Path(__file__).resolve().parent.parent
+if (CHECKOUT / "installer" / "__init__.py").is_file() and str(CHECKOUT) not in sys.path:
+    sys.path.insert(0, str(CHECKOUT))
+try:
+    import installer.kritarc
+    import installer.layout
+    import installer.plugins
+    import installer.pyzmq
+    import installer.torch_build
+except ImportError:
+    installer = None
+
 ENDPOINT_ENV = "BLENDED_DIFFUSION_ENDPOINT"
-
-
-def load_installer() -> ModuleType | None:
-    """install.py (standard library only) knows where the plug-ins go: use it, never copy it."""
-    name = "blended_diffusion_install"
-    if name in sys.modules:
-        return sys.modules[name]
-    if not INSTALLER.is_file():  # an engine installed without its checkout
-        return None
-    spec = importlib.util.spec_from_file_location(name, INSTALLER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while it loads
-    spec.loader.exec_module(module)
-    return module
 
 
 class Report:
@@ -107,10 +106,9 @@ def device(report: Report) -> None:
         else:
             text = "available, but it lacks an operation the engine needs (said above)"
         report.line(f"  {kind}", text)
-    installer = load_installer()
-    found = installer.find_gpus() if installer else []
+    found = installer.torch_build.find_gpus() if installer else []
     if found:
-        plan = installer.plan_torch(installer.current_layout(), found)
+        plan = installer.torch_build.plan_torch(installer.layout.current_layout(), found)
         names = "; ".join(g.describe() for g in found)
         if chosen.type == "cpu" and plan.kind != "cpu":
             fix = f"fix with `python install.py --device-kind {plan.kind}`"
@@ -118,7 +116,7 @@ def device(report: Report) -> None:
         else:
             report.line("GPUs", f"{names}{f' ({plan.warning})' if plan.warning else ''}")
     elif installer:
-        report.line("GPUs", "none found (" + ", ".join(installer.GPU_PROBES) + ")")
+        report.line("GPUs", "none found (" + ", ".join(installer.torch_build.GPU_PROBES) + ")")
     report.line("threads", f"torch uses {torch.get_num_threads()} of {os.cpu_count()} CPU threads")
 
 
@@ -137,13 +135,13 @@ def weight_files(report: Report) -> None:
         report.line(name, text, problem=c.state == "corrupt" or (required and not c.ok))
 
 
-def _kritarc_enabled(installer: ModuleType, path: Path) -> bool:
+def _kritarc_enabled(path: Path) -> bool:
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     except OSError:
         return False
-    sec = installer.section_span(lines)
-    i = installer.key_line(lines, *sec) if sec else None
+    sec = installer.kritarc.section_span(lines)
+    i = installer.kritarc.key_line(lines, *sec) if sec else None
     return i is not None and lines[i].split("=", 1)[1].strip().lower() == "true"
 
 
@@ -161,26 +159,25 @@ def _import_zmq_from(python: str, lib: Path) -> str:
     return "" if inside else f"{python} imported another zmq ({r.stdout.strip()})"
 
 
-def host_pyzmq(
-    report: Report, installer: ModuleType, host: Any, manifest: dict, local: bool
-) -> None:  # host: install.py's Host
+def host_pyzmq(report: Report, host: installer.layout.Host, manifest: dict, local: bool) -> None:
     """Can the host's Python import zmq: from the plug-in's `_lib`, or its own?"""
     info = manifest.get("pyzmq") or {}
-    lib = host.folder / installer.LIB
-    system = installer.system_python3() if local and sys.platform.startswith("linux") else None
+    lib = host.folder / installer.layout.LIB
+    linux = local and sys.platform.startswith("linux")
+    system = installer.pyzmq.system_python3() if linux else None
     if info.get("bundled"):
         where = f"{info.get('wheel')} in {lib}"
         if not (lib / "zmq" / "__init__.py").is_file():
             report.line("  pyzmq", f"{where} is missing: run install.py again", problem=True)
             return
-        version = installer.probe_python(system)[0] if system else None
+        version = installer.pyzmq.probe_python(system)[0] if system else None
         if version != info.get("python"):
             report.line("  pyzmq", f"{where} (for Python {info.get('python')}; not testable here)")
             return
         error = _import_zmq_from(system, lib)
         report.line("  pyzmq", f"{where}: {error or f'{system} imports it'}", problem=bool(error))
     elif system:
-        version, has_zmq = installer.probe_python(system)
+        version, has_zmq = installer.pyzmq.probe_python(system)
         if has_zmq:
             report.line("  pyzmq", f"{system} ({version}) imports zmq")
         else:
@@ -192,14 +189,13 @@ def host_pyzmq(
 
 def plugins(report: Report, args: argparse.Namespace) -> None:
     report.section("plug-ins")
-    installer = load_installer()
     if installer is None:
-        report.line("plug-ins", f"cannot tell: {INSTALLER} is not there")
+        report.line("plug-ins", f"cannot tell: no installer in {CHECKOUT} (not a checkout)")
         return
-    layout = installer.layout_for(args.platform_layout, args.home)
-    local = args.platform_layout == installer.current_layout()
-    for host in installer.hosts_for(layout, args.krita_dir, args.gimp_dir):
-        manifest = installer.read_manifest(host.manifest)
+    layout = installer.layout.layout_for(args.platform_layout, args.home)
+    local = args.platform_layout == installer.layout.current_layout()
+    for host in installer.layout.hosts_for(layout, args.krita_dir, args.gimp_dir):
+        manifest = installer.plugins.read_manifest(host.manifest)
         if manifest is None:
             report.line(host.label, f"not installed (looked in {host.folder})")
             continue
@@ -210,10 +206,10 @@ def plugins(report: Report, args: argparse.Namespace) -> None:
         report.line(host.label, text, problem=bool(missing))
         if manifest.get("kritarc"):
             path = Path(manifest["kritarc"]["path"])
-            enabled = _kritarc_enabled(installer, path)
+            enabled = _kritarc_enabled(path)
             state = "enabled" if enabled else "NOT enabled (Settings > Python Plugin Manager)"
             report.line("  kritarc", f"{state} in {path}")
-        host_pyzmq(report, installer, host, manifest, local)
+        host_pyzmq(report, host, manifest, local)
 
 
 def engine(report: Report, endpoint: str, timeout: float, keys: Path | None) -> None:
@@ -258,11 +254,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    installer = load_installer()
     if args.home is None:
         args.home = Path(os.environ.get("BLENDED_DIFFUSION_HOME") or Path.home())
     if args.platform_layout is None and installer is not None:
-        args.platform_layout = installer.current_layout()
+        args.platform_layout = installer.layout.current_layout()
     args.endpoint = args.endpoint or os.environ.get(ENDPOINT_ENV) or default_endpoint()
     report = Report()
     versions(report)

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from engine import weights
 from tests.conftest import free_port
-from tests.test_install import INSTALL, PLACES, SCRUB, fake_checkout, fake_wheel
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.install import INSTALL, PLACES, ROOT, fake_checkout, fake_wheel, install_env
 
 
 def test_doctor_reports_weights_plugins_and_no_engine(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    env |= {
-        "BLENDED_DIFFUSION_MODELS": str(tmp_path / "models"),
-        "HF_HUB_CACHE": str(tmp_path / "hub"),
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_HUB_OFFLINE": "1",
-    }
+    env = install_env(
+        {
+            "BLENDED_DIFFUSION_MODELS": str(tmp_path / "models"),
+            "HF_HUB_CACHE": str(tmp_path / "hub"),
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_HUB_OFFLINE": "1",
+        }
+    )
     home = tmp_path / "home"
     src = fake_checkout(tmp_path / "src")
     wheel = fake_wheel(tmp_path, "cp310-cp310-win_amd64")

@@ -12,101 +12,23 @@ import os
 import shutil
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
-from engine.doctor import load_installer
-
-ROOT = Path(__file__).resolve().parents[1]
-INSTALL = ROOT / "install.py"
-P = "blended_diffusion"
-
-install = load_installer()
-
-# where each layout puts (pykrita, GIMP plug-ins, kritarc), relative to the home
-PLACES = {
-    "linux": (".local/share/krita/pykrita", ".config/GIMP/3.0/plug-ins", ".config/kritarc"),
-    "windows": (
-        "AppData/Roaming/krita/pykrita",
-        "AppData/Roaming/GIMP/3.0/plug-ins",
-        "AppData/Local/kritarc",
-    ),
-    "macos": (
-        "Library/Application Support/krita/pykrita",
-        "Library/Application Support/GIMP/3.0/plug-ins",
-        "Library/Preferences/kritarc",
-    ),
-}
-SCRUB = ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "APPDATA", "LOCALAPPDATA", install.HOME_ENV)
-
-
-def fake_checkout(root: Path, top: bool = True) -> Path:
-    files = {
-        f"plugin_krita/{P}.desktop": f"[Desktop Entry]\nType=Service\nX-KDE-Library={P}\n",
-        f"plugin_krita/{P}/__init__.py": "from .extension import *\n",
-        f"plugin_krita/{P}/extension.py": "# krita\n",
-        f"plugin_krita/{P}/old.py": "# removed later\n",
-        f"plugin_gimp/{P}/{P}.py": "#!/usr/bin/env python3\n",
-        f"plugin_gimp/{P}/ui/dialog.py": "# gimp\n",
-        f"plugin_gimp/{P}/__pycache__/x.cpython-311.pyc": "not copied",
-        "engine/shared/protocol.py": "# protocol\n",
-        "engine/shared/client.py": "# client\n",
-    }
-    if top:
-        files["engine/__init__.py"] = ""
-    for rel, text in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_text(text)
-    os.chmod(root / f"plugin_gimp/{P}/{P}.py", 0o644)  # the installer makes it executable
-    return root
-
-
-def fake_wheel(folder: Path, tag: str = "cp311-cp311-manylinux_2_28_x86_64") -> Path:
-    wheel = folder / f"pyzmq-27.3.0-{tag}.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        z.writestr("zmq/__init__.py", "FAKE = True\n")
-        z.writestr("pyzmq.libs/libzmq.so.5", b"\0")
-        z.writestr("pyzmq-27.3.0.dist-info/METADATA", "Name: pyzmq\n")
-    return wheel
-
-
-def user_home(home: Path, layout: str) -> Path:
-    """A home where the user already has other plug-ins and Krita settings."""
-    krita, gimp, kritarc = (home / p for p in PLACES[layout])
-    (krita / "other").mkdir(parents=True)
-    (krita / "other.desktop").write_text("[Desktop Entry]\n")
-    (krita / "other" / "__init__.py").write_text("# the user's\n")
-    (gimp / "other").mkdir(parents=True)
-    (gimp / "other" / "other.py").write_text("# the user's\n")
-    kritarc.parent.mkdir(parents=True, exist_ok=True)
-    kritarc.write_text("[General]\nfoo=1\n\n[python]\nenable_other=true\n\n[Zoom]\nlevel=2\n")
-    return home
-
-
-def snapshot(root: Path) -> dict[str, tuple]:
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root).as_posix()
-        out[rel] = ("dir",) if p.is_dir() else (p.read_bytes(), p.stat().st_mode & 0o777)
-    return out
-
-
-def run_install(
-    home: Path, layout: str, *args: str, source: Path, env: dict | None = None, check: bool = True
-) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if k not in SCRUB}
-    cmd = [sys.executable, str(INSTALL), "--source", str(source), "--home", str(home)]
-    cmd += ["--platform-layout", layout] + ([] if "--uninstall" in args else ["--plugins-only"])
-    if not any(a.endswith("-python") for a in args):
-        cmd += ["--host-python", "system"]
-    r = subprocess.run(
-        cmd + list(args), env={**base, **(env or {})}, capture_output=True, text=True, timeout=300
-    )
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
+from installer.kritarc import disable_text, enable_text
+from installer.layout import Layout, layout_for
+from installer.pyzmq import wheel_fits
+from tests.helpers.install import (
+    INSTALL,
+    PLACES,
+    P,
+    fake_checkout,
+    fake_wheel,
+    run_install,
+    snapshot,
+    user_home,
+)
 
 
 @pytest.mark.parametrize("layout", ["linux", "windows", "macos"])
@@ -245,23 +167,23 @@ def test_missing_plugin_sources_fail_with_the_reason(tmp_path):
 
 def test_layouts_and_wheel_tags():
     home = Path("/h")
-    assert install.layout_for("windows", home, {"APPDATA": "/r", "LOCALAPPDATA": "/l"}) == (
-        install.Layout(Path("/r/krita/pykrita"), Path("/r/GIMP/3.0/plug-ins"), Path("/l/kritarc"))
+    assert layout_for("windows", home, {"APPDATA": "/r", "LOCALAPPDATA": "/l"}) == (
+        Layout(Path("/r/krita/pykrita"), Path("/r/GIMP/3.0/plug-ins"), Path("/l/kritarc"))
     )
-    assert install.layout_for("linux", home, {"XDG_DATA_HOME": "rel"}).krita == Path(
+    assert layout_for("linux", home, {"XDG_DATA_HOME": "rel"}).krita == Path(
         "/h/.local/share/krita/pykrita"
     )  # a relative XDG value is ignored, as the spec says
-    assert install.wheel_fits("pyzmq-27.3.0-cp310-cp310-win_amd64.whl", "3.10")
-    assert not install.wheel_fits("pyzmq-27.3.0-cp310-cp310-win_amd64.whl", "3.11")
-    assert install.wheel_fits("pyzmq-27.3.0-cp312-abi3-macosx_10_15_universal2.whl", "3.13")
-    assert not install.wheel_fits("pyzmq-27.3.0-cp312-abi3-win_amd64.whl", "3.10")
+    assert wheel_fits("pyzmq-27.3.0-cp310-cp310-win_amd64.whl", "3.10")
+    assert not wheel_fits("pyzmq-27.3.0-cp310-cp310-win_amd64.whl", "3.11")
+    assert wheel_fits("pyzmq-27.3.0-cp312-abi3-macosx_10_15_universal2.whl", "3.13")
+    assert not wheel_fits("pyzmq-27.3.0-cp312-abi3-win_amd64.whl", "3.10")
 
 
 def test_kritarc_edits_undo_exactly():
     for text in ["", "a=1", "a=1\n", "[python]", "[python]\nx=1\n", "[General]\r\nb=2\r\n"]:
-        enabled, record = install.enable_text(text)
+        enabled, record = enable_text(text)
         assert "enable_blended_diffusion=true" in enabled.splitlines()
-        assert install.disable_text(enabled, record) == text, (text, enabled)
+        assert disable_text(enabled, record) == text, (text, enabled)
 
 
 def python310() -> str | None:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.doctor import load_installer
+from installer import ROOT, cli, layout, torch_build, venv
+from installer.torch_build import Gpu, find_gpus, parse_nvidia, plan_torch, torch_message
 
-install = load_installer()
-Gpu = install.Gpu
 WHL = "https://download.pytorch.org/whl"
 
 RTX4090_130 = Gpu("nvidia", "RTX 4090", (13, 0), (8, 9), "nvidia-smi")
@@ -51,7 +50,7 @@ MATRIX = [
 @pytest.mark.parametrize("system, gpus, index, why, warning", MATRIX)
 def test_the_plan_for_each_platform_gpu_and_driver(system, gpus, index, why, warning):
     machine = "arm64" if system == "macos" else "x86_64"
-    plan = install.plan_torch(system, gpus, machine=machine)
+    plan = plan_torch(system, gpus, machine=machine)
     assert plan.index == index
     assert plan.label == (index.rsplit("/", 1)[1] if index else None)
     assert why in plan.why, plan.why
@@ -63,18 +62,18 @@ def test_the_plan_for_each_platform_gpu_and_driver(system, gpus, index, why, war
 
 
 def test_overrides_win_over_the_probes():
-    told = install.plan_torch("windows", [], "nvidia", machine="amd64")
+    told = plan_torch("windows", [], "nvidia", machine="amd64")
     assert told.index == f"{WHL}/cu130" and "as told" in told.why
-    assert install.plan_torch("linux", [], "intel").index == f"{WHL}/xpu"
-    assert install.plan_torch("linux", [], "amd").label == "rocm7.2"
-    cpu = install.plan_torch("linux", [RTX4090_130], "cpu")
+    assert plan_torch("linux", [], "intel").index == f"{WHL}/xpu"
+    assert plan_torch("linux", [], "amd").label == "rocm7.2"
+    cpu = plan_torch("linux", [RTX4090_130], "cpu")
     assert cpu.index == f"{WHL}/cpu" and "left unused" in cpu.warning
-    assert install.plan_torch("macos", [], "cpu", machine="arm64").index is None  # PyPI's is it
-    rosetta = install.plan_torch("macos", [APPLE], machine="x86_64")
+    assert plan_torch("macos", [], "cpu", machine="arm64").index is None  # PyPI's is it
+    rosetta = plan_torch("macos", [APPLE], machine="x86_64")
     assert "Rosetta" in rosetta.warning
-    custom = install.plan_torch("linux", [RADEON], index="https://example.org/simple")
+    custom = plan_torch("linux", [RADEON], index="https://example.org/simple")
     assert (custom.kind, custom.index, custom.label) == ("amd", "https://example.org/simple", None)
-    named = install.plan_torch("linux", [], index=f"{WHL}/cu126/")
+    named = plan_torch("linux", [], index=f"{WHL}/cu126/")
     assert (named.kind, named.label) == ("nvidia", "cu126")
 
 
@@ -101,40 +100,40 @@ LSPCI = """\
 
 
 def fake_probes(monkeypatch, outputs: dict[str, str]):
-    monkeypatch.setattr(install, "_probe", lambda cmd, timeout=30: outputs.get(" ".join(cmd)))
+    monkeypatch.setattr(torch_build, "_probe", lambda cmd, timeout=30: outputs.get(" ".join(cmd)))
 
 
 def test_probes_are_read_on_each_system(monkeypatch):
     query = "nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader"
     fake_probes(monkeypatch, {"nvidia-smi": NVIDIA_SMI, query: "NVIDIA GeForce RTX 4090, 8.9\n"})
-    assert install.find_gpus("linux") == [
+    assert find_gpus("linux") == [
         Gpu("nvidia", "NVIDIA GeForce RTX 4090", (13, 0), (8, 9), "nvidia-smi")
     ]
     fake_probes(monkeypatch, {"rocminfo": ROCMINFO, "lspci": LSPCI})
-    assert [(g.vendor, g.name) for g in install.find_gpus("linux")] == [
+    assert [(g.vendor, g.name) for g in find_gpus("linux")] == [
         ("amd", "Radeon RX 7900 XTX (gfx1100)"),
         ("intel", "03:00.0 VGA compatible controller: Intel Corporation DG2 [Arc A770] (rev 08)"),
     ]  # the UHD integrated graphics and the NVIDIA audio device are no GPUs to drive
     fake_probes(monkeypatch, {"amd-smi list": "GPU: 0\n    BDF: 0000:03:00.0\n"})
-    assert [g.found_by for g in install.find_gpus("linux")] == ["amd-smi"]
+    assert [g.found_by for g in find_gpus("linux")] == ["amd-smi"]
     names = "(Get-CimInstance Win32_VideoController).Name"
     fake_probes(
         monkeypatch,
         {f"powershell -NoProfile -Command {names}": "NVIDIA GeForce RTX 3060\r\nIntel(R) UHD\r\n"},
     )
-    assert [(g.vendor, g.found_by) for g in install.find_gpus("windows")] == [
+    assert [(g.vendor, g.found_by) for g in find_gpus("windows")] == [
         ("nvidia", "Windows")  # no nvidia-smi: a card without its driver
     ]
     fake_probes(monkeypatch, {})
-    assert install.find_gpus("linux") == [] and install.find_gpus("windows") == []
-    monkeypatch.setattr(install, "apple_silicon", lambda: True)
-    assert [g.vendor for g in install.find_gpus("macos")] == ["apple"]
+    assert find_gpus("linux") == [] and find_gpus("windows") == []
+    monkeypatch.setattr(torch_build, "apple_silicon", lambda: True)
+    assert [g.vendor for g in find_gpus("macos")] == ["apple"]
 
 
 def test_an_old_driver_without_compute_cap_still_names_the_gpu():
-    gpus = install.parse_nvidia(NVIDIA_SMI.replace("13.0", "12.2"), "Quadro P4000\n")
+    gpus = parse_nvidia(NVIDIA_SMI.replace("13.0", "12.2"), "Quadro P4000\n")
     assert gpus == [Gpu("nvidia", "Quadro P4000", (12, 2), None, "nvidia-smi")]
-    assert install.plan_torch("linux", gpus).index == f"{WHL}/cu126"
+    assert plan_torch("linux", gpus).index == f"{WHL}/cu126"
 
 
 SEEN_CPU = {"cuda": None, "hip": None, "xpu": None}
@@ -156,8 +155,8 @@ SEEN_CPU = {"cuda": None, "hip": None, "xpu": None}
 )
 def test_after_the_install_a_gpu_left_unused_is_said(plan_gpu, seen, message, warns):
     system = "windows" if plan_gpu is RADEON_WIN else "macos" if plan_gpu is APPLE else "linux"
-    plan = install.plan_torch(system, [plan_gpu] if plan_gpu else [], machine="arm64")
-    text, warning = install.torch_message(plan, seen)
+    plan = plan_torch(system, [plan_gpu] if plan_gpu else [], machine="arm64")
+    text, warning = torch_message(plan, seen)
     assert message in text, text
     assert bool(warning) == warns
     if warns and plan.kind != "cpu":
@@ -165,11 +164,11 @@ def test_after_the_install_a_gpu_left_unused_is_said(plan_gpu, seen, message, wa
 
 
 def run_dry(monkeypatch, capsys, tmp_path, gpus, system="linux", *args):
-    monkeypatch.setattr(install, "find_gpus", lambda: gpus)
-    monkeypatch.setattr(install, "current_layout", lambda: system)
+    monkeypatch.setattr(venv, "find_gpus", lambda: gpus)
+    monkeypatch.setattr(venv, "current_layout", lambda: system)
     argv = ["--dry-run", "--dev", "--no-weights", "--no-krita", "--no-gimp"]
     argv += ["--venv", str(tmp_path / "venv"), *args]
-    assert install.main(argv) == 0
+    assert cli.main(argv) == 0
     return capsys.readouterr().out.splitlines()
 
 
@@ -191,28 +190,28 @@ def test_without_a_gpu_the_command_is_the_plain_one(monkeypatch, capsys, tmp_pat
     out = run_dry(monkeypatch, capsys, tmp_path, [])
     pip = next(line for line in out if "would run" in line)
     python = tmp_path / "venv" / "bin" / "python"
-    assert pip == f"    would run {python} -m pip install -e '{install.ROOT}[dev]'"
+    assert pip == f"    would run {python} -m pip install -e '{ROOT}[dev]'"
     assert "no GPU found" in "\n".join(out) and "warning" not in out[-1]
 
 
 def test_cluster_adds_ray_serve_to_the_project_install(monkeypatch, capsys, tmp_path):
     out = run_dry(monkeypatch, capsys, tmp_path, [], "linux", "--cluster")
     pip = next(line for line in out if "would run" in line)
-    assert pip.endswith(f"-m pip install -e '{install.ROOT}[dev,cluster]'")
+    assert pip.endswith(f"-m pip install -e '{ROOT}[dev,cluster]'")
 
 
 def test_this_machine_gets_the_plan_it_had():
-    if install.find_gpus():
+    if find_gpus():
         pytest.skip("this machine has a GPU")
-    plan = install.plan_torch(install.current_layout(), install.find_gpus())
+    plan = plan_torch(layout.current_layout(), find_gpus())
     assert (plan.index, plan.label, plan.warning) == (None, None, None)
 
 
 def test_doctor_names_a_gpu_the_engine_cannot_use_and_the_fix(monkeypatch, capsys):
     from engine import devices, doctor
 
-    monkeypatch.setattr(install, "find_gpus", lambda system=None: [RTX3060_124])
-    monkeypatch.setattr(install, "current_layout", lambda: "windows")
+    monkeypatch.setattr(torch_build, "find_gpus", lambda system=None: [RTX3060_124])
+    monkeypatch.setattr(layout, "current_layout", lambda: "windows")
     monkeypatch.setattr(devices, "available", lambda kind: kind == "cpu")
     report = doctor.Report()
     doctor.device(report)
