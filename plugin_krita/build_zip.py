@@ -31,9 +31,9 @@ def entries(source: Path = ROOT) -> dict[str, bytes]:
         rel = path.relative_to(plugin)
         if path.is_file() and not SKIP.intersection(rel.parts) and path.suffix != ".pyc":
             files[rel.as_posix()] = path.read_bytes()
-    sys.path.insert(0, str(ROOT))  # install.py: what of engine/ the plug-ins take
+    sys.path.insert(0, str(ROOT))  # installer/: what of engine/ the plug-ins take
     try:
-        from install import client_files
+        from installer.plugins import client_files
     finally:
         sys.path.remove(str(ROOT))
     files.update({name: path.read_bytes() for name, path in client_files(source).items()})
