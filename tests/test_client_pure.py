@@ -234,6 +234,36 @@ def test_keepalive_is_sent_while_a_job_is_active_and_a_silent_engine_fails_it(fa
     assert event.error.code == "timeout" and "engine unreachable at" in event.error.message
 
 
+def test_keepalive_goes_at_the_interval_the_engines_hello_announces(fake_engine):
+    """The client's own default is long (30 s): the pings the engine waits for here come only
+    at the 0.05 s its hello asks for."""
+    pings: list[float] = []
+
+    def script(h):
+        if h["type"] == "ping":
+            pings.append(time.monotonic())
+            return [encode("pong")]
+        return [encode("accepted", {"job": h["job"], "position": 0})] if "job" in h else []
+
+    hello = HELLO | {"keepalive": {"interval": 0.05, "timeout": 5.0}}
+    with Client(fake_engine(script, hello=hello).endpoint, timeout=5, keepalive=30) as client:
+        assert client.hello()["keepalive"]["interval"] == client.keepalive == 0.05
+        client.submit(*_job_args())
+        deadline = time.monotonic() + 20  # a bound for a stalled machine, not a wait
+        while len(pings) < 3:
+            assert time.monotonic() < deadline, f"{len(pings)} keep-alives at 0.05 s"
+            client.poll(0.01)
+
+
+@pytest.mark.parametrize("announced", [None, {}, {"interval": "1"}, {"interval": 0},
+                                       {"interval": -2}, {"interval": True}, [1]])  # fmt: skip
+def test_a_missing_or_odd_keepalive_in_hello_keeps_the_clients_own(fake_engine, announced):
+    hello = HELLO if announced is None else HELLO | {"keepalive": announced}
+    with Client(fake_engine(lambda h: [], hello=hello).endpoint, timeout=5, keepalive=0.3) as c:
+        c.hello()
+        assert c.keepalive == 0.3
+
+
 def test_one_unreadable_message_fails_only_its_job_and_loses_no_other_event(fake_engine):
     jobs: list[str] = []
     variant = {"rank": 1, "x": 0, "y": 0, "width": 1, "height": 1, "distance": 0.5, "seed": 1}

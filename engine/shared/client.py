@@ -6,7 +6,8 @@ engine needs to tell a live client from a killed one. The keep-alive names the a
 job the engine no longer knows (it restarted, crashed or lost it) fails with code `lost` at the
 next pong. Blocking calls (`hello`, `submit`, `status`) give up after `timeout` seconds with
 EngineUnreachable or Timeout, calling `idle` meanwhile where set. `submit` applies the limits
-the engine announced in `hello` before sending anything.
+the engine announced in `hello` before sending anything, and the keep-alive goes at the interval
+it announced there.
 
     client = Client("tcp://127.0.0.1:5557")
     client.hello()
@@ -180,7 +181,7 @@ class Client:
         endpoint: str = DEFAULT_ENDPOINT,
         *,
         timeout: float = 5.0,
-        keepalive: float = 1.0,
+        keepalive: float = 1.0,  # seconds between keep-alives until `hello` says the engine's
         engine_timeout: float = 10.0,
         server_key: bytes | None = None,
         public_key: bytes | None = None,
@@ -236,6 +237,7 @@ class Client:
         """The engine's protocol version, models label, device and limits."""
         self.info = self._request("hello", {"client": "engine.shared.client"}).header
         self.limits = Limits.from_json(self.info.get("limits"))
+        self.keepalive = _interval(self.info.get("keepalive"), self.keepalive)
         return self.info
 
     def status(self) -> dict[str, Any]:
@@ -516,6 +518,15 @@ class Client:
             events.append(Event("error", job.id, job, error=job.error))
         self._jobs.clear()
         return events
+
+
+def _interval(keepalive: Any, default: float) -> float:
+    """The keep-alive interval a hello announces (`keepalive.interval`, seconds), else `default`:
+    the engine drops a client's jobs after its own timeout without one."""
+    interval = keepalive.get("interval") if isinstance(keepalive, dict) else None
+    if isinstance(interval, bool) or not isinstance(interval, int | float):
+        return default
+    return float(interval) if 0 < interval < float("inf") else default
 
 
 def _job_of(frames: list) -> str | None:
