@@ -110,7 +110,7 @@ class StepTimes:
         if settings.guidance_every != 1 or settings.precision not in self._precisions:
             return lambda done: None
         tiles = tiles if not settings.refine_guidance else 0
-        steps = settings.steps - settings.skip
+        steps = settings.steps_run
         return self.timer(settings.guidance_mode, settings.variants, steps, tiles)
 
     def to_json(self) -> dict[str, dict[str, float]]:

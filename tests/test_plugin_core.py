@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from engine import edit, region
-from engine.shared import estimate, geometry, protocol, settings, wording
+from engine import region
+from engine.shared import estimate, geometry, protocol, request, settings, wording
 from engine.shared.client import Job
 from engine.shared.geometry import Rect
 from engine.steptime import StepTimes
@@ -59,15 +59,17 @@ def test_table_is_consistent_and_matches_the_engine():
 
 def test_paper_preset_is_the_official_defaults():
     paper = settings.request(VALUES | {"preset": "paper"}).settings
-    # the paper: 100 steps, 25 skipped (75 guided), 4 variants, full guidance at the model's weight
-    assert paper == {"variants": 4, "steps": 100, "skip": 25, "padding": 0.25,
-                     "guidance_mode": "full", "refine": True}  # fmt: skip
+    # the paper: 100 steps at 75% (75 guided), 4 variants, full guidance at the model's weight
+    assert paper == {"variants": 4, "steps": 100, "strength": 75, "guidance_mode": "full",
+                     "refine": True}  # fmt: skip
+    assert request.check(paper).steps_run == 75
 
 
 def test_draft_is_quicker_than_paper():
     draft = settings.request(VALUES | {"preset": "draft"}).settings
-    work = {k: s["variants"] * (s["steps"] - s["skip"]) for k, s in (("draft", draft), ("paper",
-            settings.request(VALUES | {"preset": "paper"}).settings))}  # fmt: skip
+    paper = settings.request(VALUES | {"preset": "paper"}).settings
+    work = {k: request.check(s).variants * request.check(s).steps_run
+            for k, s in (("draft", draft), ("paper", paper))}  # fmt: skip
     assert work["draft"] < work["paper"] / 3
 
 
@@ -75,7 +77,7 @@ def test_custom_takes_the_advanced_values_a_preset_overrides_them():
     custom = VALUES | {"preset": "custom", "variants": 3, "steps": 40, "strength": 50,
                        "fast_guidance": True, "guidance_weight": 200.0, "seed": 7}  # fmt: skip
     assert settings.request(custom).settings == {
-        "variants": 3, "steps": 40, "skip": 20, "padding": 0.25, "guidance_mode": "fast",
+        "variants": 3, "steps": 40, "strength": 50, "guidance_mode": "fast",
         "refine": True, "seed": 7, "guidance_weight": 200.0,
     }  # fmt: skip
     draft = settings.request(custom | {"preset": "draft"}).settings
@@ -87,12 +89,13 @@ def test_custom_takes_the_advanced_values_a_preset_overrides_them():
 
 @hypothesis_settings(deadline=None)
 @given(steps=st.integers(2, 1000), strength=st.integers(1, 100))
-def test_strength_is_always_a_skip_the_engine_takes(steps, strength):
-    skip = settings.skip_for(steps, strength)
-    protocol.check_settings({"steps": steps, "skip": skip}, protocol.Limits())
-    assert 0 <= skip < steps
+def test_strength_is_always_a_start_the_engine_takes(steps, strength):
+    checked = protocol.check_settings({"steps": steps, "strength": strength}, protocol.Limits())
+    assert 0 <= checked.start < steps and checked.steps_run >= 1
+    as_skip = protocol.check_settings({"steps": steps, "skip": checked.start}, protocol.Limits())
+    assert as_skip.steps_run == checked.steps_run  # the pixel method's own start, the same
     if strength == 100:
-        assert skip == 0
+        assert checked.start == 0
 
 
 @pytest.mark.parametrize(
@@ -174,8 +177,7 @@ def test_selection_is_clipped_to_the_source_in_its_coordinates():
 
 
 def test_window_is_clipped_and_holds_the_context():
-    # a small selection: the engine's least context a side (region.MIN_CONTEXT)
-    assert geometry.MIN_CONTEXT == region.MIN_CONTEXT
+    # a small selection: the engine's least context a side (geometry.MIN_CONTEXT, one figure)
     assert geometry.context_window(Rect(50, 22, 14, 10), (64, 56)) == Rect(2, 0, 62, 56)
     # margin: 40 + 2 * 10 each side
     assert geometry.context_window(Rect(1000, 800, 40, 20), (4000, 3000)) == Rect(
@@ -225,18 +227,16 @@ def test_window_changes_nothing_the_engine_sees():
         if not mask.any():
             continue
         win = geometry.context_window(Rect(x, y, w, h), (width, height))  # a looser box
-        whole = region.context_box(mask, settings.PADDING)
+        whole = region.context_box(mask, geometry.PADDING)
         part = mask[win.y : win.y + win.height, win.x : win.x + win.width]
-        inside = region.context_box(part, settings.PADDING)
-        assert (inside.x + win.x, inside.y + win.y, inside.w, inside.h) == (
-            whole.x, whole.y, whole.w, whole.h
-        )
+        inside = region.context_box(part, geometry.PADDING)
+        assert inside.moved(win.x, win.y) == whole
 
 
 def test_grow_and_feather_are_the_engines_with_its_range():
     for name in ("grow", "feather"):
         s = settings.BY_NAME[name]
-        assert (s.low, s.high, s.default) == (0, edit.MAX_SHAPING, 0) and s.advanced
+        assert (s.low, s.high, s.default) == (0, request.BY_NAME[name].high, 0) and s.advanced
     shaped = settings.request(VALUES | {"grow": 4, "feather": 9}).settings
     assert (shaped["grow"], shaped["feather"]) == (4, 9)
     protocol.check_settings(shaped, protocol.Limits())
@@ -281,14 +281,14 @@ def test_window_holds_what_the_engine_grows_and_feathers(size, data, grow, feath
     # the edit's (and the budget's) box: around the bounds the shaping can reach, found without
     # shaping; they hold the shaped selection, exactly for a grow alone
     bounds, tight = region.shaped_bounds(mask, grow, feather), region.selection_bounds(whole)
-    assert bounds.x <= tight.x and tight.x + tight.w <= bounds.x + bounds.w
-    assert bounds.y <= tight.y and tight.y + tight.h <= bounds.y + bounds.h
+    assert bounds.x <= tight.x and tight.x + tight.width <= bounds.x + bounds.width
+    assert bounds.y <= tight.y and tight.y + tight.height <= bounds.y + bounds.height
     assert bounds == tight or feather
-    box = region.context_box(mask, settings.PADDING, grow, feather)
-    assert box == region.box_around(bounds, width, height, settings.PADDING)
+    box = region.context_box(mask, geometry.PADDING, grow, feather)
+    assert box == geometry.box_around(bounds, width, height, geometry.PADDING)
     inside = region.context_box(mask[win.y : win.y + win.height, win.x : win.x + win.width],
-                                settings.PADDING, grow, feather)  # fmt: skip
-    assert (inside.x + win.x, inside.y + win.y, inside.w, inside.h) == (box.x, box.y, box.w, box.h)
+                                geometry.PADDING, grow, feather)  # fmt: skip
+    assert inside.moved(win.x, win.y) == box
 
 
 def test_place_and_blank():
@@ -431,12 +431,15 @@ def test_the_engine_tells_an_edits_steps_and_tiles_and_times_its_refinement(star
     with Client(server.endpoint, timeout=5) as client:
         rgba = bytes(96 * 96 * 4)
         mask = bytes(255 if 24 <= i % 96 < 72 and 24 <= i // 96 < 72 else 0 for i in range(96**2))
+        # refine_cap 0: the pass at the image's scale, asked for (the default keeps it within
+        # the base edit's work: 6 steps leave too little for any pass)
         asked = {"variants": 2, "steps": 6, "skip": 0, "guidance_mode": "fast", "refine": True,
-                 "refine_strength": 0.5}  # fmt: skip
+                 "refine_strength": 0.5, "refine_cap": 0}  # fmt: skip
         job = client.submit(rgba, 96, 96, mask, "a red ball", asked)
         assert job.total == 6 + 3  # accepted says it before the first step
-        # the context box (72 px) over the tiny model's 32 px tiles, half shared: 4 x 4
-        assert job.refine_tiles == 16
+        # the context box (72 px) over the tiny model's 32 px tiles, half shared: 4 x 4, all
+        # touching the 48 px square in its middle
+        assert job.refine_tiles == 16 and job.plan["refine"]["tiles_total"] == 16
         client.wait(job, timeout=120)
         seconds = client.hello()["step_seconds"]
         small = client.submit(bytes(40 * 40 * 4), 40, 40, bytes([255] * 1600), "x", asked)

@@ -158,9 +158,8 @@ def test_pixels_outside_the_mask_stay_byte_identical(tiny, shape, mask_fn):
         out = composite(image, v.rgba, v.box)
         assert (out[mask == 0] == image[mask == 0]).all()
         assert (out[mask == 255] != image[mask == 255]).any()
-        assert (
-            v.rgba[..., 3] == mask[v.box.y : v.box.y + v.box.h, v.box.x : v.box.x + v.box.w]
-        ).all()
+        b = v.box
+        assert (v.rgba[..., 3] == mask[b.y : b.y + b.height, b.x : b.x + b.width]).all()
 
 
 def test_same_seed_same_result_other_seed_other_result(tiny):

@@ -7,6 +7,7 @@ import pytest
 from engine import region
 from engine.edit import run_edit
 from engine.region import composite
+from engine.shared.geometry import Rect
 from engine.shared.request import Settings
 
 FAST = dict(steps=12, skip=3, variants=2, augmentations=2, seed=5)
@@ -40,7 +41,7 @@ def test_a_feathered_edge_gets_the_edit_at_full_strength_faded_once(tiny_models,
     strengths = {0.3: [], 0.5: [], 0.7: []}
     for s in soft:
         b = s.box
-        assert (s.rgba[..., 3] == mask[b.y : b.y + b.h, b.x : b.x + b.w]).all()
+        assert (s.rgba[..., 3] == mask[b.y : b.y + b.height, b.x : b.x + b.width]).all()
         out = composite(image, s.rgba, s.box).astype(float)
         change = np.abs(out - image).mean(axis=2)
         inside = change[mask == 255].mean()
@@ -69,7 +70,7 @@ def test_border_and_long_selections_edit_inside_and_keep_every_other_byte(tiny_m
     x, y, w, h = sel
     mask[y : y + h, x : x + w] = 255
     for v in run_edit(tiny_models, image, mask, "a blue square", Settings(**FAST)):
-        assert v.box == region.Box(*sel)
+        assert v.box == Rect(*sel)
         out = composite(image, v.rgba, v.box)
         assert (out[mask == 0] == image[mask == 0]).all()
         assert (out[mask == 255] != image[mask == 255]).any()
@@ -83,9 +84,8 @@ def test_grow_and_feather_are_done_by_the_engine_and_nothing_beyond_changes(tiny
     shaped = region.shape_selection(mask, 4, 6)
     for v in run_edit(tiny_models, image, mask, "a red circle", settings):
         assert v.box == region.selection_bounds(shaped)
-        assert (
-            v.rgba[..., 3] == shaped[v.box.y : v.box.y + v.box.h, v.box.x : v.box.x + v.box.w]
-        ).all()
+        b = v.box
+        assert (v.rgba[..., 3] == shaped[b.y : b.y + b.height, b.x : b.x + b.width]).all()
         out = composite(image, v.rgba, v.box)
         assert (out[shaped == 0] == image[shaped == 0]).all()
         ring = (mask == 0) & (shaped > 128)  # grown and feathered beyond the selection

@@ -5,13 +5,18 @@ import pytest
 import torch
 
 from engine import budget, region
-from engine.edit import refine_tiles, refinement, run_edit
+from engine.edit import plan, run_edit
 from engine.guidance import Guide
 from engine.models import load_models
+from engine.shared import geometry, request
+from engine.shared.geometry import Canvas, Rect, starts
 from engine.shared.request import Settings
-from engine.tiles import Tiled, ramp, refine_canvas, starts
+from engine.tiles import Tiled, ramp
 
-FAST = dict(steps=8, skip=2, variants=1, augmentations=2, seed=3, refine=True, refine_strength=0.3)
+# refine_cap 0: the pass at the image's own scale (the default keeps it within the base edit's
+# work, which 6 base steps leave too little of for any pass here)
+FAST = dict(steps=8, skip=2, variants=1, augmentations=2, seed=3, refine=True, refine_strength=0.3,
+            refine_cap=0)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -30,18 +35,23 @@ def test_tiles_cover_the_canvas_and_overlap_as_asked(length, overlap):
     assert ramp(tile, overlap).min() > 0 and ramp(tile, overlap).max() == 1
 
 
-def _tiled(fn, overlap=0.25, tile=(32, 32)):
+def _grid(width, height, overlap=0.25, tile=32):
+    return geometry.tile_grid(Canvas(Rect(0, 0, width, height), width, height, (width, height)),
+                              tile, overlap)  # fmt: skip
+
+
+def _tiled(fn, width, height, overlap=0.25):
     calls = []
 
     def unet(x, t):
         calls.append(tuple(x.shape[-2:]))
         return fn(x, len(calls))
 
-    return Tiled(unet, tile, overlap), calls
+    return Tiled(unet, _grid(width, height, overlap), overlap), calls
 
 
 def test_a_constant_prediction_fuses_to_the_same_constant():
-    tiled, calls = _tiled(lambda x, _: torch.full((x.shape[0], 6, *x.shape[-2:]), 0.3))
+    tiled, calls = _tiled(lambda x, _: torch.full((x.shape[0], 6, *x.shape[-2:]), 0.3), 160, 96)
     out = tiled(torch.zeros(2, 3, 96, 160), torch.zeros(2))
     assert out.shape == (2, 6, 96, 160)
     torch.testing.assert_close(out, torch.full_like(out, 0.3))
@@ -54,7 +64,7 @@ def test_fusion_is_seam_free_where_tiles_disagree():
     """Each tile predicts its own constant (a tile's bias): the fused canvas changes by at most
     the spread over the overlap per pixel, nowhere in one jump. Equal weights would jump."""
     biases = torch.rand(100, generator=torch.Generator().manual_seed(0))
-    tiled, _ = _tiled(lambda x, k: biases[k].expand(x.shape[0], 1, *x.shape[-2:]).clone())
+    tiled, _ = _tiled(lambda x, k: biases[k].expand(x.shape[0], 1, *x.shape[-2:]).clone(), 160, 96)
     out = tiled(torch.zeros(1, 3, 96, 160), torch.zeros(1))[0, 0]
     spread = float(biases.max() - biases.min())
     step = max(out.diff(dim=0).abs().max(), out.diff(dim=1).abs().max())
@@ -62,20 +72,34 @@ def test_fusion_is_seam_free_where_tiles_disagree():
 
 
 def test_identity_fuses_to_identity_and_one_tile_runs_as_is():
-    tiled, calls = _tiled(lambda x, _: x)
+    tiled, calls = _tiled(lambda x, _: x, 80, 64)
     x = torch.randn(1, 3, 64, 80)
     torch.testing.assert_close(tiled(x, torch.zeros(1)), x)
-    small = torch.randn(1, 3, 32, 24)
-    calls.clear()
-    assert tiled(small, torch.zeros(1)) is not None and calls == [(32, 24)]
+    small, calls[:] = torch.randn(1, 3, 32, 24), []
+    one = Tiled(lambda x, t: calls.append(tuple(x.shape[-2:])) or x, _grid(24, 32), 0.25)
+    assert one(small, torch.zeros(1)) is small and calls == [(32, 24)]
+
+
+def test_tiles_left_out_predict_nothing_and_the_rest_fuse_as_before():
+    grid = _grid(96, 96)
+    kept = [t for t in grid if t.x < 32 and t.y < 32]  # a selection in the top-left corner
+    out = Tiled(lambda x, t: x + 1, kept, 0.25)(torch.zeros(1, 1, 96, 96), torch.zeros(1))
+    assert (out[..., :32, :32] == 1).all() and (out[..., 64:, 64:] == 0).all()
+
+
+def _refinement(box, base, cap):
+    return geometry.refinement(base, 32, 4, cap=cap, overlap=0.5, steps=1, base_steps=1,
+                               touches=lambda r: True)  # fmt: skip
 
 
 def test_refine_canvas_caps_and_skips_small_gains():
-    box = region.Box(0, 0, 400, 200)
-    assert refine_canvas(box, (48, 24), 32, 4, 0) == (400, 200)
-    w, h = refine_canvas(box, (48, 24), 32, 4, 2)
+    box = Rect(0, 0, 400, 200)
+    base = geometry.canvas_for(box, 32, 4)
+    assert _refinement(box, base, 0).canvas.size == (400, 200)
+    w, h = _refinement(box, base, 2).canvas.size
     assert w * h == pytest.approx(64 * 64, rel=0.15) and w / h == pytest.approx(2, rel=0.1)
-    assert refine_canvas(region.Box(0, 0, 40, 40), (32, 32), 32, 4, 0) is None  # 1.25x: no pass
+    small = Rect(0, 0, 40, 40)  # 1.25x: no pass
+    assert _refinement(small, geometry.canvas_for(small, 32, 4), 0) is None
 
 
 def _picture(size=96, sel=(24, 72)):
@@ -90,8 +114,7 @@ def test_the_pass_runs_for_a_large_selection_counts_its_steps_and_keeps_outside_
     image, mask = _picture()
     settings = Settings(**FAST, feather=6)
     shaped = region.shape_selection(mask, 0, 6)
-    box = region.context_box(shaped)
-    assert refinement(settings, box, 32, tiny.downsampling)
+    assert plan(32, tiny.downsampling, mask, settings).refinement
     steps, shown = [], []
 
     def on_step(done, total, previews):
@@ -108,8 +131,8 @@ def test_the_pass_runs_for_a_large_selection_counts_its_steps_and_keeps_outside_
     assert not np.array_equal(shown[base - 1].rgba, shown[-1].rgba)
     out = region.composite(image, v.rgba, v.box)
     sel = region.selection_bounds(shaped)
-    assert (v.box, v.rgba[..., 3].tolist()) == (sel, shaped[sel.y : sel.y + sel.h,
-            sel.x : sel.x + sel.w].tolist())  # fmt: skip  # the feathered alpha, exactly
+    alpha = shaped[sel.y : sel.y + sel.height, sel.x : sel.x + sel.width]
+    assert (v.box, v.rgba[..., 3].tolist()) == (sel, alpha.tolist())  # the feathered alpha
     assert (out[shaped == 0] == image[shaped == 0]).all()
     off = run_edit(tiny, image, mask, "x", Settings(**FAST | dict(feather=6, refine=False)))[0]
     assert not np.array_equal(v.rgba, off.rgba)  # the pass changed the edit
@@ -121,8 +144,7 @@ def test_a_guided_pass_judges_through_the_selections_alpha_on_its_own_canvas(tin
     image, mask = _picture()
     settings = Settings(**FAST, feather=6, refine_guidance=1, range_weight=0)
     shaped = region.shape_selection(mask, 0, 6)
-    box = region.context_box(shaped)
-    fine = refinement(settings, box, 32, tiny.downsampling)
+    fine = plan(32, tiny.downsampling, mask, settings).refinement.canvas
     judged = []
     loss = Guide.loss
 
@@ -132,8 +154,8 @@ def test_a_guided_pass_judges_through_the_selections_alpha_on_its_own_canvas(tin
 
     monkeypatch.setattr(Guide, "loss", spy)
     (guided,) = run_edit(tiny, image, mask, "x", settings)
-    seen = torch.from_numpy(region.seen_on_canvas(shaped, box, fine))
-    on_fine = [m for m in judged if tuple(m.shape[-2:]) == fine[::-1]]
+    seen = torch.from_numpy(region.seen_on_canvas(shaped, fine))
+    on_fine = [m for m in judged if tuple(m.shape[-2:]) == (fine.height, fine.width)]
     assert len(on_fine) == settings.refine_steps  # every step of the pass guided
     for m in on_fine:
         assert (m[..., seen == 0] == 0).all() and (m[..., (seen > 0) & (seen < 1)] != 0).any()
@@ -148,7 +170,6 @@ class Cancelled(Exception):
 def test_the_tiles_counted_for_the_estimate_are_the_forwards_the_pass_makes(tiny):
     image, mask = _picture(160, (20, 130))
     settings = Settings(**FAST)
-    box = region.context_box(mask)
     base, forwards, step = FAST["steps"] - FAST["skip"], [], [0]
     hook = tiny.unet.register_forward_hook(lambda *_: forwards.append(step[0]))
     try:
@@ -156,8 +177,10 @@ def test_the_tiles_counted_for_the_estimate_are_the_forwards_the_pass_makes(tiny
     finally:
         hook.remove()
     in_pass = sum(1 for s in forwards if s >= base)  # made during the steps after the base's
-    tiles = refine_tiles(settings, box, 32, tiny.downsampling)
+    planned = plan(32, tiny.downsampling, mask, settings)
+    tiles = planned.refine_tiles
     assert tiles > 4 and in_pass == tiles * settings.refine_steps
+    assert tiles <= planned.refinement.tiles_total
 
 
 def test_cancel_stops_inside_the_pass_before_the_next_tile(tiny):
@@ -183,11 +206,15 @@ def test_cancel_stops_inside_the_pass_before_the_next_tile(tiny):
 def test_the_budget_counts_the_pass_and_names_it(tiny):
     image, mask = _picture(1024, (100, 900))
     facts = budget.Facts.of(tiny)
-    on = budget.estimate(facts, image.shape, mask, Settings())  # on by default
-    off = budget.estimate(facts, image.shape, mask, Settings(refine=False))
-    capped = budget.estimate(facts, image.shape, mask, Settings(refine_cap=2))
-    assert off.parts["refinement"] == 0 < capped.parts["refinement"] < on.parts["refinement"]
-    assert "refine" in budget.advice(on, Settings())
+
+    def cost(**settings):
+        planned = plan(32, tiny.downsampling, mask, Settings(**settings))
+        return budget.estimate(facts, image.shape, mask, planned)
+
+    default, off, capped, full = cost(), cost(refine=False), cost(refine_cap=4), cost(refine_cap=0)
+    assert off.parts["refinement"] == 0 < default.parts["refinement"]  # on by default
+    assert default.parts["refinement"] <= capped.parts["refinement"] < full.parts["refinement"]
+    assert "refine" in budget.advice(full, Settings())
 
 
 @pytest.mark.parametrize(
@@ -201,5 +228,5 @@ def test_the_budget_counts_the_pass_and_names_it(tiny):
     ],
 )
 def test_refine_settings_out_of_range_are_refused(bad):
-    with pytest.raises(region.RegionError, match="refine"):
-        Settings(**bad).check()
+    with pytest.raises(request.SettingError, match="refine"):
+        request.check(bad)

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from engine.shared import request
+
 REFINE = "refine"  # engine/steptime.py's figure of the refinement pass: a tile's step
 
 
@@ -58,8 +60,8 @@ def plan(
     """The edit `settings` (the protocol's) on this engine. `total`, `tiles`: the engine's
     `accepted` (all the steps; the refinement's tiles a step, 0: no refinement), not known
     before it is sent."""
-    mode, variants = settings.get("guidance_mode", "full"), settings.get("variants", 4)
-    steps = settings["steps"] - settings.get("skip", 0)
+    checked = request.check(settings)
+    mode, variants, steps = checked.guidance_mode, checked.variants, checked.steps_run
     refine = max(total - steps, 0) if tiles else 0
     per_tile = step_seconds(info, REFINE, variants)
     if per_tile is None:  # no pass measured yet: a fast step is one UNet forward (and CLIP's)

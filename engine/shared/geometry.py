@@ -291,4 +291,5 @@ def refinement(
         plan = Refinement(canvas, run, len(grid))
         if cap is not None or plan.work(steps) <= budget:
             return plan
-        side *= 0.9
+        longer = max(canvas.width, canvas.height)  # one model multiple less on the longer side
+        side *= (longer - factor) / longer

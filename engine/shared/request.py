@@ -175,7 +175,7 @@ def _value(f: Field, value: Any, caps: Mapping[str, Any] | None) -> Any:
     if f.zero_or_from is not None and 0 < value < f.zero_or_from:
         raise SettingError(f.name, f"{name} must be {f.range_text()}, got {value:g}")
     if not f.low <= value <= high:
-        over = bool(f.limit) and value > high  # an engine's limit, which another may raise
+        over = bool(f.limit)  # a setting an engine limits (its code: `limit`)
         where = " (this engine's limit)" if high != f.high and value > high else ""
         raise SettingError(
             f.name, f"{name} must be {f.range_text(high)}{where}, got {value:g}", over

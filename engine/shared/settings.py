@@ -43,6 +43,10 @@ class Setting:
     advanced: bool = False  # under "Advanced": set by the preset unless it is Custom
     limit: str = ""  # the engine's `hello` limit that caps `high`
 
+    @property
+    def kind(self) -> type:
+        return str if self.choices else type(self.default)
+
 
 def _from_schema(name: str, label: str, tooltip: str, default: Any = None, **ui: Any) -> Setting:
     """A request setting as the UIs show it: its range and limit from the request schema
@@ -53,10 +57,6 @@ def _from_schema(name: str, label: str, tooltip: str, default: Any = None, **ui:
     high = schema.high_for(f, Limits().to_json())
     default = f.default if default is None else default
     return Setting(name, label, tooltip, default, low, high, limit=f.limit, **ui)
-
-    @property
-    def kind(self) -> type:
-        return str if self.choices else type(self.default)
 
 
 TABLE: tuple[Setting, ...] = (
