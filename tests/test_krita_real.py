@@ -103,7 +103,7 @@ def install_plugins(home: Path, wheel: Path) -> Path:
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     lib = pykrita / "blended_diffusion" / "_lib"
-    assert (lib / "engine" / "client.py").is_file() and (lib / "zmq").is_dir(), r.stdout
+    assert (lib / "engine" / "shared" / "flow.py").is_file() and (lib / "zmq").is_dir(), r.stdout
     shutil.copy(DRIVER / "bd_test_driver.desktop", pykrita)
     shutil.copytree(DRIVER / "bd_test_driver", pykrita / "bd_test_driver")
     kritarc = home / ".config" / "kritarc"

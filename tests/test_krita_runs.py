@@ -4,68 +4,17 @@ panel is rebuilt for each). Real Krita shows the panel in tests/test_krita_real.
 
 from __future__ import annotations
 
-import sys
 import types
-from pathlib import Path
 
 import pytest
 
 from engine.shared.history import RUNNING, Run
-
-KRITA = Path(__file__).resolve().parents[1] / "plugin_krita" / "blended_diffusion"
-
-
-class Anything:
-    """Any Qt widget, layout, enum or signal: every attribute and call answers, doing nothing."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __getattr__(self, name: str) -> Anything:
-        return Anything()
-
-    def __call__(self, *args, **kwargs) -> Anything:
-        return Anything()
-
-
-class FakeImage(Anything):
-    """QImage: counts the pictures decoded, from a preview's PNG or a result's pixels."""
-
-    decoded: list[bytes] = []
-    Format = Anything()
-
-    def __init__(self, data: bytes = b"", *args) -> None:
-        if data:
-            FakeImage.decoded.append(bytes(data))
-
-    def loadFromData(self, data: bytes, _format: str) -> bool:
-        FakeImage.decoded.append(data)
-        return True
-
-    def copy(self) -> FakeImage:
-        return self
-
-    def isNull(self) -> bool:
-        return False
+from tests.helpers.hosts import FakeImage, krita_plugin
 
 
 @pytest.fixture
 def runs(monkeypatch):
-    qt = types.ModuleType("blended_diffusion.qt")
-    for name in ("QHBoxLayout", "QIcon", "QLabel", "QPixmap", "QPushButton", "QSize",
-                 "QToolButton", "QVBoxLayout"):  # fmt: skip
-        setattr(qt, name, Anything())
-    qt.QWidget, qt.QImage = Anything, FakeImage
-    package = types.ModuleType("blended_diffusion")
-    package.__path__ = [str(KRITA)]
-    monkeypatch.setitem(sys.modules, "blended_diffusion", package)
-    monkeypatch.setitem(sys.modules, "blended_diffusion.qt", qt)
-    monkeypatch.delitem(sys.modules, "blended_diffusion.runs", raising=False)
-    FakeImage.decoded = []
-    import blended_diffusion.runs as module
-
-    yield module
-    sys.modules.pop("blended_diffusion.runs", None)
+    return krita_plugin(monkeypatch).runs
 
 
 def preview(seed: int, png: bytes, distance: float):

@@ -41,6 +41,33 @@ def describe(error: BaseException) -> str:
     return f"Unexpected error: {type(error).__name__}: {error}"
 
 
+NOTHING_SELECTED = (
+    "Nothing is selected: select the area to change first (Blended Diffusion only edits inside "
+    "the selection)."
+)
+
+
+def source_name(layer: str | None = None) -> str:
+    """What an edit reads, in messages: the visible picture, or `layer` alone."""
+    return "the image" if layer is None else f'the layer "{layer}"'
+
+
+def outside(source: str) -> str:
+    return f"The selection is empty or outside {source}: select an area on it to edit."
+
+
+def blank(source: str) -> str:
+    return f"The selection does not cover any pixel of {source}: select an area on it to edit."
+
+
+def connecting(endpoint: str) -> str:
+    return f"Connecting to {endpoint}…"
+
+
+def added(variants: int, group: str) -> str:
+    return f"{variants} variant(s) added in the group {group}; the best one is visible."
+
+
 CANCELLING = "Cancelling…"  # from the user's Cancel until the engine's answer
 CANCELLED = "Cancelled."  # the user's cancel, answered
 

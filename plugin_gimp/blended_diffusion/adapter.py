@@ -1,4 +1,5 @@
-"""The only code that calls Gimp and Gegl for pixels and layers.
+"""The only code that calls Gimp and Gegl for pixels and layers: `GimpHost`, GIMP's side of the
+edit flow (engine/shared/flow.py Host), and the keep-visible-variant procedure's work.
 
 Everything runs on the plug-in's main thread: libgimp is not thread-safe.
 """
@@ -12,9 +13,10 @@ import gi
 
 gi.require_version("Gimp", "3.0")
 gi.require_version("Gegl", "0.4")
-from flow import EditError  # noqa: E402
 from gi.repository import Gegl, Gimp  # noqa: E402
 
+from engine.shared import wording  # noqa: E402
+from engine.shared.flow import EditError, Status, closest_preview  # noqa: E402
 from engine.shared.geometry import Rect  # noqa: E402
 from engine.shared.wording import GROUP_PREFIX, ResultLayer  # noqa: E402
 
@@ -29,7 +31,11 @@ PREVIEW = "Blended Diffusion preview (temporary)"
 
 class GimpHost:
     """One image and its active layer, as flow.Host: the source read is the visible picture
-    (the image's composite, its origin the image's) or, with `layer_only`, the layer itself."""
+    (the image's composite, its origin the image's) or, with `layer_only`, the layer itself.
+    The edit shows in `window` (the plug-in's progress window) when there is one, else on
+    GIMP's status bar; its previews in a temporary layer over the selection."""
+
+    pixel_format = "RGBA8"
 
     def __init__(
         self, image: Gimp.Image, drawables: Sequence[Gimp.Drawable], layer_only: bool = False
@@ -53,7 +59,7 @@ class GimpHost:
                 "Convert it with Image > Mode > RGB, then run it again."
             )
         self.image, self.drawable, self.layer_only = image, drawable, layer_only
-        self.name = drawable.get_name()
+        self.source = wording.source_name(drawable.get_name() if layer_only else None)
         if layer_only:  # a group layer's buffer is its composite: what it shows on its own
             _, x, y = drawable.get_offsets()
             self.offsets = (x, y)
@@ -84,20 +90,20 @@ class GimpHost:
         mask = selection.get(sel_rect, 1.0, MASK, Gegl.AbyssPolicy.NONE)
         return bytes(rgba), bytes(mask)
 
-    def progress(self, fraction: float, text: str) -> None:
+    def show(self, status: Status) -> None:
+        text = GROUP_PREFIX + status.message  # the status bar: which plug-in says it
         if self.window is not None:
-            self.window.show(fraction, text)
-        else:  # GIMP's status bar
+            self.window.show(status.fraction, text)
+        else:
             Gimp.progress_set_text(text)
-            Gimp.progress_update(fraction)
+            Gimp.progress_update(status.fraction)
 
-    def cancelled(self) -> bool:
-        return self.window is not None and self.window.cancelled()
-
-    def show_preview(self, box: Rect, width: int, height: int, rgba: bytes) -> None:
-        """The preview, stretched over `box` (drawable coordinates), in one layer above the
-        source, changed with the image's undo frozen: none of it enters the undo history.
-        Frozen only while it changes, so a plug-in killed meanwhile leaves the undo working."""
+    def show_previews(self, window: Rect, previews: list) -> None:
+        """The closest variant so far, stretched over its box (source coordinates), in one
+        layer above the source, changed with the image's undo frozen: none of it enters the
+        undo history. Frozen only while it changes, so a plug-in killed meanwhile leaves the
+        undo working."""
+        box, width, height, rgba = closest_preview(window, previews)
         image = self.image
         image.undo_freeze()
         try:
@@ -122,7 +128,7 @@ class GimpHost:
             image.undo_thaw()
         Gimp.displays_flush()
 
-    def remove_preview(self) -> None:
+    def end_previews(self) -> None:
         if self._preview is None:
             return
         self.image.undo_freeze()
@@ -135,7 +141,7 @@ class GimpHost:
         self._preview = None
         Gimp.displays_flush()
 
-    def add_layers(self, layers: Sequence[ResultLayer], group_name: str) -> None:
+    def add_layers(self, group_name: str, layers: Sequence[ResultLayer]) -> None:
         """The results in a layer group just above the source layer, best on top, as one undo
         step."""
         self.image.undo_group_start()

@@ -3,16 +3,18 @@
 
 Sends the selected part of the visible picture (or of the active layer alone) and a text prompt
 to a running engine (`python -m engine serve`) and adds its results as layers above the active
-layer, the best visible, in one undo step. Beside this file: params (the arguments, from the
-shared settings table), flow (the edit, host-independent), adapter (the only Gimp/Gegl pixel
-and layer code) and progress (the progress window, with its Cancel, of a run with a UI); the
-settings, geometry and wording both plug-ins share are in _lib/engine/shared.
+layer, the best visible, in one undo step. The edit itself is the flow both plug-ins share
+(_lib/engine/shared/flow.py, with the settings, geometry and wording); this procedure drives it.
+Beside this file: params (the arguments, from the shared settings table), adapter (GIMP's side
+of the flow: the only Gimp/Gegl pixel and layer code) and progress (the progress window, with
+its Cancel, of a run with a UI).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # _lib first: install.py puts the shared client (engine/) and, when GIMP's Python lacks it,
@@ -87,41 +89,47 @@ def run(procedure, run_mode, image, drawables, config, _data):
         group = wording.group_name(request.prompt)
     except ValueError as e:
         return fail(procedure, str(e), Gimp.PDBStatusType.CALLING_ERROR)
-    try:
-        import flow  # imports the shared client, hence pyzmq
-    except ImportError as e:
-        return fail(procedure, wording.CLIENT_MISSING.format(error=e))
     from adapter import GimpHost
     from progress import ProgressWindow, can_show
 
+    from engine.shared import flow
+
     Gegl.init(None)
-    host = None
     try:
         host = GimpHost(image, drawables, request.layer_only)
-        if run_mode != Gimp.RunMode.NONINTERACTIVE and can_show():
-            host.window = ProgressWindow(PROCEDURE, group)  # a Cancel the plug-in sees
-        else:  # a script's run, or no screen: GIMP's status bar (whose Cancel kills us)
-            Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
-        layers = flow.run_edit(host, values, request=request)
-        host.add_layers(layers, group)
-    except flow.Cancelled:
-        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     except flow.EditError as e:
         return fail(procedure, str(e))
+    window = None
+    if run_mode != Gimp.RunMode.NONINTERACTIVE and can_show():
+        window = host.window = ProgressWindow(PROCEDURE, group)  # a Cancel the plug-in sees
+    else:  # a script's run, or no screen: GIMP's status bar (whose Cancel kills us)
+        Gimp.progress_init(f"Blended Diffusion: {values['prompt']}")
+    try:
+        edit = flow.Edit(host, request, preset=settings.effective(values)["preset"])
+        edit.start()
+        while edit.tick():
+            time.sleep(settings.POLL_SECONDS)
+            if window is not None and window.cancelled():  # handles the window's events too
+                edit.cancel()
     except Exception as e:  # a bug: still give its message rather than GIMP's "unexpected EOF"
         return fail(procedure, f"Blended Diffusion failed: {type(e).__name__}: {e}")
     finally:
-        if host is not None and host.window is not None:
-            host.window.close()
+        if window is not None:
+            window.close()
         else:
             Gimp.progress_end()
+    if edit.state == flow.CANCELLED:
+        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    if edit.state == flow.FAILED:
+        return fail(procedure, wording.GROUP_PREFIX + edit.status.message)
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
 
 
 def run_keep(procedure, run_mode, image, drawables, config, _data):
     """Keep only the visible variant of the active layer's run (one undo group)."""
     from adapter import keep_visible_variant
-    from flow import EditError
+
+    from engine.shared.flow import EditError
 
     try:
         keep_visible_variant(image, drawables)

@@ -5,9 +5,9 @@ in the image and the engine learns of it only from the missing keep-alives. So t
 start GIMP's progress (no Gimp.progress_* call, hence no status-bar Cancel) and show it here,
 with a Cancel the plug-in sees. libgimpui's ProgressBar would take over GIMP's progress instead,
 but GIMP 3.0.4 refuses the progress callback it installs (the bar stays empty and the status bar
-keeps the progress and its Cancel), so the bar here is GTK's own. No threads and no main loop:
-GIMP is not thread-safe, so the flow asks `cancelled()` between its short polls, which handles
-the window's pending events.
+keeps the progress and its Cancel), so the bar here is GTK's own. No main loop: GIMP is not
+thread-safe, so the procedure asks `cancelled()` between the edit's ticks (engine/shared/flow.py),
+which handles the window's pending events; the edit's waits on the engine never block them.
 """
 
 from __future__ import annotations

@@ -2,23 +2,25 @@
 progress and a message line.
 
 Every setting's widget is made from the shared settings table (engine/shared/settings.py), as
-GIMP's procedure is. The docker reads the document through `document` and leaves the job to
-`job.Controller`, ticking it from a QTimer while a job is active. A Generate pressed while a
-job runs is queued (its pixels read at the press). Settings persist in Krita's settings store.
+GIMP's procedure is. A Generate reads the document through `document.capture` and leaves the
+edit to the shared flow (engine/shared/flow.py), ticking it from a QTimer while it is active; the
+flow shows its progress here through the document's KritaHost. A Generate pressed while an edit
+runs is queued (its pixels read at the press). Settings persist in Krita's settings store.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, NamedTuple
 
-from engine.shared import settings, wording
+from engine.shared import flow, settings, wording
+from engine.shared.flow import CANCELLED, DONE, FAILED, EditError, Status
 from engine.shared.history import History, Run, Shot
 from engine.shared.settings import Setting
 
 from . import document
-from .document import DockWidget, UserError
-from .job import ACTIVE, CANCELLED, DONE, FAILED, INTERVAL_MS, Controller, Probe, Progress
+from .document import DockWidget, KritaHost
 from .qt import (
     QCheckBox,
     QComboBox,
@@ -41,6 +43,7 @@ DOCKER_ID = "blended_diffusion_docker"
 TITLE = "Blended Diffusion"
 COLORS = {FAILED: "#d04040", DONE: "#40a040", CANCELLED: "#b08030"}
 MAX_WAITING = 3  # Generates queued behind the running one
+INTERVAL_MS = round(settings.POLL_SECONDS * 1000)
 HISTORY = History()  # every document's runs since Krita started, shared by all windows
 
 
@@ -119,11 +122,11 @@ class BlendedDiffusionDocker(DockWidget):
     def __init__(self) -> None:
         super().__init__()
         self.setWindowTitle(TITLE)
-        self.controller = Controller(self._show)
+        self.edit: flow.Edit | None = None  # the running edit, else the last one
         self.info: dict[str, Any] = {}  # the engine's hello: model, device, limits, step times
-        self._waiting: list[tuple[settings.Request, document.Export]] = []
-        self._run: Run | None = None  # the running job's entry in HISTORY
-        self._probe: Probe | None = None
+        self._waiting: list[tuple[KritaHost, settings.Request, str]] = []  # and their presets
+        self._last_seed: int | None = None  # the best variant's of the last result
+        self._probe: flow.Probe | None = None
         self._timer = QTimer(self)
         self._timer.setInterval(INTERVAL_MS)
         self._timer.timeout.connect(self._tick)
@@ -228,7 +231,7 @@ class BlendedDiffusionDocker(DockWidget):
         endpoint = self._endpoint()
         self.connection.setText(f"Engine: connecting to {endpoint}…")
         try:
-            self._probe = Probe(endpoint)
+            self._probe = flow.Probe(endpoint)
         except Exception as e:  # never into Qt: PyQt may abort Krita on an uncaught exception
             self.connection.setText(wording.describe(e))
             return
@@ -261,64 +264,58 @@ class BlendedDiffusionDocker(DockWidget):
 
     # -- actions -----------------------------------------------------------------------------
 
+    @property
+    def busy(self) -> bool:
+        return self.edit is not None and self.edit.active
+
     def generate(self) -> None:
         """Edit the selection now, or after the running edit (read now, queued)."""
         values = self.values()
         self._save_settings(values)
-        if self.controller.active and len(self._waiting) >= MAX_WAITING:
+        if self.busy and len(self._waiting) >= MAX_WAITING:
             return self._message(
                 f"{MAX_WAITING} edits are already waiting: Generate again once one has finished.",
                 FAILED,
             )
+        limits = self.info.get("limits")
         try:
-            request = settings.request(values, self.info.get("limits"))
-            export = document.export_active(request, self.info.get("limits"))
-        except (UserError, ValueError) as e:
+            request = settings.request(values, limits)
+            host = document.capture(request, limits, self.show_status, self._show_runs)
+        except (EditError, ValueError) as e:
             return self._message(str(e), FAILED)
         except Exception as e:  # never into Qt: PyQt may abort Krita on an uncaught exception
             return self._message(wording.describe(e), FAILED)
-        self._launch(request, export)
+        self._launch(host, request, settings.effective(values)["preset"])
 
-    def _launch(self, request: settings.Request, export: document.Export) -> None:
-        if self.controller.active:
-            self._waiting.append((request, export))
+    def _launch(self, host: KritaHost, request: settings.Request, preset: str = "") -> None:
+        if self.busy:
+            self._waiting.append((host, request, preset))
             return self._message(
                 f"Queued: starts when the current edit ends ({len(self._waiting)} waiting).",
             )
-        self._start(request, export)
-
-    def _start(self, request: settings.Request, export: document.Export) -> None:
-        run = HISTORY.start(export.document, request.prompt, request.settings, export)
-        self._run = run
-
-        def apply(group_name: str, layers) -> str:
-            summary = document.add_results(export, group_name, layers)
-            run.finish(group_name, self.controller.job.variants, layers)
-            QTimer.singleShot(0, lambda: document.reactivate(export))
-            return summary
-
-        self.controller.start(request, export.pixels, apply)
+        run = HISTORY.start(host.document, request.prompt, request.settings, host)
+        self.edit = flow.Edit(host, request, preset=preset, run=run)
+        self.edit.start()
         self._timer.start()
         self._show_runs()
 
     def _act(self, action: str, run: Run, shot: Shot | None) -> None:
         """A history button: show a variant alone, keep it, discard the run, run it again."""
-        export = run.source
+        host = run.source
         try:
             if action == "show":
-                document.show_only(export, shot.layer)
+                document.show_only(host, shot.layer)
             elif action == "keep":
-                document.keep(export, shot.layer)
+                document.keep(host, shot.layer)
                 HISTORY.keep(run, shot)
             elif action == "discard":
-                document.discard(export)
+                document.discard(host)
                 HISTORY.discard(run)
             else:  # again, vary: the same pixels and selection as the run read
                 change = run.again() if action == "again" else run.vary(shot)
-                request = settings.Request(run.prompt, self._endpoint(), change)
-                self._launch(request, document.Export(export.document, export.source,
-                                                      export.pixels))  # fmt: skip
-        except UserError as e:
+                request = settings.Request(run.prompt, self._endpoint(), change, host.layer_only)
+                self._launch(replace(host, group=None), request)
+        except EditError as e:
             self._message(str(e), FAILED)
         except Exception as e:  # never into Qt: PyQt may abort Krita on an uncaught exception
             self._message(wording.describe(e), FAILED)
@@ -332,7 +329,8 @@ class BlendedDiffusionDocker(DockWidget):
 
     def cancel(self) -> None:
         dropped, self._waiting = len(self._waiting), []
-        self.controller.cancel()
+        if self.edit is not None:
+            self.edit.cancel()
         if dropped:
             self._message(f"Cancelling, and {dropped} waiting edit(s) dropped…")
 
@@ -340,48 +338,46 @@ class BlendedDiffusionDocker(DockWidget):
         if self._probe is not None and self._probe.done:
             self._probed()
         try:
-            active = self.controller.tick()
-        except Exception as e:  # a bug must not take Krita down: say it and stop polling
-            active = False
+            if self.edit is not None:
+                self.edit.tick()
+            if not self.busy and self._waiting:
+                self._launch(*self._waiting.pop(0))
+        except Exception as e:  # a bug must not take Krita down: say it
             self._message(wording.describe(e), FAILED)
-        if not active and self._waiting:
-            self._start(*self._waiting.pop(0))
-            active = self.controller.active
-        if not active and self._probe is None:
+        if not self.busy and self._probe is None:
             self._timer.stop()
 
     def _reuse_seed(self) -> None:
-        if self.controller.progress.seed is not None:
+        if self._last_seed is not None:
             seed = self.fields["seed"]
-            seed.setValue(min(self.controller.progress.seed, seed.maximum()))
+            seed.setValue(min(self._last_seed, seed.maximum()))
 
     # -- showing the state -------------------------------------------------------------------
 
-    def _show(self, progress: Progress) -> None:
-        active = progress.state in ACTIVE
+    def show_status(self, status: Status) -> None:
+        """The running edit's state (KritaHost.show): buttons, progress bar, message line."""
+        active = status.active
         self.cancel_button.setEnabled(active)
-        if progress.total:
-            self.progress_bar.setRange(0, progress.total)
-            self.progress_bar.setValue(progress.step)
+        if status.total:
+            self.progress_bar.setRange(0, status.total)
+            self.progress_bar.setValue(status.step)
         elif active:
             self.progress_bar.setRange(0, 0)  # busy: waiting for the first step
         else:
             self.progress_bar.setRange(0, 1)
-            self.progress_bar.setValue(1 if progress.state == DONE else 0)
-        if progress.seed is not None:
-            self.last_seed.setText(f"last: {progress.seed}")
-        run = self._run
-        if run is not None:
-            if progress.previews and progress.state in ACTIVE:
-                run.preview(progress.previews)
-            if progress.state in (FAILED, CANCELLED):  # nothing reached the document
-                HISTORY.discard(run)
-            if progress.previews or progress.state in (DONE, FAILED, CANCELLED):
-                self._show_runs()
+            self.progress_bar.setValue(1 if status.state == DONE else 0)
         waiting = f" ({len(self._waiting)} waiting)" if active and self._waiting else ""
-        self._message(progress.message + waiting, progress.state)
-        if progress.state in (DONE, FAILED, CANCELLED):
-            self.check_engine()  # the engine measured this run's steps: a better estimate
+        self._message(status.message + waiting, status.state)
+        if active:
+            return
+        edit = self.edit
+        if status.state == DONE:
+            self._last_seed = edit.job.variants[0].seed
+            self.last_seed.setText(f"last: {self._last_seed}")
+            # Krita activates the new group a moment after it is added: the source again later
+            QTimer.singleShot(0, lambda: document.reactivate(edit.host))
+        self._show_runs()
+        self.check_engine()  # the engine measured this run's steps: a better estimate
 
     def _message(self, text: str, state: str = "") -> None:
         color = COLORS.get(state)

@@ -152,17 +152,16 @@ class Driver:
             seen_steps.add(docker.progress_bar.value())
             if docker.status.text() not in seen_texts:
                 seen_texts.append(docker.status.text())
-            return not docker.controller.active
+            return not docker.busy
 
         self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **cfg.get("fields", {}))
         done = yield from self.wait(finished, cfg.get("deadline", 240))
         self.facts["generate_seconds"] = round(time.monotonic() - started, 2)
         self.facts["generate_longest_gap"] = round(self.longest_gap, 3)
-        progress = docker.controller.progress
+        state = docker.edit.state
         self.facts["status"] = docker.status.text()
-        self.check("the job finished in time", done, progress.state)
-        self.check("the job succeeded", progress.state == "done", docker.status.text())
-        self.check("no error shown", not progress.error, docker.status.text())
+        self.check("the job finished in time", done, state)
+        self.check("the job succeeded", state == "done", docker.status.text())
         self.check("the progress bar moved", len(seen_steps - {0}) >= 1, sorted(seen_steps))
         self.facts["status_during_run"] = seen_texts[-4:]
         self.check("during the run: time left shown", any(" left" in t for t in seen_texts),
@@ -171,7 +170,7 @@ class Driver:
         doc.waitForDone()
         active = doc.activeNode()
         self.check("the source layer is active again", active and active.name() == "Source")
-        job = docker.controller.job
+        job = docker.edit.job
         self.results(doc, job, cfg, tree_before)
         self.check(
             "the source layer is unchanged", bytes(source.pixelData(0, 0, W, H)) == source_before
@@ -225,11 +224,11 @@ class Driver:
         queued = docker.status.text()
         self.check("a second Generate is queued", "Queued" in queued, queued)
         done = yield from self.wait(
-            lambda: not docker.controller.active and not docker._waiting, 180
+            lambda: not docker.busy and not docker._waiting, 180
         )
         self.check(
             "both Generates succeed",
-            done and docker.controller.progress.state == "done",
+            done and docker.edit.state == "done",
             docker.status.text(),
         )
         added = len(doc.rootNode().childNodes()) - groups
@@ -266,7 +265,7 @@ class Driver:
         )
         self.check(
             "no selection: nothing added",
-            self.names(doc.rootNode()) == tree and not docker.controller.active,
+            self.names(doc.rootNode()) == tree and not docker.busy,
         )
 
         # 3. An empty selection.
@@ -287,13 +286,13 @@ class Driver:
         long_job = {"preset": "custom", "variants": 1, "steps": 1000, "strength": 100}
         self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **long_job)
         yield from self.wait(
-            lambda: docker.controller.progress.step >= 1 or not docker.controller.active, 60
+            lambda: docker.edit.status.step >= 1 or not docker.busy, 60
         )
         docker.cancel_button.click()
-        done = yield from self.wait(lambda: not docker.controller.active, 30)
+        done = yield from self.wait(lambda: not docker.busy, 30)
         self.check(
             "cancel stops the job",
-            done and docker.controller.state == "cancelled",
+            done and docker.edit.state == "cancelled",
             docker.status.text(),
         )
         self.check(
@@ -302,7 +301,7 @@ class Driver:
 
         # 5. A prompt over the engine's limit (from its hello): said before sending, nothing added.
         self.press_generate(docker, cfg["endpoint"], "a red ball " * 60)
-        done = yield from self.wait(lambda: not docker.controller.active, 30)
+        done = yield from self.wait(lambda: not docker.busy, 30)
         text = docker.status.text()
         self.check("over the limit: shown", done and "the engine takes 500" in text, text)
         self.check("over the limit: nothing added", self.names(doc.rootNode()) == tree)
@@ -311,13 +310,13 @@ class Driver:
         # with Krita's GUI thread never blocked meanwhile.
         started = time.monotonic()
         self.press_generate(docker, cfg["dead_endpoint"], cfg["prompt"])
-        done = yield from self.wait(lambda: not docker.controller.active, 30)
+        done = yield from self.wait(lambda: not docker.busy, 30)
         self.facts["dead_engine_seconds"] = round(time.monotonic() - started, 2)
         self.facts["dead_engine_longest_gap"] = round(self.longest_gap, 3)
         self.facts["dead_engine_message"] = docker.status.text()
         self.check(
             "dead engine: failed",
-            done and docker.controller.state == "failed",
+            done and docker.edit.state == "failed",
             docker.status.text(),
         )
         self.check(
@@ -377,8 +376,8 @@ class Driver:
             doc.waitForDone()
             before = self.names(doc.rootNode())
             self.press_generate(docker, cfg["endpoint"], prompt, **one, layer_only=layer_only)
-            done = yield from self.wait(lambda: not docker.controller.active, 120)
-            self.check(f"{prompt}: succeeded", done and docker.controller.state == "done",
+            done = yield from self.wait(lambda: not docker.busy, 120)
+            self.check(f"{prompt}: succeeded", done and docker.edit.state == "done",
                        docker.status.text())  # fmt: skip
             after = self.names(doc.rootNode())
             above = after[after.index("Ink<paintlayer>") + 1]
@@ -397,8 +396,8 @@ class Driver:
         prompt = scene["group_prompt"]
         self.press_generate(docker, cfg["endpoint"], prompt, **one, layer_only=False,
                             **scene["shaping"])  # fmt: skip
-        done = yield from self.wait(lambda: not docker.controller.active, 120)
-        self.check(f"{prompt}: succeeded", done and docker.controller.state == "done",
+        done = yield from self.wait(lambda: not docker.busy, 120)
+        self.check(f"{prompt}: succeeded", done and docker.edit.state == "done",
                    docker.status.text())  # fmt: skip
         after = self.names(doc.rootNode())
         self.facts["visible_case_layers"] = after
@@ -416,8 +415,8 @@ class Driver:
         yield 0.3
         prompt = scene["group_alone_prompt"]  # a group's projection: what it shows on its own
         self.press_generate(docker, cfg["endpoint"], prompt, **one, layer_only=True)
-        done = yield from self.wait(lambda: not docker.controller.active, 120)
-        self.check(f"{prompt}: succeeded", done and docker.controller.state == "done",
+        done = yield from self.wait(lambda: not docker.busy, 120)
+        self.check(f"{prompt}: succeeded", done and docker.edit.state == "done",
                    docker.status.text())  # fmt: skip
         self.check("the group's own layers unchanged", self.names(group) == ["Inside<paintlayer>"],
                    self.names(group))  # fmt: skip
@@ -442,15 +441,15 @@ class Driver:
 
         def finished() -> bool:
             maxima.add(docker.progress_bar.maximum())
-            return not docker.controller.active
+            return not docker.busy
 
         self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **fast)
         done = yield from self.wait(finished, 120)
         del docker._message  # the docker's own method again
-        job, sent = docker.controller.job, settings.request(docker.values()).settings
+        job, sent = docker.edit.job, settings.request(docker.values()).settings
         self.facts["refined_run"] = {"sent_refine": sent.get("refine"), "total": job.total,
                                      "tiles": job.refine_tiles, "shown": shown[:3]}  # fmt: skip
-        self.check("refine: the run succeeds", done and docker.controller.progress.state == "done",
+        self.check("refine: the run succeeds", done and docker.edit.state == "done",
                    docker.status.text())  # fmt: skip
         guided = sent["steps"] - sent.get("skip", 0)
         self.check("refine: sent, and the engine runs the pass over tiles",
@@ -514,10 +513,10 @@ class Driver:
         self.check("mid-run: the thumbnails change", moved, self.facts["thumbnails_second"])
         self.screenshot(docker, cfg, "preview")  # the second sample: the edit emerging
         self.check("mid-run: still nothing in the document", self.names(doc.rootNode()) == tree)
-        done = yield from self.wait(lambda: not docker.controller.active, 240)
+        done = yield from self.wait(lambda: not docker.busy, 240)
         self.check("the previewed run succeeds",
-                   done and docker.controller.state == "done", docker.status.text())  # fmt: skip
-        job = docker.controller.job  # Refine unticked after 1d: over the same large selection
+                   done and docker.edit.state == "done", docker.status.text())  # fmt: skip
+        job = docker.edit.job  # Refine unticked after 1d: over the same large selection
         self.check("refine off: sent off, and the engine runs no pass",
                    job.refine_tiles == 0 and job.total == slow["steps"]  # strength 100: no skip
                    and settings.request(docker.values()).settings["refine"] is False,
@@ -562,8 +561,8 @@ class Driver:
         doc.waitForDone()
         tree = self.names(doc.rootNode())
         docker.runs.buttons["again"].click()  # same settings, a new seed
-        done = yield from self.wait(lambda: not docker.controller.active, 240)
-        self.check("Again: a run", done and docker.controller.state == "done",
+        done = yield from self.wait(lambda: not docker.busy, 240)
+        self.check("Again: a run", done and docker.edit.state == "done",
                    docker.status.text())  # fmt: skip
         yield 0.3
         self.thumbnails(docker, False)[0].click()  # the new run's best
@@ -571,8 +570,8 @@ class Driver:
         chosen = bytes(above_source().childNodes()[-1].pixelData(0, 0, W, H))  # top: the best
         tree = self.names(doc.rootNode())
         docker.runs.buttons["vary"].click()  # that variant's seed, one variant
-        done = yield from self.wait(lambda: not docker.controller.active, 240)
-        self.check("Vary: a run", done and docker.controller.state == "done",
+        done = yield from self.wait(lambda: not docker.busy, 240)
+        self.check("Vary: a run", done and docker.edit.state == "done",
                    docker.status.text())  # fmt: skip
         yield 0.3
         varied = above_source().childNodes()
