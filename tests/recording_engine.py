@@ -1,43 +1,40 @@
 """`python -m tests.recording_engine serve ...`: the real engine, which also keeps what each job
-it accepted received, for the real-host tests to check what a plug-in sent (the visible picture
-of the artist's document), not only what came back.
+it ran received, for the real-host tests to check what a plug-in sent (the visible picture of the
+artist's document), not only what came back; and which holds a job mid-run when a test asks, so
+the test acts while the job surely runs (grabs the screen, presses Cancel, kills the plug-in)
+rather than racing its end.
 
 BD_RECEIVED=DIR: for job N, DIR/N-image.npy (HxWx4 RGBA as the engine decoded it), DIR/N-mask.npy
-and a line in DIR/jobs.jsonl (N, prompt, settings).
+and a line in DIR/jobs.jsonl (N, prompt, settings). While DIR/hold names a prompt (`holding`),
+each job of that prompt stops right after the progress that carried its first preview, adds a
+line to DIR/held (`holds` counts them) and goes on once DIR/release exists (`release`), or ends
+if it is cancelled meanwhile (its client cancelled it or went away).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from engine import __main__ as cli
-from engine import server
+from engine.serve import runner
 
-JobClass = server.Job
+HOLD, HELD, RELEASE = "hold", "held", "release"
+HOLD_LIMIT = 300.0  # seconds a job is held at most: a test that died never wedges the engine
 count = itertools.count()
 
 
-def recording_job(client, job_id, prompt, image, mask, settings, **kw):
-    folder = Path(os.environ["BD_RECEIVED"])
-    folder.mkdir(parents=True, exist_ok=True)
-    n = next(count)
-    np.save(folder / f"{n}-image.npy", image)
-    np.save(folder / f"{n}-mask.npy", mask)
-    line = {"n": n, "prompt": prompt, "settings": dataclasses.asdict(settings)}
-    with open(folder / "jobs.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
-    return JobClass(client, job_id, prompt, image, mask, settings, **kw)
-
-
 def received(folder: Path, prompt: str) -> list[tuple[np.ndarray, np.ndarray, dict]]:
-    """(image, mask, settings) of every job received with `prompt`, in order."""
+    """(image, mask, settings) of every job run with `prompt`, in order."""
     path = folder / "jobs.jsonl"
     lines = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
     return [
@@ -48,6 +45,73 @@ def received(folder: Path, prompt: str) -> list[tuple[np.ndarray, np.ndarray, di
     ]  # fmt: skip
 
 
+@contextlib.contextmanager
+def holding(folder: Path, prompt: str) -> Iterator[None]:
+    """The engine recording into `folder` holds each job of `prompt` after its first preview,
+    until `release`, while the block runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in (HELD, RELEASE):
+        (folder / name).unlink(missing_ok=True)
+    (folder / HOLD).write_text(prompt)
+    try:
+        yield
+    finally:
+        for name in (HOLD, HELD, RELEASE):
+            (folder / name).unlink(missing_ok=True)
+
+
+def holds(folder: Path) -> int:
+    """The jobs held so far: each has sent its first preview and waits."""
+    path = folder / HELD
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def release(folder: Path) -> None:
+    (folder / RELEASE).touch()
+
+
+def _record(folder: Path, job) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    n = next(count)
+    np.save(folder / f"{n}-image.npy", job.image)
+    np.save(folder / f"{n}-mask.npy", job.mask)
+    settings = job.settings
+    asked = dataclasses.asdict(settings) if dataclasses.is_dataclass(settings) else settings
+    with open(folder / "jobs.jsonl", "a") as f:
+        f.write(json.dumps({"n": n, "prompt": job.prompt, "settings": asked}) + "\n")
+
+
+def _hold(folder: Path, job) -> None:
+    with open(folder / HELD, "a") as f:
+        f.write(job.prompt + "\n")
+    deadline = time.monotonic() + HOLD_LIMIT
+    while not (folder / RELEASE).exists() and not job.cancel.is_set():
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)  # the engine's worker thread: its socket thread answers meanwhile
+
+
+def recording_run(self, job, progress):
+    """Runner.run, recording the job's inputs and holding it after its first preview."""
+    folder = Path(os.environ["BD_RECEIVED"])
+    _record(folder, job)
+    hold = folder / HOLD
+    held = False
+
+    def sent(message: list) -> None:
+        nonlocal held
+        progress(message)
+        if held or not hold.is_file() or hold.read_text() != job.prompt:
+            return
+        if "previews" in json.loads(bytes(message[0])):
+            held = True
+            _hold(folder, job)
+
+    return real_run(self, job, sent)
+
+
+real_run = runner.Runner.run
+
 if __name__ == "__main__":
-    server.Job = recording_job  # the one place the server makes a job of a submit
+    runner.Runner.run = recording_run  # where the engine runs every job it accepted
     sys.exit(cli.main())
