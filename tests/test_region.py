@@ -274,8 +274,9 @@ def test_a_round_selection_runs_only_the_tiles_that_touch_it_within_the_base_edi
     plan = geometry.refinement(base, 32, 4, cap=0, overlap=0.5, steps=10, base_steps=75,
                                touches=touches)  # fmt: skip
     assert plan is not None and len(plan.tiles) < plan.tiles_total
-    for tile in geometry.tile_grid(plan.canvas, 32, 0.5):  # the ones left out touch nothing
-        assert (tile in plan.tiles) == bool(touches(plan.canvas.in_picture(tile)))
+    for tile in geometry.tile_grid(plan.canvas, 32, 0.5):  # the ones left out select nothing
+        r = plan.canvas.in_picture(tile)
+        assert (tile in plan.tiles) == mask[r.y : r.y + r.height, r.x : r.x + r.width].any()
     default = geometry.refinement(base, 32, 4, cap=None, overlap=0.5, steps=10, base_steps=75,
                                   touches=touches)  # fmt: skip
     assert default is not None and default.work(10) <= 75 * base.width * base.height
@@ -287,3 +288,36 @@ def test_selected_within_counts_pixels_within_the_reach():
     touches = region.selected_within(mask, 3)
     assert touches(Rect(20, 20, 1, 1)) and touches(Rect(23, 20, 5, 5))
     assert not touches(Rect(24, 24, 10, 10)) and not touches(Rect(0, 0, 16, 50))
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.integers(1, 5000), st.integers(1, 5000), st.sampled_from([(256, 32), (32, 4), (64, 8)]))
+def test_any_box_reaches_the_model_at_one_scale_within_its_memory(width, height, model):
+    native, factor = model
+    canvas = geometry.canvas_for(Rect(0, 0, width, height), native, factor)
+    (cw, ch), (sx, sy) = canvas.content, canvas.scale
+    assert canvas.width % factor == 0 and cw <= canvas.width < cw + factor
+    assert canvas.height % factor == 0 and ch <= canvas.height < ch + factor
+    assert canvas.width * canvas.height <= max(native * native * 5 // 4, factor * factor)
+    if min(cw, ch) >= 8:  # not a sliver a few model pixels thin
+        assert abs(sx / sy - 1) <= 1.1 * (0.5 / cw + 0.5 / ch)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(st.integers(40, 600), st.integers(40, 600), st.floats(0.1, 0.5), st.floats(0.1, 0.5),
+       st.sampled_from([0.0, 0.25, 0.5]), st.integers(1, 30), st.integers(2, 100))  # fmt: skip
+def test_the_default_pass_stays_within_the_base_edits_work(w, h, rx, ry, overlap, steps, base):
+    yy, xx = np.mgrid[:h, :w]
+    mask = ((((xx - w / 2) / (rx * w)) ** 2 + ((yy - h / 2) / (ry * h)) ** 2) < 1) * 255
+    mask = mask.astype(np.uint8)
+    box = region.context_box(mask)
+    canvas = geometry.canvas_for(box, 32, 4)
+    touches = region.selected_within(mask, 0)
+    plan = geometry.refinement(canvas, 32, 4, cap=None, overlap=overlap, steps=steps,
+                               base_steps=base, touches=touches)  # fmt: skip
+    if plan is None:
+        return
+    assert plan.work(steps) <= base * canvas.width * canvas.height
+    for tile in geometry.tile_grid(plan.canvas, 32, overlap):  # a tile left out selects nothing
+        r = plan.canvas.in_picture(tile)
+        assert (tile in plan.tiles) == mask[r.y : r.y + r.height, r.x : r.x + r.width].any()
