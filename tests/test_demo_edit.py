@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine.demo.ablation import Reader
-from engine.edit import run_edit
+from engine.methods.pixel import run_edit
 from engine.models import CONFIGS, CheckpointError, load_models, load_unet
 from engine.region import composite
 from engine.shared.request import Settings

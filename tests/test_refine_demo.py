@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from engine.demo import sharpness as sh
 from engine.demo import world
-from engine.edit import run_edit
+from engine.methods.pixel import run_edit
 from engine.models import load_models
 from engine.region import composite
 from engine.shared.request import Settings

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.edit import run_edit
 from engine.guidance import Guide, range_loss
+from engine.methods.pixel import run_edit
 from engine.models import load_models
 from engine.reference import official_cond_fn, official_step
 from engine.region import composite

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from engine import region
-from engine.edit import run_edit
+from engine.methods.pixel import run_edit
 from engine.region import composite
 from engine.shared.geometry import Rect
 from engine.shared.request import Settings

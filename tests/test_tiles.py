@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine import budget, region
-from engine.edit import plan, run_edit
+from engine import region
 from engine.guidance import Guide
+from engine.methods import pixel
+from engine.methods.pixel import plan, run_edit
 from engine.models import load_models
 from engine.shared import geometry, request
 from engine.shared.geometry import Canvas, Rect, starts
@@ -205,16 +206,16 @@ def test_cancel_stops_inside_the_pass_before_the_next_tile(tiny):
 
 def test_the_budget_counts_the_pass_and_names_it(tiny):
     image, mask = _picture(1024, (100, 900))
-    facts = budget.Facts.of(tiny)
+    facts = pixel.Facts.of(tiny)
 
     def cost(**settings):
         planned = plan(32, tiny.downsampling, mask, Settings(**settings))
-        return budget.estimate(facts, image.shape, mask, planned)
+        return pixel.estimate(facts, image.shape, mask, planned)
 
     default, off, capped, full = cost(), cost(refine=False), cost(refine_cap=4), cost(refine_cap=0)
     assert off.parts["refinement"] == 0 < default.parts["refinement"]  # on by default
     assert default.parts["refinement"] <= capped.parts["refinement"] < full.parts["refinement"]
-    assert "refine" in budget.advice(full, Settings())
+    assert "refine" in pixel.advice(full, Settings())
 
 
 @pytest.mark.parametrize(

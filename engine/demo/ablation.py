@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from engine.demo.world import CAPTIONS
-from engine.edit import Variant, run_edit
 from engine.guidance import Guide
+from engine.methods import Variant
+from engine.methods.pixel import run_edit
 from engine.models import Models, load_models
 from engine.shared.request import Settings
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from engine.demo import world
-from engine.edit import run_edit
+from engine.methods.pixel import run_edit
 from engine.models import Models, load_models
 from engine.region import composite
 from engine.shared.request import Settings

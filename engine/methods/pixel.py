@@ -1,6 +1,16 @@
-"""One edit job: picture + selection + prompt -> ranked variants, each a layer over the selection.
+"""Blended Diffusion in pixel space (engine/methods: a Method): picture + selection + prompt ->
+ranked variants, each a layer over the selection; and what a job will cost before it is queued.
 
-Used by the command line and the server alike; knows nothing of files or sockets.
+The edit knows nothing of files or sockets: the command line, the server's executors and the demo
+run it alike. Its memory estimate comes from the same plan the edit follows (the context box
+around the selection as grow and feather will shape it), so it stays true when the box changes.
+The parts: the pixels at image scale (the image and mask the job holds while it waits, the box's
+part inside the image, one result layer per variant), the batch at model scale, the UNet
+activations the guided backward keeps (accel's measured figure, or a tenth of it when recomputed)
+and CLIP's augmented copies with the activations their backward keeps. The refinement pass
+(engine/tiles.py) comes after them: its canvas's tensors for every variant and one tile's forward
+without grad (counted as a recomputed forward: a tenth of the activations). A refusal names the
+setting that costs the most.
 """
 
 from __future__ import annotations
@@ -11,35 +21,21 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from engine import accel, devices, region, tiles
 from engine.guidance import Guide
-from engine.models import Models
-from engine.preview import Preview, Previewer
+from engine.methods import Diverged, Estimate, StepReport, Variant
+from engine.models import Models, UNetConfig, load_models
+from engine.preview import Previewer
 from engine.sampler import StepCallback, blended_diffusion
 from engine.shared import geometry, request
 from engine.shared.geometry import Canvas, Rect, Refinement
 from engine.shared.request import Settings
-
-# what a step reports: (done, total, previews), where previews(max_side) renders the variants'
-# current estimates on demand (engine/preview.py), so a step nobody previews costs nothing more
-StepReport = Callable[[int, int, Callable[[int], list[Preview]]], None]
-
-
-@dataclass
-class Variant:
-    rank: int  # 1 = closest to the prompt
-    box: Rect  # where `rgba` sits in the image
-    rgba: np.ndarray  # h x w x 4 uint8: the edit, alpha = the selection
-    distance: float  # CLIP distance of the masked result to the prompt (lower is closer)
-    seed: int
-
-
-class Diverged(ValueError):
-    """The edit produced NaN or infinite values; the message names the likely setting."""
+from engine.steptime import engine_key
 
 
 def _diverged(settings: Settings, default_weight: float, where: str) -> Diverged:
@@ -246,3 +242,162 @@ def run_edit(
         rgba = region.layer_pixels(edited, mask, sel)
         variants.append(Variant(rank=r, box=sel, rgba=rgba, distance=dists[i], seed=seeds[i]))
     return variants
+
+
+# -- what a job will cost ------------------------------------------------------------------------
+
+_GB = 2**30
+# Tensors of model-scale size a guided step keeps per variant besides the UNet's activations
+# (x_t, x0_hat, mean, variance, noise, gradients, the blend, the source).
+_STEP_TENSORS = 24
+# Activations a ViT keeps per token per layer for the backward, in floats (q, k, v, the MLP's
+# 4x hidden, norms, residuals), measured order of magnitude for open_clip's VisionTransformer.
+_VIT_FLOATS_PER_TOKEN_LAYER = 16
+
+
+def _clip_copy_bytes(models: Models) -> int:
+    """Activation bytes one augmented copy costs CLIP's forward + backward."""
+    visual = models.clip.model.visual
+    transformer = getattr(visual, "transformer", None)
+    if transformer is not None and hasattr(transformer, "width"):
+        tokens = int(np.prod(getattr(visual, "grid_size", (14, 14)))) + 1
+        per = tokens * transformer.width * transformer.layers * _VIT_FLOATS_PER_TOKEN_LAYER
+        return 4 * per
+    params = sum(p.numel() for p in visual.parameters())  # a ResNet: about its weights again
+    return 4 * params
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What admission needs of the loaded models (engine/methods: a Description), small and
+    picklable: a cluster's front end gets it from a replica and never loads the models."""
+
+    config: UNetConfig
+    device: torch.device
+    clip_image_size: int
+    clip_copy_bytes: int
+    downsampling: int  # the UNet's: the canvases' sides are multiples of it
+    label: str = ""
+    step_key: dict[str, Any] = dataclasses.field(default_factory=dict)
+    free_gb: float | None = None  # the device's free memory; None: asked when needed
+
+    @classmethod
+    def of(cls, models: Models, free_gb: float | None = None) -> Facts:
+        """Asked once, where the models are loaded (a ViT's size, a ResNet's weights)."""
+        return cls(
+            models.config,
+            models.device,
+            models.clip.image_size,
+            _clip_copy_bytes(models),
+            models.downsampling,
+            models.label,
+            engine_key(models),
+            free_gb,
+        )
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def plan(self, mask: np.ndarray, settings: Settings) -> Plan:
+        return plan(self.config.image_size, self.downsampling, mask, settings)
+
+    def memory(self, image_shape: tuple[int, ...], mask: np.ndarray, plan: Plan) -> Estimate:
+        return estimate(self, image_shape, mask, plan)
+
+    def advice(self, cost: Estimate, settings: Settings) -> str:
+        return advice(cost, settings)
+
+    def free_bytes(self) -> int:
+        free_gb = self.free_gb
+        if free_gb is None:
+            free_gb = devices.available_memory_gb(self.device)
+        return int(free_gb * _GB)
+
+
+def estimate(facts: Facts, image_shape: tuple[int, ...], mask: np.ndarray, plan: Plan) -> Estimate:
+    """The peak memory of the edit of an image of `image_shape` inside `mask` as `plan`s."""
+    settings = plan.settings
+    height, width = mask.shape
+    channels = image_shape[2] if len(image_shape) > 2 else 4
+    # the selection as grow and feather will shape it, and the edit's own box around it
+    sel: Rect = region.shaped_bounds(mask, settings.grow, settings.feather)
+    box = plan.canvas.box
+    inside = min(box.width, width) * min(box.height, height)  # only the box's part is read
+    n = settings.variants
+    batch = min(settings.batch, n)  # variants through the models together
+    base = plan.canvas
+    precision = devices.resolve_precision(settings.precision, facts.device)
+    unet = 0
+    if settings.guidance_mode == "full":
+        unet = int(accel.activations_gb(facts.config.arch, batch, precision) * _GB)
+        if accel.resolve_recompute(
+            settings.recompute, facts.config.arch, batch, precision, facts.device, facts.free_gb
+        ):
+            unet //= 10
+    copies = batch * settings.augmentations
+    fine, refine = plan.refinement, 0
+    if fine:
+        tile = int(accel.activations_gb(facts.config.arch, batch, precision) * _GB) // 10
+        refine = n * _STEP_TENSORS * 3 * fine.canvas.width * fine.canvas.height * 4 + tile
+    clip_size = facts.clip_image_size
+    return Estimate(
+        {
+            "input": height * width * (channels + 1),
+            "image_scale": inside * 3 * 2 + sel.area * 4 * n * 2,
+            "model_scale": n * _STEP_TENSORS * 3 * base.width * base.height * 4,
+            "unet_activations": unet,
+            "clip_copies": copies * (3 * clip_size * clip_size * 4 + facts.clip_copy_bytes),
+            "refinement": refine,
+        }
+    )
+
+
+def advice(cost: Estimate, settings: Settings) -> str:
+    """Which setting to lower, by the part that costs the most."""
+    part = max(cost.parts, key=cost.parts.get)
+    return {
+        "input": "the image size (send a smaller crop around the selection)",
+        "image_scale": f"the selection's size or variants ({settings.variants})",
+        "model_scale": f"variants ({settings.variants})",
+        # both grow with the variants that go through the models together (one by default)
+        "unet_activations": "the engine's batch, or use guidance_mode fast",
+        "clip_copies": f"augmentations ({settings.augmentations})",
+        "refinement": "refine_cap (2 or 4 model sides), or turn refine off",
+    }[part]
+
+
+# -- the method, loaded --------------------------------------------------------------------------
+
+
+class Pixel:
+    """Blended Diffusion with its models loaded (engine/methods: a Method)."""
+
+    def __init__(self, models: Models) -> None:
+        self.models = models
+
+    def describe(self, remote: bool = False) -> Facts:
+        free_gb = devices.available_memory_gb(self.models.device) if remote else None
+        return Facts.of(self.models, free_gb)
+
+    def run(
+        self,
+        image: np.ndarray,
+        mask: np.ndarray,
+        prompt: str,
+        settings: Settings,
+        on_step: StepReport | None = None,
+        check: Callable[[], None] | None = None,
+    ) -> list[Variant]:
+        return run_edit(self.models, image, mask, prompt, settings, on_step, check)
+
+
+def load(
+    model: str = "tiny",
+    *,
+    clip: str | None = None,
+    unet_checkpoint: str | None = None,
+    device: str = "auto",
+) -> Pixel:
+    """`model`: tiny | demo | adm256 | adm512 (engine/models.py)."""
+    return Pixel(load_models(model, clip=clip, unet_checkpoint=unet_checkpoint, device=device))
