@@ -59,7 +59,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from engine import region
-    from engine.edit import plan, run_edit
+    from engine.methods.pixel import plan, run_edit
     from engine.models import load_models
 
     image, mask = _read_inputs(args.image, args.mask)
@@ -118,7 +118,7 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
     import numpy as np
     from tqdm import tqdm
 
-    from engine.edit import Variant
+    from engine.methods import Variant
     from engine.shared.client import connect
     from engine.shared.geometry import Rect
 
@@ -166,7 +166,7 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from engine.server import serve
+    from engine.serve.cli import serve
 
     return serve(args)
 
@@ -250,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
         "--memory-budget",
         type=float,
         help="GiB a job may use at its peak (default: 80%% of the free memory at start)",
+    )
+    p.add_argument(
+        "--max-job-minutes",
+        type=float,
+        help="refuse a job estimated longer (from the step times measured), and end one "
+        "running longer with an error (default: no limit)",
     )
     p.add_argument(
         "--step-times",

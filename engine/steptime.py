@@ -102,7 +102,7 @@ class StepTimes:
         return step
 
     def for_job(self, settings: Any, tiles: int = 0) -> Callable[[int], None]:
-        """`timer` for a job's settings (engine.edit.Settings): its guidance mode and its
+        """`timer` for a job's settings (engine/shared/request.py): its guidance mode and its
         variants, its refinement's `tiles` a step; a no-op when it guides one step in N > 1,
         whose steps mix two paces (the plug-ins guide every step), or asks a precision other
         than the engine's (the key's). A refinement guided by CLIP is not timed (the plug-ins'

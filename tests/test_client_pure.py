@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import free_port, host_picture
 
 from engine.shared import protocol
 from engine.shared.client import (
@@ -24,6 +23,7 @@ from engine.shared.client import (
     rgba_to_bgra,
 )
 from engine.shared.protocol import Pixels, encode
+from tests.helpers.engine import free_port, host_picture
 
 ROOT = Path(__file__).resolve().parents[1]
 

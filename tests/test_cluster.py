@@ -1,4 +1,4 @@
-"""Several replicas behind the one endpoint (engine/cluster.py), on a local Ray with two CPU
+"""Several replicas behind the one endpoint (engine/serve/cluster.py), on a local Ray with two CPU
 replicas of the tiny model: two clients' jobs run at once on different replicas, a cancel
 reaches the replica, a replica killed mid-job fails only its own job and Serve replaces it, and
 `serve --cluster ADDRESS` serves through its own replica and tells its client when it loses it.
@@ -13,15 +13,22 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-from test_server import LONG, QUICK, client, first_progress, run_all, start_serve, submit
 
 from engine.shared import protocol
 from engine.shared.client import Client
+from tests.helpers.engine import (
+    LONG,
+    QUICK,
+    ROOT,
+    client,
+    first_progress,
+    run_all,
+    start_serve,
+    submit,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
 LONGER = {**LONG, "steps": 1000}  # outlasts whatever the test does while it runs
 TIMED = {"steps": 10, "skip": 2, "variants": 1, "augmentations": 2}  # 8 guided steps
 
@@ -42,7 +49,7 @@ def result_headers(c: Client) -> dict[str, dict]:
 
 def running_on(server, job_id: str):
     """The replica running a job (the front end knows it from the replica's first message)."""
-    return next(r for j, r in list(server.ran_on.items()) if j.id == job_id)
+    return next(r for j, r in list(server.executor.ran_on.items()) if j.id == job_id)
 
 
 def replica_of(server, job_id: str) -> str:
@@ -59,7 +66,7 @@ def timed_pair(a: Client, b: Client) -> tuple[float, list]:
 
 def test_the_single_process_engine_imports_nothing_of_ray():
     code = (
-        "import sys, engine.__main__, engine.server, engine.shared.client; "
+        "import sys, engine.__main__, engine.serve.cli, engine.shared.client; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
@@ -67,7 +74,7 @@ def test_the_single_process_engine_imports_nothing_of_ray():
 
 
 def test_the_queue_runs_a_job_a_replica_serving_clients_in_turn():
-    from engine.jobs import DONE, Job, JobQueue
+    from engine.serve.jobs import DONE, Job, JobQueue
 
     queue = JobQueue(slots=2)
     greedy = [Job(b"a", f"a{i}", "p", None, None, None) for i in range(3)]
@@ -89,26 +96,34 @@ def test_the_queue_runs_a_job_a_replica_serving_clients_in_turn():
 def test_a_front_end_estimates_a_job_as_the_replica_would(tiny_models):
     """The budget check runs where no models are: from a replica's description, with the free
     memory its device had, never the front end's own device."""
-    from engine.budget import Facts, estimate
-    from engine.cluster import Described
+    import pickle
+    from dataclasses import replace
+
+    from engine.methods.pixel import Pixel
     from engine.shared.request import Settings
+
+    here = Pixel(tiny_models).describe()
+    remote = pickle.loads(pickle.dumps(Pixel(tiny_models).describe(remote=True)))
+    assert remote.free_gb is not None and remote.label == here.label == tiny_models.label
+    roomy, tight = replace(remote, free_gb=1000.0), replace(remote, free_gb=1e-6)
+
+    def parts(described, shape: int, mask: np.ndarray, settings: Settings) -> dict[str, int]:
+        return described.memory((shape, shape, 4), mask, described.plan(mask, settings)).parts
 
     settings, mask = Settings(variants=2), np.zeros((64, 64), np.uint8)
     mask[10:30, 10:40] = 255
-    facts = vars(Facts.of(tiny_models))
-    local = estimate(Facts.of(tiny_models), (64, 64, 4), mask, settings)
-    roomy = Described(**facts | {"free_gb": 1000.0}, label=tiny_models.label)
-    tight = Described(**facts | {"free_gb": 1e-6}, label=tiny_models.label)
-    assert local.parts["unet_activations"] > 0  # the tiny UNet fits here: no recompute
-    assert estimate(roomy, (64, 64, 4), mask, settings).parts == local.parts
-    tight_parts = estimate(tight, (64, 64, 4), mask, settings).parts
-    assert tight_parts["unet_activations"] == local.parts["unet_activations"] // 10  # recompute
+    local = parts(here, 64, mask, settings)
+    assert local["unet_activations"] > 0  # the tiny UNet fits here: no recompute
+    assert parts(roomy, 64, mask, settings) == local
+    assert parts(tight, 64, mask, settings)["unet_activations"] == (
+        local["unet_activations"] // 10  # recompute
+    )
     large = np.zeros((256, 256), np.uint8)  # 8x the tiny model's side: the refinement's part too
     large[20:220, 30:240] = 255
     settings.refine = True
-    local = estimate(Facts.of(tiny_models), (256, 256, 4), large, settings)
-    assert estimate(roomy, (256, 256, 4), large, settings).parts == local.parts
-    assert local.parts["refinement"] > 0
+    local = parts(here, 256, large, settings)
+    assert parts(roomy, 256, large, settings) == local
+    assert local["refinement"] > 0
 
 
 def test_two_clients_jobs_run_at_the_same_time_on_different_replicas(start_cluster_engine, capsys):
@@ -232,9 +247,9 @@ def test_serve_cluster_command_serves_and_tells_its_client_when_it_loses_the_clu
             run_all([c], [job])
         why = (tmp_path / "serve.log").read_text()[-3000:]
         assert job.state == "failed" and job.error.code == protocol.LOST, why
-        assert "lost its Ray cluster" in job.error.message
+        assert "the engine lost its Ray cluster" in job.error.message
         assert proc.wait(timeout=60) == 1
-        assert "engine stopped: lost the cluster" in (tmp_path / "serve.log").read_text()
+        assert "engine stopped: lost its Ray cluster" in (tmp_path / "serve.log").read_text()
     finally:
         proc.kill()
         proc.wait()

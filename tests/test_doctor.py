@@ -8,7 +8,7 @@ import sys
 import time
 
 from engine import weights
-from tests.conftest import free_port
+from tests.helpers.engine import free_port
 from tests.helpers.install import INSTALL, PLACES, ROOT, fake_checkout, fake_wheel, install_env
 
 

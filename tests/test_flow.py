@@ -24,8 +24,8 @@ from engine.shared.client import (
     VersionMismatch,
 )
 from engine.shared.geometry import Rect
-from tests.conftest import free_port
 from tests.helpers.client import HELLO, FakeClient
+from tests.helpers.engine import free_port
 from tests.helpers.hosts import ROOT, FakeHost
 
 VALUES = settings.defaults() | {"prompt": "a red circle"}

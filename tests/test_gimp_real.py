@@ -38,7 +38,7 @@ import pytest
 from PIL import Image
 
 from engine.shared import settings
-from tests.conftest import free_port
+from tests.helpers.engine import free_port
 from tests.hosts import trixie, visible
 from tests.recording_engine import holding, holds, received, release
 

@@ -8,7 +8,7 @@ from collections import deque
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.jobs import DONE, Job, JobQueue
+from engine.serve.jobs import DONE, Job, JobQueue
 
 CLIENTS = (b"a", b"b", b"c")
 OPS = st.lists(

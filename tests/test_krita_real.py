@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 
+from tests.helpers.engine import free_port
 from tests.hosts import trixie, visible
 
 pytestmark = pytest.mark.krita

@@ -7,24 +7,34 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 import pytest
 import zmq
-from conftest import free_port, host_picture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_server import LONG, QUICK, ROOT, client, events_of, first_progress, run_all, submit
 
-from engine.edit import run_edit
-from engine.jobs import Cancelled
-from engine.shared import protocol
+from engine.methods.pixel import run_edit
+from engine.serve.jobs import Cancelled
+from engine.serve.runner import Runner
+from engine.shared import protocol, request
 from engine.shared.client import Client, EngineError, Job
 from engine.shared.protocol import Limits, Pixels, encode
 from engine.shared.request import Settings
+from tests.helpers.engine import (
+    LONG,
+    QUICK,
+    client,
+    events_of,
+    first_progress,
+    free_port,
+    host_picture,
+    run_all,
+    start_serve,
+    submit,
+)
 
 TERMINAL = ("result", "error", "cancelled")
 
@@ -59,9 +69,7 @@ def test_a_diverging_setting_fails_its_job_naming_the_setting_and_the_engine_ser
 
 
 def test_an_exception_in_the_result_path_fails_only_its_job(start_engine, monkeypatch):
-    from engine.server import Server
-
-    real = Server._result
+    real = Runner._result
     calls = []
 
     def failing_once(self, job, variants):
@@ -70,7 +78,7 @@ def test_an_exception_in_the_result_path_fails_only_its_job(start_engine, monkey
             raise MemoryError  # as .tobytes() of a huge result would
         return real(self, job, variants)
 
-    monkeypatch.setattr(Server, "_result", failing_once)
+    monkeypatch.setattr(Runner, "_result", failing_once)
     server = start_engine()
     with client(server.endpoint) as c:
         job = submit(c, settings={**QUICK, "variants": 1})
@@ -83,17 +91,15 @@ def test_an_exception_in_the_result_path_fails_only_its_job(start_engine, monkey
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # meant
 def test_a_worker_that_dies_fails_its_job_and_is_replaced(start_engine, monkeypatch):
-    from engine.server import Server
+    real, died = Runner.run, []
 
-    real = Server._run
+    def dying_once(self, job, progress):
+        if not died:
+            died.append(job.id)
+            raise SystemExit  # not an Exception: the runner's own guard lets it through
+        return real(self, job, progress)
 
-    def dying_once(self, job):
-        if not getattr(self, "died", False):
-            self.died = True
-            raise SystemExit  # not an Exception: the worker's own guard lets it through
-        return real(self, job)
-
-    monkeypatch.setattr(Server, "_run", dying_once)
+    monkeypatch.setattr(Runner, "run", dying_once)
     server = start_engine()
     with client(server.endpoint) as c:
         job = submit(c, settings={**QUICK, "variants": 1})
@@ -126,19 +132,21 @@ def test_a_job_over_the_memory_budget_is_refused_naming_the_setting(start_engine
 def test_the_budget_costs_the_selection_as_grow_and_feather_will_shape_it(start_engine):
     """A grow widens the context box the edit will use: the budget sees the grown selection,
     and refuses an edit that fits only as it was drawn."""
-    from engine import budget, region
+    from engine import region
 
     server = start_engine(memory_budget=2**40)
-    facts = server.facts
     fast = {**QUICK, "guidance_mode": "fast"}
     rgba, mask_bytes = host_picture(64, 64, (20, 16, 10, 8))
     mask = np.frombuffer(mask_bytes, np.uint8).reshape(64, 64)
-    drawn = budget.estimate(facts, (64, 64, 4), mask, Settings(**fast))
-    grown = budget.estimate(facts, (64, 64, 4), mask, Settings(**fast, grow=20))
+
+    def cost(mask: np.ndarray, **options):
+        planned = server.method.plan(mask, Settings(**fast, **options))
+        return server.method.memory((64, 64, 4), mask, planned)
+
+    drawn, grown = cost(mask), cost(mask, grow=20)
     # as if the artist had selected the grown region, for a grow (exact) and a feather (within)
-    shaped = region.shape_selection(mask, grow=20)
-    assert grown.parts == budget.estimate(facts, (64, 64, 4), shaped, Settings(**fast)).parts
-    feathered = budget.estimate(facts, (64, 64, 4), mask, Settings(**fast, feather=12))
+    assert grown.parts == cost(region.shape_selection(mask, grow=20)).parts
+    feathered = cost(mask, feather=12)
     assert feathered.total > drawn.total
     assert grown.parts["image_scale"] > 2 * drawn.parts["image_scale"]
     server.memory_budget = (drawn.total + grown.total) // 2
@@ -155,14 +163,7 @@ def test_the_budget_costs_the_selection_as_grow_and_feather_will_shape_it(start_
 
 
 def serve_tiny(endpoint: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--endpoint", endpoint]
-        + ["--model", "tiny", "--device", "cpu"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    proc = start_serve(subprocess.DEVNULL, "--endpoint", endpoint)
     assert proc.stdout.readline().startswith("engine ready"), "engine did not start"
     return proc
 
@@ -252,12 +253,13 @@ def test_a_message_over_the_total_size_limit_is_refused():
 def test_stopping_during_a_slow_step_answers_everyone_in_bounded_time(
     start_engine, tiny_models, monkeypatch
 ):
-    gate = threading.Event()
+    gate, inside = threading.Event(), threading.Event()
     real = type(tiny_models.unet).forward
     slow = {"on": False}
 
     def forward(self, *args, **kwargs):
         if slow["on"]:
+            inside.set()
             gate.wait(60)  # a step that takes far longer than the shutdown grace
         return real(self, *args, **kwargs)
 
@@ -270,7 +272,7 @@ def test_stopping_during_a_slow_step_answers_everyone_in_bounded_time(
             waiting = submit(other, settings=LONG)
             first_progress(c, job)
             slow["on"] = True
-            time.sleep(0.3)  # now inside the slow forward
+            assert inside.wait(30)  # now inside the slow forward
             stopped = time.monotonic()
             server.stop()
             assert other.status()["busy"]  # still answering while it stops
@@ -284,11 +286,11 @@ def test_stopping_during_a_slow_step_answers_everyone_in_bounded_time(
         assert took < 5
     finally:
         gate.set()
-        server._worker.join(60)  # its edit's cancel hooks are on the shared tiny UNet
+        server.executor._worker.join(60)  # its edit's cancel hooks are on the shared tiny UNet
 
 
 def test_a_second_signal_exits_at_once(start_engine, monkeypatch):
-    from engine.server import handle_signals
+    from engine.serve.cli import handle_signals
 
     server = start_engine()
     exits: list[int] = []
@@ -380,7 +382,8 @@ def test_cancel_latency(start_engine, capsys):
 # -- the whole accepted range -------------------------------------------------------------------
 
 weights = st.sampled_from([0, 1e-6, 1, 50, 1000, 1e6]) | st.floats(0, 1e6)
-shaping = st.sampled_from([0, 1, protocol.MAX_SHAPING]) | st.integers(0, protocol.MAX_SHAPING)
+MAX_SHAPING = int(request.BY_NAME["grow"].high)
+shaping = st.sampled_from([0, 1, MAX_SHAPING]) | st.integers(0, MAX_SHAPING)
 preview_requests = st.none() | st.fixed_dictionaries(
     {},
     optional={
@@ -404,8 +407,8 @@ def requests(draw):
         "guidance_weight": draw(weights),
         "range_weight": draw(weights),
         "augmentations": draw(st.sampled_from([1, 2, 64]) | st.integers(1, 64)),
-        "sampler": draw(st.sampled_from(protocol.SAMPLERS)),
-        "guidance_mode": draw(st.sampled_from(protocol.GUIDANCE_MODES)),
+        "sampler": draw(st.sampled_from(request.BY_NAME["sampler"].choices)),
+        "guidance_mode": draw(st.sampled_from(request.BY_NAME["guidance_mode"].choices)),
         "guidance_every": draw(st.integers(1, 100)),
         "padding": draw(st.sampled_from([0, 4]) | st.floats(0, 4)),
         "refine": draw(st.booleans()),

@@ -10,15 +10,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import zmq
 from PIL import Image
 
+from engine.preview import Preview
+from engine.serve.jobs import Job
+from engine.serve.runner import Runner
 from engine.shared import png, protocol
 from engine.shared.client import Client
+from engine.shared.geometry import Rect
 from engine.shared.protocol import Pixels, ProtocolError
+from engine.shared.request import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 GREEN = (10, 200, 30, 255)
@@ -109,20 +115,52 @@ def test_no_previews_unless_asked_progress_exactly_as_before(start_engine):
     assert not [e for e in server.history if e["event"] == "preview"]
 
 
-def test_previews_are_rate_limited_by_steps_and_by_time(start_engine):
+def test_previews_every_n_steps_over_the_wire(start_engine):
     server = start_engine()
-    settings = RUN | {"steps": 100, "variants": 1}
+    settings = RUN | {"steps": 30, "variants": 1}
     progress, job = run_job(server.endpoint, {"every": 3}, settings)
     steps = [e.step for e in progress if e.previews]
-    events = [e for e in server.history if e["job"] == job.id]
-    times = [e["t"] for e in events if e["event"] == "preview"]
-    start, end = (next(e["t"] for e in events if e["event"] == k) for k in ("start", "done"))
-    assert len(steps) == len(times) >= 1 and len(progress) == 100  # every step still reported
+    assert len(progress) == 30 and steps  # every step still reported
     assert steps[0] >= 3 and min(np.diff(steps), default=3) >= 3
-    assert min(np.diff(times), default=1.0) >= protocol.PREVIEW_INTERVAL
-    # and not fewer: one as soon as a second and 3 steps have passed (a step late at most)
-    step = (end - start) / 100
-    assert len(times) >= int((end - times[0]) / (max(1.0, 3 * step) + step)), (steps, step)
+    recorded = [e for e in server.history if e["job"] == job.id and e["event"] == "preview"]
+    assert len(recorded) == len(steps)
+
+
+class Paced:
+    """A method whose steps take `seconds` each on a fake clock (engine/methods: a Method)."""
+
+    def __init__(self, steps: int, seconds: float) -> None:
+        self.steps, self.seconds, self.now = steps, seconds, 0.0
+
+    def describe(self, remote: bool = False):
+        return SimpleNamespace(label="paced", device="cpu")
+
+    def run(self, image, mask, prompt, settings, on_step, check):
+        box = Rect(0, 0, 4, 4)
+        shown = [Preview(0, 1, np.zeros((4, 4, 4), np.uint8), 0.5, box)]
+        for done in range(1, self.steps + 1):
+            self.now += self.seconds
+            check()
+            on_step(done, self.steps, lambda side: shown)
+        return []
+
+
+@pytest.mark.parametrize(
+    "seconds, expected",
+    [(0.1, [3, 13, 23, 33]), (0.5, [3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39])],
+    ids=["time-bound", "step-bound"],
+)
+def test_previews_are_rate_limited_by_steps_and_by_time(seconds, expected):
+    """At most every `every` steps and one a PREVIEW_INTERVAL (1 s), and as soon as both have
+    passed: short steps wait for the second, long ones for the steps."""
+    method = Paced(40, seconds)
+    runner = Runner(method, print, clock=lambda: method.now)
+    job = Job(b"", "j", "p", None, None, Settings(), previews={"every": 3, "max_side": 16})
+    sent = []
+    assert runner.run(job, sent.append)[0] == "done"
+    headers = [json.loads(m[0]) for m in sent]
+    assert [h["step"] for h in headers] == list(range(1, 41))  # every step reported
+    assert [h["step"] for h in headers if "previews" in h] == expected
 
 
 @pytest.mark.parametrize(

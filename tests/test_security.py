@@ -6,18 +6,18 @@ import os
 import stat
 
 import pytest
-from conftest import free_port, host_picture
 
 from engine import keys
 from engine.__main__ import main
-from engine.server import BindRefused, Server
+from engine.serve.server import BindRefused
 from engine.shared.client import Client, EngineUnreachable, connect, default_key_dir, load_keys
+from tests.helpers.engine import free_port, host_picture, local_server
 
 
 def test_non_loopback_bind_without_keys_is_refused(tiny_models, tmp_path, capsys):
     endpoint = f"tcp://0.0.0.0:{free_port()}"
     with pytest.raises(BindRefused, match="without CURVE"):
-        Server(tiny_models, endpoint)
+        local_server(tiny_models, endpoint)
     # the command refuses before loading any model when the key folder is empty
     assert main(["serve", "--endpoint", endpoint, "--keys", str(tmp_path)]) == 2
     assert "no engine key pair" in capsys.readouterr().err

@@ -19,55 +19,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import host_picture
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.server import to_array
+from engine.serve.server import to_array
 from engine.shared import protocol
-from engine.shared.client import Client, EngineError, Job
+from engine.shared.client import EngineError, Job
 from engine.shared.protocol import Limits, Pixels, encode
+from tests.helpers.engine import (
+    LONG,
+    ORPHAN,
+    QUICK,
+    ROOT,
+    client,
+    events_of,
+    first_progress,
+    host_picture,
+    run_all,
+    start_serve,
+    submit,
+    until,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-# 3 steps, no refinement pass (on by default; test_never_wedges' property test and the host
-# tests run it through the engine)
-QUICK = {"steps": 4, "skip": 1, "variants": 2, "augmentations": 2, "refine": False}
-# cancelled long before its end; unguided, since the tiny random model's guided sample turns
-# NaN after about a dozen steps (and the job then ends with a non_finite error)
-LONG = {"steps": 200, "skip": 0, "variants": 1, "augmentations": 1}
-LONG |= {"guidance_weight": 0, "range_weight": 0}
 BOX_A, BOX_B = (20, 16, 30, 24), (4, 40, 20, 10)
-
-
-def client(endpoint: str, **options) -> Client:
-    return Client(endpoint, timeout=30, keepalive=0.2, **options)
-
-
-def submit(c: Client, box=BOX_A, settings=QUICK, prompt="a red ball") -> Job:
-    rgba, mask = host_picture(64, 64, box)
-    return c.submit(rgba, 64, 64, mask, prompt, settings)
-
-
-def run_all(clients: list[Client], jobs: list[Job], timeout: float = 120) -> list[list]:
-    """Poll every client (keeping all alive) until the jobs end; each client's events."""
-    events: list[list] = [[] for _ in clients]
-    deadline = time.monotonic() + timeout
-    while not all(j.done for j in jobs):
-        assert time.monotonic() < deadline, "jobs did not finish"
-        for c, evs in zip(clients, events, strict=True):
-            evs += c.poll(0.02)
-    return events
-
-
-def first_progress(c: Client, job: Job, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while job.step == 0:
-        assert time.monotonic() < deadline and not job.done, "no progress"
-        c.poll(0.01)
-
-
-def events_of(server, job_id: str) -> list[dict]:
-    return [e for e in list(server.history) if e["job"] == job_id]
 
 
 @pytest.fixture(params=["process", "cluster"])
@@ -146,18 +120,6 @@ def test_cancel_of_a_queued_job_removes_it(start_engine):
     assert [e["event"] for e in events_of(server, queued.id)] == ["cancelled"]  # never started
 
 
-ORPHAN = """
-import sys
-from engine.shared.client import Client
-c = Client(sys.argv[1], keepalive=0.2)
-job = c.submit(bytes(64 * 64 * 4), 64, 64, bytes(2048) + b"\\xff" * 2048, "orphan", {LONG})
-print("accepted", job.id, flush=True)
-while True:
-    for e in c.poll(0.1):
-        print(e.type, e.step, flush=True)
-""".replace("{LONG}", repr(LONG))
-
-
 def test_a_killed_client_loses_its_job_within_a_second_and_the_next_client_is_served(
     start_engine, capsys
 ):
@@ -175,11 +137,10 @@ def test_a_killed_client_loses_its_job_within_a_second_and_the_next_client_is_se
         killed = time.monotonic()
         proc.kill()  # SIGKILL: no cancel, no goodbye, like GIMP killing a cancelled plug-in
         proc.wait()
-    deadline = time.monotonic() + 10
-    while not [e for e in events_of(server, orphan) if e["event"] == "cancelled"]:
-        assert time.monotonic() < deadline, "the orphan was never dropped"
-        time.sleep(0.01)
-    (dropped,) = [e for e in events_of(server, orphan) if e["event"] == "cancelled"]
+    (dropped,) = until(
+        lambda: [e for e in events_of(server, orphan) if e["event"] == "cancelled"],
+        10, "the orphan dropped",
+    )  # fmt: skip
     assert dropped["reason"] == "disconnected"
     with capsys.disabled():
         print(f"\norphan (SIGKILLed client) dropped {dropped['t'] - killed:.3f} s after the kill")
@@ -197,10 +158,7 @@ def test_a_socket_closed_without_cancel_frees_the_worker(start_engine):
     first_progress(c, job)
     c.close()
     with client(server.endpoint) as other:
-        deadline = time.monotonic() + 30
-        while other.status()["busy"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        until(lambda: not other.status()["busy"], 30, "the engine free", every=0.2)
     assert events_of(server, job.id)[-1]["reason"] == "disconnected"
 
 
@@ -213,10 +171,10 @@ def test_a_client_that_stops_pinging_loses_its_job_on_keepalive(start_engine):
             sock, encode("submit", {"job": "hung", "prompt": "x", "settings": LONG}, frames)
         )
         assert reply.type == "accepted"
-        deadline = time.monotonic() + 30
-        while not [e for e in events_of(server, "hung") if e["event"] == "cancelled"]:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        until(
+            lambda: [e for e in events_of(server, "hung") if e["event"] == "cancelled"],
+            30, "the silent client's job cancelled",
+        )  # fmt: skip
     assert events_of(server, "hung")[-1]["reason"] == "keepalive"
 
 
@@ -429,11 +387,12 @@ def test_serve_keeps_step_times_in_the_user_state_folder_unless_told_otherwise(
     from types import SimpleNamespace
 
     from engine import weights
-    from engine.server import options
+    from engine.serve.cli import options
 
     def step_file(value: str | None) -> Path | None:
         args = SimpleNamespace(max_side=64, max_queue=1, max_client_queue=1, memory_budget=None,
-                               keepalive_timeout=1.0, step_times=value)  # fmt: skip
+                               keepalive_timeout=1.0, step_times=value,
+                               max_job_minutes=None)  # fmt: skip
         return options(args, None).get("step_file")
 
     # the state folder: this session's own (conftest), as for every `serve` a test starts
@@ -441,6 +400,74 @@ def test_serve_keeps_step_times_in_the_user_state_folder_unless_told_otherwise(
     assert weights.state_dir().is_relative_to(tmp_path_factory.getbasetemp())
     assert step_file("elsewhere.json") == Path("elsewhere.json")
     assert step_file("off") is None
+
+
+# -- the plan and the time limit (serve --max-job-minutes) ----------------------------------------
+
+# 1000 unguided steps: seconds, far past a limit of half a second. Guided one step in two, so
+# the engine times none of them (steptime.py): no job's admission reads their pace
+PAST_LIMIT = {**LONG, "steps": 1000, "guidance_every": 2}
+
+
+def test_accepted_counts_the_refinement_in_the_total_and_progress_follows_it(start_engine):
+    server = start_engine()
+    refined = {"steps": 10, "skip": 8, "variants": 1, "augmentations": 1, "refine": True,
+               "refine_cap": 0, "refine_strength": 0.2}  # fmt: skip
+    with client(server.endpoint) as c:
+        rgba, mask = host_picture(64, 64, (4, 4, 56, 56))  # 64 px: twice the tiny model's side
+        job = c.submit(rgba, 64, 64, mask, "a red ball", refined)
+        accepted = job.total
+        events = run_all([c], [job])[0]
+    assert job.state == "done" and job.refine_tiles > 0
+    assert accepted == 2 + 2  # the base pass's steps, then the refinement's
+    assert [e.step for e in events if e.type == "progress"] == [1, 2, 3, 4]
+    assert {e.total for e in events if e.type == "progress"} == {accepted}
+
+
+def test_a_job_estimated_over_the_time_limit_is_refused_with_both_figures(
+    start_engine, tmp_path
+):
+    path = tmp_path / "step-times.json"
+    figures = {"full": {"1": 10.0}}  # 10 s a step, as a slow device measured
+    path.write_text(json.dumps([{"key": key_of(start_engine), "step_seconds": figures}]))
+    ten_steps = {**QUICK, "steps": 10, "skip": 0, "variants": 1}
+    server = start_engine(step_file=path, max_job_seconds=60)
+    with client(server.endpoint) as c:
+        with pytest.raises(EngineError) as e:
+            submit(c, settings=ten_steps)
+        assert e.value.code == protocol.LIMIT
+        assert "about 1.7 min" in e.value.message and "limit of 1 min" in e.value.message, e
+        job = submit(c, settings={**ten_steps, "steps": 5})  # 50 s: within
+        c.cancel(job)
+        run_all([c], [job])
+    unmeasured = start_engine(max_job_seconds=60)  # no step measured yet: no estimate
+    with client(unmeasured.endpoint) as c:
+        job = submit(c, settings=ten_steps)
+        c.cancel(job)
+        run_all([c], [job])
+    assert job.state == "cancelled"
+
+
+def test_a_job_running_past_the_time_limit_ends_with_an_error_and_the_next_one_starts(
+    start_engine,
+):
+    server = start_engine(max_job_seconds=0.5)
+    with client(server.endpoint) as c:
+        replicas = c.hello().get("replicas", 1)
+        slow = [submit(c, settings=PAST_LIMIT) for _ in range(replicas)]
+        after = submit(c, settings={**QUICK, "variants": 1})
+        assert after.position == 1
+        run_all([c], [*slow, after])
+    for job in slow:
+        assert job.state == "failed" and job.error.code == protocol.LIMIT, job.error
+        assert "ran past this engine's limit" in job.error.message
+        assert 0 < job.step < 1000
+        (end,) = [e for e in events_of(server, job.id) if e["event"] == "failed"]
+        assert end["reason"] == "time limit"
+    assert after.state == "done"
+    history = [(e["event"], e["job"]) for e in list(server.history)]
+    first_end = min(history.index(("failed", job.id)) for job in slow)
+    assert first_end < history.index(("start", after.id))  # it waited for a free slot
 
 
 # -- malformed messages ----------------------------------------------------------------------
@@ -597,19 +624,6 @@ def test_submit_to_first_progress_latency(start_engine, capsys):
 # -- the real command --------------------------------------------------------------------------
 
 
-def start_serve(log, *args: str) -> subprocess.Popen:
-    """`python -m engine serve` with the tiny model on a free loopback port; it prints
-    `engine ready at ENDPOINT (...)` when it serves, its log goes to `log`."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--endpoint", "tcp://127.0.0.1:*"]
-        + ["--model", "tiny", "--device", "cpu", *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-    )
-
-
 def test_serve_command_edits_for_the_cli_and_stops_cleanly_on_sigterm(tmp_path):
     from PIL import Image
 
@@ -641,9 +655,7 @@ def test_serve_command_edits_for_the_cli_and_stops_cleanly_on_sigterm(tmp_path):
         edited = np.asarray(Image.open(out / "rank-1.png"))
         keep = np.frombuffer(mask, np.uint8).reshape(48, 64) == 0
         assert (edited[keep] == image[keep]).all()  # outside the selection: the same bytes
-        deadline = time.monotonic() + 10  # written (whole: by a rename) just after its answer
-        while not steps.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        until(steps.exists, 10, "the step times written")  # (whole, by a rename) after the answer
         assert list(kept(steps)[0]["step_seconds"]["full"]) == ["2"]  # the edit's steps, kept
 
         with client(endpoint) as c:  # SIGTERM mid-job: the job is cancelled, the engine exits

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import free_port, host_picture
-from test_server import LONG, ORPHAN, QUICK, ROOT
 
-from engine.shared import protocol
+from engine.shared import protocol, request
 from engine.shared.client import Client, EngineError, Job
 from engine.shared.protocol import Pixels, encode
+from tests.helpers.engine import LONG, ORPHAN, QUICK, ROOT, free_port, host_picture, start_serve
 
 BUDGET_GIB = 1.0
 KEEPALIVE_TIMEOUT = 3.0
@@ -29,15 +28,10 @@ EXTREME = 200
 
 
 def serve(endpoint: str, log: Path) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--endpoint", endpoint, "--model", "tiny"]
-        + ["--device", "cpu", "--memory-budget", str(BUDGET_GIB)]
-        + ["--keepalive-timeout", str(KEEPALIVE_TIMEOUT)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=log.open("a"),
-        text=True,
-    )
+    proc = start_serve(
+        log.open("a"), "--endpoint", endpoint, "--memory-budget", str(BUDGET_GIB),
+        "--keepalive-timeout", str(KEEPALIVE_TIMEOUT),
+    )  # fmt: skip
     assert proc.stdout.readline().startswith("engine ready"), log.read_text()[-2000:]
     return proc
 
@@ -100,8 +94,8 @@ def extreme(rng: random.Random) -> tuple[tuple, dict]:
         "guidance_weight": rng.choice([0, 1, 1000, 1e6]),
         "range_weight": rng.choice([0, 50, 1e6]),
         "augmentations": rng.choice([1, 1, 2, 64]),
-        "sampler": rng.choice(protocol.SAMPLERS),
-        "guidance_mode": rng.choice(protocol.GUIDANCE_MODES),
+        "sampler": rng.choice(request.BY_NAME["sampler"].choices),
+        "guidance_mode": rng.choice(request.BY_NAME["guidance_mode"].choices),
         "guidance_every": rng.choice([1, 100]),
         "padding": rng.choice([0, 0.25, 4]),
     }

@@ -1,9 +1,9 @@
 """A job's life on the engine: queued -> running -> done | cancelled | failed.
 
-The socket thread owns the queue and every state change; the worker thread only reads a running
-job's inputs, counts its steps and watches its `cancel` event, which is how a cancel stops it
-within one UNet forward. Waiting jobs are served round-robin across clients, so one client's
-full queue never starves another's job.
+The socket thread owns the queue and every state change; an executor (engine/serve/local.py,
+cluster.py) only reads a running job's inputs, counts its steps and watches its `cancel` event,
+which is how a cancel stops it within one model forward. Waiting jobs are served round-robin
+across clients, so one client's full queue never starves another's job.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.shared.request import Settings
+
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
 
 
 class Cancelled(Exception):
-    """Raised inside the edit's step callback to abort it."""
+    """Raised inside the method's step callback or check to abort it."""
 
 
 @dataclass(eq=False)
@@ -28,14 +30,16 @@ class Job:
     prompt: str
     image: Any  # HxWx3|4 uint8 numpy array
     mask: Any  # HxW uint8 numpy array
-    settings: Any  # engine.edit.Settings
+    settings: Settings
     state: str = QUEUED
     step: int = 0
     total: int = 0  # the steps of both passes
     refine_tiles: int = 0  # the UNet forwards a refinement step makes (0: no refinement)
     cancel: threading.Event = field(default_factory=threading.Event)
-    cancel_reason: str = ""  # client | disconnected | keepalive | shutdown
+    cancel_reason: str = ""  # client | disconnected | keepalive | shutdown | time limit
     submitted: float = field(default_factory=time.monotonic)
+    started: float | None = None  # when it began running (monotonic)
+    replica: str = ""  # where it runs, when the executor says (a cluster replica's name)
     held: int = 0  # bytes this job holds while it waits (its image and mask)
     previews: dict[str, int] | None = None  # submit's `previews`: every, max_side (None: off)
 

@@ -1,22 +1,22 @@
-"""The engine as a service: one ROUTER socket, a job queue, one worker thread.
+"""The engine's front: one ROUTER socket, admission, the job queue, liveness and cancel.
 
 The socket thread is the only one touching ZeroMQ: it answers hello/status/cancel/ping at once,
-checks each submit against the limits and the memory budget before queueing it, forwards the
-worker's progress to the submitting client only, and cancels the jobs of clients that are gone:
-at once when the ROUTER's monitor reports a disconnect and a probe finds the client unreachable
-(GIMP kills a cancelled plug-in), else when their keep-alives stop (a host that hangs). The worker
-runs one edit at a time, round-robin across clients, and reports through a queue plus a
-socketpair wake-up, so the socket thread sleeps in one poll and the worker owns no socket that
-could stop the context from closing. Every job the engine accepts gets exactly one terminal
-message (result, error or cancelled), whatever fails, and the worker lives on.
+admits each submit against the limits, the memory budget and the time limit (from the method's
+plan of the job) before queueing it, forwards the executor's progress to the submitting client
+only, and cancels the jobs of clients that are gone: at once when the ROUTER's monitor reports a
+disconnect and a probe finds the client unreachable (GIMP kills a cancelled plug-in), else when
+their keep-alives stop (a host that hangs). Jobs run on an executor (engine/serve: `Executor`; a
+worker thread here, Ray Serve replicas in a cluster), round-robin across clients, which reports
+back through a queue plus a socketpair wake-up, so the socket thread sleeps in one poll. Every
+job the engine accepts gets exactly one terminal message (result, error or cancelled), whatever
+fails: the first end the server hears of a job is its answer, and later words of it are dropped.
 """
 
 from __future__ import annotations
 
-import gc
-import os
+import dataclasses
+import json
 import queue
-import signal
 import socket
 import sys
 import threading
@@ -32,18 +32,17 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from engine import __version__, budget, devices, preview, region, weights
-from engine.edit import Diverged, plan, run_edit
-from engine.jobs import CANCELLED, DONE, FAILED, QUEUED, Cancelled, Job, JobQueue
+from engine import __version__, region
 from engine.keys import CurveKeys
-from engine.models import Models
-from engine.shared import protocol
-from engine.shared.client import default_key_dir
+from engine.serve import Executor
+from engine.serve.jobs import CANCELLED, FAILED, QUEUED, Job, JobQueue
+from engine.shared import estimate, protocol
 from engine.shared.protocol import Limits, Pixels, ProtocolError, is_loopback
-from engine.steptime import FILE_NAME, StepTimes, engine_key
+from engine.steptime import StepTimes
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 KEEPALIVE_INTERVAL = 1.0  # what the engine asks clients for, in seconds
+TIME_LIMIT = "time limit"  # the cancel reason of a job that ran past --max-job-minutes
 _TICK_MS = 100  # the socket loop's longest sleep: bounds stop and keep-alive latency
 _PROBE_S = 1.0  # after a disconnect, how long clients with jobs are probed for reachability
 
@@ -73,47 +72,47 @@ def to_array(p: Pixels) -> np.ndarray:
 class Server:
     def __init__(
         self,
-        models: Models | budget.Facts,
+        executor: Executor,
         endpoint: str = DEFAULT_ENDPOINT,
         *,
         limits: Limits | None = None,
         keepalive_timeout: float = 5.0,
         memory_budget: int | None = None,
+        max_job_seconds: float | None = None,
         shutdown_grace: float = 10.0,
         curve: CurveKeys | None = None,
         log: Callable[[str], None] | None = None,
         step_file: Path | None = None,
     ) -> None:
         """`memory_budget`: bytes one job may use at its peak plus what waiting jobs hold
-        (default: 80% of the device's free memory when the engine binds). `shutdown_grace`:
-        how long a stop waits for the running job to reach its next cancel check. `step_file`:
-        where the measured step times outlive the engine (None: they do not)."""
+        (default: 80% of the device's free memory when the engine binds). `max_job_seconds`:
+        a job estimated longer is refused, one running longer ends with an error (None: no
+        limit). `shutdown_grace`: how long a stop waits for the running job to reach its next
+        cancel check. `step_file`: where the measured step times outlive the engine (None:
+        they do not)."""
         check_endpoint(endpoint, curve)
-        self.models, self.endpoint, self.curve = models, endpoint, curve
-        # what the budget needs of the models, once (a cluster's front end has only that)
-        self.facts = models if isinstance(models, budget.Facts) else budget.Facts.of(models)
+        self.executor, self.endpoint, self.curve = executor, endpoint, curve
+        self.method = executor.method  # what admission plans and costs the jobs with
         self.limits = limits or Limits()
         self.keepalive_timeout = keepalive_timeout
         self.memory_budget = memory_budget
+        self.max_job_seconds = max_job_seconds
         self.shutdown_grace = shutdown_grace
         self.instance = uuid.uuid4().hex[:16]  # tells a client this engine from a restarted one
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)  # job events, for tests
-        # announced in hello: the plug-ins' time estimates
-        self.step_times = StepTimes(key=self._step_key(), path=step_file, log=self.log)
-        self._queue = JobQueue()
+        # announced in hello (the plug-ins' time estimates), measured from the progress here
+        self.step_times = StepTimes(key=self.method.step_key, path=step_file, log=self.log)
+        self._timers: dict[Job, Callable[[int], None]] = {}  # running job -> its step timer
+        self.lost: str | None = None  # why the executor can run no more jobs
+        self._queue = JobQueue(executor.slots)
         self._seen: dict[bytes, float] = {}  # client -> monotonic time of its last message
-        self._events: queue.SimpleQueue = queue.SimpleQueue()  # worker -> socket thread
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # socket thread -> worker
+        self._events: queue.SimpleQueue = queue.SimpleQueue()  # executor -> socket thread
         self._stop = threading.Event()
         self._deadline: float | None = None  # set when a stop begins
         self._probe_until = 0.0  # clients with jobs are probed until then (after a disconnect)
         self._probed = 0.0  # when they last were
         self._ctx: zmq.Context | None = None
-
-    def _step_key(self) -> dict[str, Any]:
-        """Which of the file's step times are this engine's (a cluster's replica says it)."""
-        return engine_key(self.models)
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -150,13 +149,9 @@ class Server:
         self._wake.setblocking(False)
         self._wake_send.setblocking(False)
         if self.memory_budget is None:
-            self.memory_budget = int(0.8 * budget.available_bytes(self.models))
-        self._start_worker()
+            self.memory_budget = int(0.8 * self.method.free_bytes())
+        self.executor.start(self._report, self.log)
         return self.endpoint
-
-    def _start_worker(self) -> None:
-        self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
-        self._worker.start()
 
     def stop(self) -> None:
         """Ask `run` to return (any thread, or a signal handler): the running job is cancelled
@@ -188,7 +183,8 @@ class Server:
                         self._read_events()
                 self._probe_clients()
                 self._expire_silent_clients()
-                self._watch_worker()
+                self._watch_executor()
+                self._enforce_time_limit()
                 self._dispatch()
         finally:
             self._close()
@@ -207,7 +203,7 @@ class Server:
             self._end(job, CANCELLED)
 
     def _close(self) -> None:
-        self._inbox.put(None)
+        self.executor.close()
         if hasattr(self, "_monitor"):
             self._router.disable_monitor()
             self._monitor.close(linger=0)
@@ -235,7 +231,7 @@ class Server:
         return True
 
     def _read_requests(self) -> None:
-        for _ in range(100):  # then let the worker's events through
+        for _ in range(100):  # then let the executor's events through
             try:
                 parts = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -282,13 +278,14 @@ class Server:
         return {
             "engine": __version__,
             "instance": self.instance,
-            "models": self.models.label,
-            "device": str(self.models.device),
-            "image_size": self.models.config.image_size,
+            "models": self.method.label,
+            "device": str(self.method.device),
+            "image_size": self.method.image_size,
             "limits": self.limits.to_json(),
             "keepalive": {"interval": KEEPALIVE_INTERVAL, "timeout": self.keepalive_timeout},
             "queue": len(self._queue),
             "step_seconds": self.step_times.to_json(),
+            **self.executor.hello,
         }
 
     def _submit(self, client: bytes, msg: protocol.Message) -> None:
@@ -316,18 +313,19 @@ class Server:
             region.check_inputs(image, mask)  # now, not after the queue
         except region.RegionError as e:
             raise ProtocolError(protocol.BAD_INPUT, str(e), job_id) from None
-        native, factor = self.facts.config.image_size, self.facts.downsampling
-        planned = plan(native, factor, mask, settings)
-        cost = budget.estimate(self.facts, image.shape, mask, planned)
+        planned = self.method.plan(mask, settings)
+        cost = self.method.memory(image.shape, mask, planned)
         held = sum(j.held for j in self._queue.waiting)
         if cost.total + held > self.memory_budget:
             raise ProtocolError(
                 protocol.LIMIT,
                 f"this edit needs about {cost.total / 2**30:.1f} GiB, over the engine's memory "
                 f"budget ({(self.memory_budget - held) / 2**30:.1f} GiB free of "
-                f"{self.memory_budget / 2**30:.1f}): lower {budget.advice(cost, settings)}",
+                f"{self.memory_budget / 2**30:.1f}): lower {self.method.advice(cost, settings)}",
                 job_id,
             )
+        if self.max_job_seconds is not None:
+            self._check_time(settings, planned, job_id)
         job = Job(client, job_id, msg.header["prompt"], image, mask, settings, held=cost.held)
         job.previews = msg.header["previews"]
         job.refine_tiles, job.total = planned.refine_tiles, planned.total
@@ -338,30 +336,60 @@ class Server:
         fine = f", refined over {job.refine_tiles} tiles a step" if job.refine_tiles else ""
         self.log(f"job {job_id}: queued at {position}, {image.shape[1]}x{image.shape[0]}{fine}")
 
+    def _check_time(self, settings: Any, planned: Any, job_id: str | None) -> None:
+        """Refuse a job whose time, estimated from the steps measured so far as the plug-ins
+        estimate it (engine/shared/estimate.py), is over the limit; none measured: admitted."""
+        values = {**dataclasses.asdict(settings), "skip": settings.start}
+        info = {"step_seconds": self.step_times.to_json()}
+        seconds = estimate.plan(info, values, planned.total, planned.refine_tiles).seconds
+        if seconds is not None and seconds > self.max_job_seconds:
+            raise ProtocolError(
+                protocol.LIMIT,
+                f"this edit would take about {seconds / 60:.1f} min ({planned.total} steps at the "
+                f"pace this engine measured), over its limit of {self.max_job_seconds / 60:g} min "
+                "a job (max-job-minutes): lower steps, strength or variants "
+                f"({settings.variants}), or turn refine off",
+                job_id,
+            )
+
     def _record(self, event: str, job: Job, **details: Any) -> None:
         entry = {"event": event, "job": job.id, "step": job.step, "t": time.monotonic()}
+        if job.replica:
+            entry["replica"] = job.replica
         self.history.append({**entry, **details})
 
     def _cancel(self, job: Job, reason: str) -> None:
-        if job.cancel.is_set():
+        if job.cancel_reason:
             return
         job.cancel_reason = reason
-        job.cancel.set()  # a running job stops after the step it is in
         if job.state == QUEUED:
+            job.cancel.set()
             self._queue.remove(job)
             self._finished(job, CANCELLED, self._cancelled(job))
         else:
+            self.executor.cancel(job)  # it stops after the step it is in
             self._record("cancel", job, reason=reason)
 
     def _cancelled(self, job: Job) -> list:
+        """A stopped job's answer: `cancelled`, or for one past the time limit an error."""
+        if job.cancel_reason == TIME_LIMIT:
+            message = (
+                f"the job ran past this engine's limit of {self.max_job_seconds / 60:g} min a "
+                f"job (max-job-minutes) at step {job.step} of {job.total}: lower steps, "
+                "strength or variants, or turn refine off"
+            )
+            return protocol.error(protocol.LIMIT, message, job.id)
         fields = {"job": job.id, "reason": job.cancel_reason, "step": job.step}
         return protocol.encode("cancelled", fields)
 
     def _end(self, job: Job, state: str, reply: list | None = None) -> None:
         """A running job's end: it leaves the queue and gets its one answer (`reply`, or for a
-        cancelled job the cancel's)."""
+        stopped job the cancel's)."""
+        if state == CANCELLED and job.cancel_reason == TIME_LIMIT:
+            state = FAILED
         self._queue.finish(job, state)
-        self._finished(job, state, self._cancelled(job) if state == CANCELLED else reply)
+        self._timers.pop(job, None)
+        self._finished(job, state, self._cancelled(job) if reply is None else reply)
         self.step_times.save()  # its steps' figure, once the job has its answer
 
     def _finished(self, job: Job, state: str, reply: list) -> None:
@@ -398,25 +426,49 @@ class Server:
             c: t for c, t in self._seen.items() if c in clients or now - t < self.keepalive_timeout
         }
 
-    def _watch_worker(self) -> None:
-        """A worker that died (it never should) fails its job and is replaced."""
-        if self._worker.is_alive():
+    def _watch_executor(self) -> None:
+        """An executor that can run no more jobs: every job fails saying so, and the engine
+        stops."""
+        why = self.executor.watch()
+        if why is None or self.lost:
             return
-        for job in list(self._queue.running):  # the worker's one job
-            self._end(job, FAILED, protocol.error(protocol.INTERNAL, "worker died", job.id))
-        self.log("the worker thread died: starting another")
-        self._start_worker()
+        self.lost = why
+        self.log(f"{why}: failing every job and stopping")
+        for job in self._queue.active():
+            error = protocol.error(protocol.LOST, f"the engine {why}: the job is lost", job.id)
+            if job in self._queue.running:
+                self.executor.cancel(job)
+                self._end(job, FAILED, error)
+            else:
+                self._queue.remove(job)
+                self._finished(job, FAILED, error)
+        self.stop()
+
+    def _enforce_time_limit(self) -> None:
+        """A job running past the limit is stopped at its next check, and answered an error."""
+        if self.max_job_seconds is None:
+            return
+        now = time.monotonic()
+        for job in self._queue.running:
+            if job.started is not None and now - job.started > self.max_job_seconds:
+                self._cancel(job, TIME_LIMIT)
 
     def _dispatch(self) -> None:
         if self._deadline is not None:  # stopping: nothing new starts
             return
         while (job := self._queue.start_next()) is not None:
+            job.started = time.monotonic()
+            self._timers[job] = self.step_times.for_job(job.settings, job.refine_tiles)
             self._record("start", job)
-            self._begin(job)
+            self.executor.begin(job)
 
-    def _begin(self, job: Job) -> None:
-        """Where a job runs: the worker thread (engine/cluster.py: a Ray Serve replica)."""
-        self._inbox.put(job)
+    def _report(self, kind: str, job: Job, reply: list | None) -> None:
+        """The executor's word of a job (any thread): to the socket thread, which it wakes."""
+        self._events.put((kind, job, reply))
+        try:
+            self._wake_send.send(b"!")
+        except (BlockingIOError, OSError):  # wake-ups pending (or closing): all get drained
+            pass
 
     def _read_events(self) -> None:
         try:
@@ -429,186 +481,13 @@ class Server:
                 kind, job, reply = self._events.get_nowait()
             except queue.Empty:
                 return
+            if job not in self._queue.running:  # answered already (lost, abandoned): dropped
+                continue
             if kind == "progress":
+                header = json.loads(reply[0])
+                self._timers[job](header["step"])
+                if "previews" in header:
+                    self._record("preview", job)
                 self._send(job.client, reply)
             else:
                 self._end(job, kind, reply)
-
-    # -- worker thread -----------------------------------------------------------------------
-
-    def _notify(self, kind: str, job: Job, reply: list | None) -> None:
-        self._events.put((kind, job, reply))
-        try:
-            self._wake_send.send(b"!")
-        except (BlockingIOError, OSError):  # wake-ups pending (or closing): all get drained
-            pass
-
-    def _work(self) -> None:
-        if hasattr(signal, "pthread_sigmask"):  # SIGINT/SIGTERM go to the socket thread only
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        while (job := self._inbox.get()) is not None:
-            try:
-                kind, reply = self._run(job)
-            except Exception as e:  # a bug: still the job's one answer, and the worker lives
-                self.log(f"job {job.id} failed: {traceback.format_exc()}")
-                reply = protocol.error(protocol.INTERNAL, f"engine error: {e}", job.id)
-                kind = FAILED
-            self._notify(kind, job, reply)
-
-    def _run(self, job: Job) -> tuple[str, list | None]:
-        """The job's terminal message, whatever happens in preparing, sampling, ranking or
-        encoding; a cancel is seen before every UNet forward and between the other phases."""
-
-        step_time = self.step_times.for_job(job.settings, job.refine_tiles)
-
-        def check() -> None:
-            if job.cancel.is_set():
-                raise Cancelled
-
-        shown = {"step": 0, "t": -protocol.PREVIEW_INTERVAL}  # the last preview sent
-
-        def on_step(done: int, total: int, previews: Callable) -> None:
-            job.step, job.total = done, total
-            step_time(done)
-            check()
-            progress: dict[str, Any] = {"job": job.id, "step": done, "total": total}
-            frames: list[Pixels] = []
-            asked, now = job.previews, time.monotonic()
-            if (
-                asked
-                and done - shown["step"] >= asked["every"]
-                and now - shown["t"] >= protocol.PREVIEW_INTERVAL
-            ):
-                shown.update(step=done, t=now)
-                shown_now = previews(asked["max_side"])
-                progress["previews"], frames = self._previews(shown_now)
-                box = shown_now[0].box
-                progress["box"] = {"x": box.x, "y": box.y, "width": box.width, "height": box.height}
-                self._record("preview", job, t=now)
-            self._notify("progress", job, protocol.encode("progress", progress, frames))
-
-        s = job.settings
-        try:
-            check()
-            variants = run_edit(self.models, job.image, job.mask, job.prompt, s, on_step, check)
-            check()
-            return DONE, self._result(job, variants)
-        except Cancelled:
-            return CANCELLED, None
-        except region.RegionError as e:
-            return FAILED, protocol.error(protocol.BAD_INPUT, str(e), job.id)
-        except Diverged as e:
-            self.log(f"job {job.id}: {e}")
-            return FAILED, protocol.error(protocol.NON_FINITE, str(e), job.id)
-        except devices.OUT_OF_MEMORY:
-            gc.collect()
-            devices.free_cached_memory(self.models.device)
-            self.log(f"job {job.id}: out of memory")
-            message = (
-                f"out of memory during the edit: lower variants ({s.variants}) or augmentations "
-                f"({s.augmentations}), or free memory on the engine's machine"
-            )
-            return FAILED, protocol.error(protocol.OUT_OF_MEMORY, message, job.id)
-        except Exception as e:
-            self.log(f"job {job.id} failed: {traceback.format_exc()}")
-            return FAILED, protocol.error(protocol.INTERNAL, f"the edit failed: {e}", job.id)
-
-    @staticmethod
-    def _previews(shown: list[preview.Preview]) -> tuple[list[dict], list[Pixels]]:
-        """A progress message's `previews` entries and their PNG frames."""
-        entries = [{"variant": p.variant, "seed": p.seed, "distance": p.distance} for p in shown]
-        frames = [
-            Pixels(p.rgba.shape[1], p.rgba.shape[0], "PNG", preview.encode_png(p.rgba),
-                   name=f"preview-{p.variant}")
-            for p in shown
-        ]  # fmt: skip
-        return entries, frames
-
-    def _result(self, job: Job, variants: list) -> list:
-        frames = [
-            Pixels(
-                v.box.width,
-                v.box.height,
-                "RGBA8",
-                np.ascontiguousarray(v.rgba).tobytes(),
-                name=f"rank-{v.rank}",
-            )
-            for v in variants
-        ]
-        entries = [
-            {
-                "rank": v.rank,
-                "x": v.box.x,
-                "y": v.box.y,
-                "width": v.box.width,
-                "height": v.box.height,
-                "distance": float(v.distance),
-                "seed": v.seed,
-            }
-            for v in variants
-        ]
-        fields = {"job": job.id, "models": self.models.label, "variants": entries}
-        return protocol.encode("result", fields, frames)
-
-
-def handle_signals(server: Server) -> None:
-    """SIGINT and SIGTERM stop the engine (every job answered); a second one exits at once."""
-
-    def on_signal(*_: object) -> None:
-        if server.stopping:  # the second Ctrl+C: the user means it
-            os.write(2, b"second signal: exiting now\n")
-            os._exit(1)
-        server.stop()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
-
-
-def options(args: Any, curve: CurveKeys | None) -> dict[str, Any]:
-    """`Server`'s options from `serve`'s arguments (a cluster's front end takes the same)."""
-    limits = Limits(
-        max_side=args.max_side, max_queue=args.max_queue, max_client_queue=args.max_client_queue
-    )
-    out = {"limits": limits, "keepalive_timeout": args.keepalive_timeout, "curve": curve}
-    if args.step_times != "off":
-        out["step_file"] = Path(args.step_times or weights.state_dir() / FILE_NAME)
-    if args.memory_budget:
-        out["memory_budget"] = int(args.memory_budget * 2**30)
-    return out
-
-
-def start(server: Server, where: str) -> None:
-    """Bind, stop on SIGINT/SIGTERM, and say it is ready (what scripts and tests wait for)."""
-    endpoint = server.bind()
-    handle_signals(server)
-    secured = ", CURVE" if server.curve else ""
-    print(f"engine ready at {endpoint} ({server.models.label} on {where}{secured})", flush=True)
-
-
-def serve(args: Any) -> int:
-    """`python -m engine serve`: load the models, bind, answer until SIGINT or SIGTERM."""
-    from engine import keys
-    from engine.models import load_models
-
-    curve = None
-    if args.curve or not is_loopback(args.endpoint):
-        curve = keys.load_server_keys(Path(args.keys) if args.keys else default_key_dir())
-    check_endpoint(args.endpoint, curve)  # before minutes of model loading
-    if args.cluster:  # the jobs run on Ray Serve replicas; the front end loads no models
-        try:
-            from engine.cluster import serve_cluster
-        except ModuleNotFoundError as e:
-            raise ValueError(
-                f"--cluster needs Ray Serve ({e}): `python install.py --cluster`, or "
-                "`pip install '.[cluster]'`"
-            ) from None
-        return serve_cluster(args, curve)
-    models = load_models(
-        args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
-    )
-    server = Server(models, args.endpoint, **options(args, curve))
-    start(server, str(models.device))
-    server.log(f"memory budget {server.memory_budget / 2**30:.1f} GiB, instance {server.instance}")
-    server.run()
-    print("engine stopped", flush=True)
-    return 0
