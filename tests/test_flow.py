@@ -73,7 +73,8 @@ def test_an_edit_goes_through_its_states_and_adds_the_layers_best_visible():
     states = [s.state for s in host.statuses]
     assert states[0] == flow.CONNECTING and states[-1] == flow.DONE
     assert flow.SUBMITTING in states and states.index(flow.SUBMITTING) < states.index(flow.RUNNING)
-    assert host.messages[0] == wording.connecting(settings.DEFAULT_ENDPOINT)
+    endpoint = settings.DEFAULT_ENDPOINT
+    assert host.messages[:2] == [wording.connecting(endpoint), wording.sending(endpoint)]
     # Draft: 50 steps at 80% = 40 steps at the engine's 0.5 s a step (2 variants, full guidance)
     started = next(s for s in host.statuses if s.state == flow.RUNNING)
     assert started.message.startswith("Running on ") and "Expected: about 20 s" in started.message

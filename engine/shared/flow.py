@@ -251,7 +251,7 @@ class Edit:
         if geometry.is_blank(mask):
             raise EditError(wording.blank(self.host.source))
         request, client = self.request, self._client
-        self._show(SUBMITTING, self.status.message)
+        self._show(SUBMITTING, wording.sending(request.endpoint))
         self._call = Background(lambda: client.submit(
             image, window.width, window.height, mask, request.prompt, request.settings,
             image_format=self.host.pixel_format, previews=settings.PREVIEWS,

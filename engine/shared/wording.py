@@ -64,6 +64,10 @@ def connecting(endpoint: str) -> str:
     return f"Connecting to {endpoint}…"
 
 
+def sending(endpoint: str) -> str:
+    return f"Sending the selection to {endpoint}…"
+
+
 def added(variants: int, group: str) -> str:
     return f"{variants} variant(s) added in the group {group}; the best one is visible."
 

@@ -426,7 +426,7 @@ class Driver:
         doc.setModified(False)
 
     def refined_run(self, doc, docker, cfg: dict, fast: dict):
-        from engine.shared import settings
+        from engine.shared import request, settings
 
         self.check("refine: on by default", docker.values()["refine"] is True, docker.values())
         docker.set_values(fast)
@@ -448,19 +448,19 @@ class Driver:
         del docker._message  # the docker's own method again
         job, sent = docker.edit.job, settings.request(docker.values()).settings
         self.facts["refined_run"] = {"sent_refine": sent.get("refine"), "total": job.total,
-                                     "tiles": job.refine_tiles, "shown": shown[:3]}  # fmt: skip
+                                     "tiles": job.refine_tiles, "shown": shown[:4]}  # fmt: skip
         self.check("refine: the run succeeds", done and docker.edit.state == "done",
                    docker.status.text())  # fmt: skip
-        guided = sent["steps"] - sent.get("skip", 0)
+        guided = request.check(sent).steps_run  # the base pass's, at the strength sent
         self.check("refine: sent, and the engine runs the pass over tiles",
                    sent.get("refine") is True and job.total > guided and job.refine_tiles > 1,
                    self.facts["refined_run"])  # fmt: skip
         pass_line = f"then {job.total - guided} refinement step"  # ", ... over N tiles"
         pass_line = re.compile(re.escape(pass_line) + rf"s? over {job.refine_tiles} tiles")
         self.check("refine: the started line gives the pass's steps and tiles",
-                   any(pass_line.search(t) for t in shown), shown[:3])  # fmt: skip
+                   any(pass_line.search(t) for t in shown), shown[:4])  # fmt: skip
         self.check("refine: the started line has an estimate (the engine timed fast steps)",
-                   any("Expected: about" in t for t in shown), shown[:3])  # fmt: skip
+                   any("Expected: about" in t for t in shown), shown[:4])  # fmt: skip
         self.check("refine: the progress bar counts the pass's steps", job.total in maxima,
                    sorted(maxima))  # fmt: skip
         added = len(doc.rootNode().childNodes()) - groups
