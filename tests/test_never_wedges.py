@@ -159,6 +159,25 @@ def test_the_budget_costs_the_selection_as_grow_and_feather_will_shape_it(start_
     assert job.state == "done"
 
 
+def test_a_slow_admission_is_not_the_clients_silence(start_engine, monkeypatch):
+    """The plan of a large selection can take seconds (on the socket thread), while the client
+    waits for `accepted` and sends no keep-alive: its job is not cancelled for that silence."""
+    from engine.methods.pixel import Facts
+
+    real = Facts.plan
+
+    def slow_plan(self, mask, settings):
+        time.sleep(2.5)  # a plan longer than the keep-alive timeout
+        return real(self, mask, settings)
+
+    server = start_engine(keepalive_timeout=2.0)
+    monkeypatch.setattr(Facts, "plan", slow_plan)
+    with client(server.endpoint) as c:
+        job = submit(c, settings={**QUICK, "variants": 1})
+        run_all([c], [job])
+    assert job.state == "done", job.cancel_reason
+
+
 # -- 3: a job the engine lost is reported within the keep-alive timeout ------------------------
 
 

@@ -115,7 +115,9 @@ class Method(Protocol):
         settings: Settings,
         on_step: StepReport | None = None,
         check: Callable[[], None] | None = None,
+        plan: Plan | None = None,
     ) -> list[Variant]:
-        """The variants, best first. `on_step` follows the steps; `check()` raises to cancel and
-        is called before every model forward, so a cancel stops within one. Raises Diverged
-        when the values turn NaN or infinite, region.RegionError on unusable inputs."""
+        """The variants, best first, made as `plan`s (its description's plan of this mask and
+        these settings; None: planned here). `on_step` follows the steps; `check()` raises to
+        cancel and is called before every model forward, so a cancel stops within one. Raises
+        Diverged when the values turn NaN or infinite, region.RegionError on unusable inputs."""

@@ -134,8 +134,10 @@ def run_edit(
     settings: Settings,
     on_step: StepReport | None = None,
     check: Callable[[], None] | None = None,
+    planned: Plan | None = None,
 ) -> list[Variant]:
-    """Edit `image` (HxWx3|4 uint8) inside `mask` (HxW uint8, soft edges allowed).
+    """Edit `image` (HxWx3|4 uint8) inside `mask` (HxW uint8, soft edges allowed), as
+    `planned` (the plan of this mask and these settings, when admission made it already).
 
     The model edits every pixel the selection touches; each variant's layer carries the
     selection's alpha (grown and feathered as the settings ask), so composited it gives
@@ -153,7 +155,8 @@ def run_edit(
     check()
     seed = settings.seed if settings.seed is not None else random.randrange(2**31)
     # from the selection as it will be shaped: what the memory budget costed
-    planned = plan(models.config.image_size, models.downsampling, mask, settings)
+    if planned is None:
+        planned = plan(models.config.image_size, models.downsampling, mask, settings)
     canvas, fine = planned.canvas, planned.refinement
     mask = region.shape_selection(mask, settings.grow, settings.feather)
     sel = region.selection_bounds(mask)
@@ -388,8 +391,9 @@ class Pixel:
         settings: Settings,
         on_step: StepReport | None = None,
         check: Callable[[], None] | None = None,
+        plan: Plan | None = None,
     ) -> list[Variant]:
-        return run_edit(self.models, image, mask, prompt, settings, on_step, check)
+        return run_edit(self.models, image, mask, prompt, settings, on_step, check, plan)
 
 
 def load(

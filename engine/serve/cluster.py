@@ -255,8 +255,8 @@ class ClusterExecutor:
     def _stream(self, job: Job) -> None:
         """Runs the job on a replica, forwarding its messages; always ends with one report."""
         request = {"id": job.id, "prompt": job.prompt, "image": job.image, "mask": job.mask,
-                   "settings": job.settings, "total": job.total, "refine_tiles": job.refine_tiles,
-                   "previews": job.previews}  # fmt: skip
+                   "settings": job.settings, "plan": job.plan, "total": job.total,
+                   "refine_tiles": job.refine_tiles, "previews": job.previews}  # fmt: skip
         try:
             for attempt in range(1, _RETRIES + 1):
                 replica = None

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.methods import Plan
 from engine.shared.request import Settings
 
 QUEUED, RUNNING, DONE, CANCELLED, FAILED = "queued", "running", "done", "cancelled", "failed"
@@ -33,8 +34,9 @@ class Job:
     settings: Settings
     state: str = QUEUED
     step: int = 0
-    total: int = 0  # the steps of both passes
-    refine_tiles: int = 0  # the UNet forwards a refinement step makes (0: no refinement)
+    plan: Plan | None = None  # what admission planned and costed: what the run follows
+    total: int = 0  # the steps of every pass
+    refine_tiles: int = 0  # the forwards a refinement step makes (0: no refinement)
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""  # client | disconnected | keepalive | shutdown | time limit
     submitted: float = field(default_factory=time.monotonic)

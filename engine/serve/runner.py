@@ -68,7 +68,9 @@ class Runner:
         s = job.settings
         try:
             check()
-            variants = self.method.run(job.image, job.mask, job.prompt, s, on_step, check)
+            variants = self.method.run(
+                job.image, job.mask, job.prompt, s, on_step, check, plan=job.plan
+            )
             check()
             return DONE, self._result(job, variants)
         except Cancelled:

@@ -247,6 +247,9 @@ class Server:
             except Exception as e:  # a bug here must not take the engine down
                 self.log(f"internal error: {traceback.format_exc()}")
                 self._send(client, protocol.error(protocol.INTERNAL, f"engine error: {e}"))
+            # a client waits for the answer without a keep-alive: its silence starts now (the
+            # plan of a large selection takes seconds)
+            self._seen[client] = time.monotonic()
 
     def _handle(self, client: bytes, msg: protocol.Message) -> None:
         kind, job_id = msg.type, msg.job
@@ -328,7 +331,7 @@ class Server:
             self._check_time(settings, planned, job_id)
         job = Job(client, job_id, msg.header["prompt"], image, mask, settings, held=cost.held)
         job.previews = msg.header["previews"]
-        job.refine_tiles, job.total = planned.refine_tiles, planned.total
+        job.plan, job.refine_tiles, job.total = planned, planned.refine_tiles, planned.total
         position = self._queue.add(job)
         accepted = {"job": job_id, "position": position, "total": job.total,
                     "refine_tiles": job.refine_tiles, "plan": planned.to_json()}  # fmt: skip
