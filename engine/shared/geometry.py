@@ -278,18 +278,37 @@ def refinement(
     edit's over `base_steps`), tiles of the model's `native` side; only tiles whose picture
     rectangle `touches` the selection run. None when the canvas would not be MIN_GAIN x the base
     canvas's side (the base edit is then already about as sharp) or no pass fits."""
-    box, side = base.box, math.sqrt(base.box.width * base.box.height)
+    box, full = base.box, math.sqrt(base.box.width * base.box.height)
     if cap:
-        side = min(side, cap * native)
+        full = min(full, cap * native)
     budget = base_steps * base.width * base.height
-    while True:
+
+    def at(side: float) -> Refinement | None:
         canvas = canvas_for(box, side, factor)
         if canvas.width * canvas.height < MIN_GAIN**2 * base.width * base.height:
             return None
         grid = tile_grid(canvas, native, overlap)
         run = tuple(t for t in grid if touches(canvas.in_picture(t)))
-        plan = Refinement(canvas, run, len(grid))
-        if cap is not None or plan.work(steps) <= budget:
-            return plan
-        longer = max(canvas.width, canvas.height)  # one model multiple less on the longer side
-        side *= (longer - factor) / longer
+        return Refinement(canvas, run, len(grid))
+
+    def fits(plan: Refinement | None) -> bool:
+        return plan is not None and plan.work(steps) <= budget
+
+    top = at(full)
+    if top is None or cap is not None or fits(top):
+        return top
+    # the largest side that fits, by bisection (the work grows with the side but for rounding
+    # to tiles: what it finds fits, within a model multiple of the largest that does)
+    low = MIN_GAIN * math.sqrt(base.width * base.height)
+    best = at(low)
+    if not fits(best):
+        return None
+    high = full
+    while high - low > factor:
+        mid = (low + high) / 2
+        plan = at(mid)
+        if fits(plan):
+            best, low = plan, mid
+        else:
+            high = mid
+    return best
