@@ -6,9 +6,10 @@ rather than racing its end.
 
 BD_RECEIVED=DIR: for job N, DIR/N-image.npy (HxWx4 RGBA as the engine decoded it), DIR/N-mask.npy
 and a line in DIR/jobs.jsonl (N, prompt, settings). While DIR/hold names a prompt (`holding`),
-each job of that prompt stops right after the progress that carried its first preview, adds a
-line to DIR/held (`holds` counts them) and goes on once DIR/release exists (`release`), or ends
-if it is cancelled meanwhile (its client cancelled it or went away).
+each job of that prompt stops right after each progress that carried previews, adds a line to
+DIR/held (`holds` counts them) and goes on once DIR/release holds that count (a test inside a
+host writes it: tests/krita_driver/), DIR/hold is gone (`stop_holding`), or the job is cancelled
+(its client cancelled it or went away).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def received(folder: Path, prompt: str) -> list[tuple[np.ndarray, np.ndarray, di
 
 @contextlib.contextmanager
 def holding(folder: Path, prompt: str) -> Iterator[None]:
-    """The engine recording into `folder` holds each job of `prompt` after its first preview,
-    until `release`, while the block runs."""
+    """The engine recording into `folder` holds each job of `prompt` after each progress with
+    previews while the block runs (until `stop_holding`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in (HELD, RELEASE):
         (folder / name).unlink(missing_ok=True)
@@ -61,13 +62,21 @@ def holding(folder: Path, prompt: str) -> Iterator[None]:
 
 
 def holds(folder: Path) -> int:
-    """The jobs held so far: each has sent its first preview and waits."""
+    """The holds so far: each came right after a progress with previews."""
     path = folder / HELD
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def release(folder: Path) -> None:
-    (folder / RELEASE).touch()
+def stop_holding(folder: Path) -> None:
+    """The held job goes on, and no job is held again."""
+    (folder / HOLD).unlink(missing_ok=True)
+
+
+def _released(folder: Path) -> int:
+    try:
+        return int((folder / RELEASE).read_text())
+    except (OSError, ValueError):  # not written yet, or being written
+        return 0
 
 
 def _record(folder: Path, job) -> None:
@@ -84,27 +93,24 @@ def _record(folder: Path, job) -> None:
 def _hold(folder: Path, job) -> None:
     with open(folder / HELD, "a") as f:
         f.write(job.prompt + "\n")
-    deadline = time.monotonic() + HOLD_LIMIT
-    while not (folder / RELEASE).exists() and not job.cancel.is_set():
+    n, deadline = holds(folder), time.monotonic() + HOLD_LIMIT
+    while (folder / HOLD).is_file() and _released(folder) < n and not job.cancel.is_set():
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)  # the engine's worker thread: its socket thread answers meanwhile
 
 
 def recording_run(self, job, progress):
-    """Runner.run, recording the job's inputs and holding it after its first preview."""
+    """Runner.run, recording the job's inputs and holding it after its progress with previews
+    while a test asks."""
     folder = Path(os.environ["BD_RECEIVED"])
     _record(folder, job)
     hold = folder / HOLD
-    held = False
 
     def sent(message: list) -> None:
-        nonlocal held
         progress(message)
-        if held or not hold.is_file() or hold.read_text() != job.prompt:
-            return
-        if "previews" in json.loads(bytes(message[0])):
-            held = True
+        asked = hold.is_file() and hold.read_text() == job.prompt
+        if asked and "previews" in json.loads(bytes(message[0])):
             _hold(folder, job)
 
     return real_run(self, job, sent)

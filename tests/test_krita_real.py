@@ -62,11 +62,12 @@ def pyzmq_wheel() -> Path:
 
 class Engine:
     """`python -m engine serve` on a free loopback port, stopped on exit; what its jobs received
-    is kept in `received` beside the log (tests/recording_engine.py)."""
+    is kept in `received`, where the driver also asks it to hold a job mid-run
+    (tests/recording_engine.py)."""
 
-    def __init__(self, model: str, log: Path) -> None:
+    def __init__(self, model: str, log: Path, received: Path) -> None:
         self.endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.received = log.parent / "received"
+        self.received = received
         cmd = [sys.executable, "-m", "tests.recording_engine", "serve", "--endpoint", self.endpoint]
         self.log = log.open("w")
         self.proc = subprocess.Popen(
@@ -148,7 +149,8 @@ def test_plugin_in_real_krita(model: str, tmp_path: Path) -> None:
         config["scene"] = visible.SCENE
     timings = {}
     started = time.monotonic()
-    engine = Engine(model, tmp_path / "engine.log")
+    engine = Engine(model, tmp_path / "engine.log", out / "received")
+    config["received"] = "/out/received"  # inside the root
     try:
         engine.wait_ready()
         timings["engine_start_seconds"] = round(time.monotonic() - started, 1)

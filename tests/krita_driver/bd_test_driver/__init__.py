@@ -8,6 +8,7 @@ the driver waits. Every check lands in the verdict JSON; the driver then quits K
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -488,8 +489,11 @@ class Driver:
         weight = -1.0 if cfg["model_label"] == "demo" else 0
         slow = {"preset": "custom", "variants": 2, "steps": 40, "strength": 100, "seed": 11,
                 "guidance_weight": weight}  # fmt: skip
+        held = Held(cfg["received"], cfg["prompt"])  # the engine holds the job at each preview
         self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **slow)
-        shown = yield from self.wait(lambda: len(self.thumbnails(docker, True)) == 2, 60)
+        shown = yield from self.wait(
+            lambda: held.count() == 1 and len(self.thumbnails(docker, True)) == 2, 60
+        )
         first = [(b.toolTip(), b.icon().pixmap(b.iconSize()).toImage())
                  for b in self.thumbnails(docker, True)]  # fmt: skip
         self.facts["thumbnails_first"] = [t for t, _ in first]
@@ -508,11 +512,13 @@ class Driver:
                 t != t0 and i != i0 for (t, i), (t0, i0) in zip(now, first, strict=True)
             )
 
-        moved = yield from self.wait(changed, 60)
+        held.release()  # to the next preview, held again while the docker shows it
+        moved = yield from self.wait(lambda: held.count() == 2 and changed(), 60)
         self.facts["thumbnails_second"] = [b.toolTip() for b in self.thumbnails(docker, True)]
         self.check("mid-run: the thumbnails change", moved, self.facts["thumbnails_second"])
         self.screenshot(docker, cfg, "preview")  # the second sample: the edit emerging
         self.check("mid-run: still nothing in the document", self.names(doc.rootNode()) == tree)
+        held.stop()
         done = yield from self.wait(lambda: not docker.busy, 240)
         self.check("the previewed run succeeds",
                    done and docker.edit.state == "done", docker.status.text())  # fmt: skip
@@ -653,6 +659,38 @@ class Driver:
         window = Krita.instance().activeWindow().qwindow()
         window.grab().save(os.path.join(out, f"krita-window-{when}.png"))
 
+
+
+class Held:
+    """Asks the recording engine (tests/recording_engine.py, its files in `folder`) to hold each
+    job of `prompt` right after each progress with previews, so that the driver samples the
+    docker mid-run rather than racing the job's end."""
+
+    def __init__(self, folder: str, prompt: str) -> None:
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        for name in ("held", "release"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+        with open(os.path.join(folder, "hold"), "w") as f:
+            f.write(prompt)
+
+    def count(self) -> int:
+        """The holds so far."""
+        with contextlib.suppress(FileNotFoundError), open(os.path.join(self.folder, "held")) as f:
+            return len(f.read().splitlines())
+        return 0
+
+    def release(self) -> None:
+        """The held job goes on (to its next preview)."""
+        path = os.path.join(self.folder, "release")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(self.count()))
+        os.replace(path + ".tmp", path)
+
+    def stop(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.folder, "hold"))
 
 
 def run_scenario() -> None:
