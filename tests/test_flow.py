@@ -25,7 +25,7 @@ from engine.shared.client import (
 )
 from engine.shared.geometry import Rect
 from tests.helpers.client import HELLO, FakeClient
-from tests.helpers.engine import free_port
+from tests.helpers.engine import free_port, until
 from tests.helpers.hosts import ROOT, FakeHost
 
 VALUES = settings.defaults() | {"prompt": "a red circle"}
@@ -44,10 +44,7 @@ def run(edit: flow.Edit, timeout: float = 10.0) -> flow.Edit:
 
 
 def finish(edit: flow.Edit, timeout: float = 10.0) -> flow.Edit:
-    deadline = time.monotonic() + timeout
-    while edit.tick():
-        assert time.monotonic() < deadline, edit.status
-        time.sleep(0.002)
+    until(lambda: not edit.tick(), timeout, "the edit's end", every=0.002)
     return edit
 
 
@@ -364,10 +361,7 @@ def test_a_large_selection_gets_a_window_capped_at_the_engines_limit():
 
 
 def wait_for(probe: flow.Probe) -> tuple[dict, str]:
-    deadline = time.monotonic() + 10
-    while not probe.done:
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
+    until(lambda: probe.done, 10, "the engine's answer", every=0.002)
     return probe.result()
 
 

@@ -8,7 +8,6 @@ replace that test."""
 from __future__ import annotations
 
 import ast
-import time
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from engine.shared.flow import EditError
 from engine.shared.geometry import Rect
 from engine.shared.wording import ResultLayer
 from tests.helpers.client import FakeClient
+from tests.helpers.engine import until
 from tests.helpers.hosts import (
     KRITA_PLUGIN,
     ROOT,
@@ -291,11 +291,8 @@ def docker(krita, monkeypatch):
 
 
 def tick_until(docker, condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, docker.status.text()
-        docker._tick()
-        time.sleep(0.002)
+    """Tick the docker as its timer would until `condition()`."""
+    until(lambda: docker._tick() or condition(), timeout, "the docker's state", every=0.002)
 
 
 def running(docker, edits: int = 1) -> FakeClient:
