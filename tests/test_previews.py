@@ -135,7 +135,7 @@ class Paced:
     def describe(self, remote: bool = False):
         return SimpleNamespace(label="paced", device="cpu")
 
-    def run(self, image, mask, prompt, settings, on_step, check):
+    def run(self, image, mask, prompt, settings, on_step, check, plan=None):
         box = Rect(0, 0, 4, 4)
         shown = [Preview(0, 1, np.zeros((4, 4, 4), np.uint8), 0.5, box)]
         for done in range(1, self.steps + 1):

@@ -20,8 +20,10 @@ from engine.shared import protocol
 
 
 class LocalExecutor:
-    slots = 1
-    hello: dict = {}
+    """engine/serve: an Executor, here; a cluster replica runs its jobs with one too."""
+
+    slots = 1  # one worker, one job at a time on the device
+    hello: dict[str, Any] = {}  # nothing to add
 
     def __init__(self, method: Method, *, result_fields: dict[str, Any] | None = None) -> None:
         """`result_fields`: what the result's header adds (runner.py)."""

@@ -34,10 +34,12 @@ from zmq.utils.monitor import recv_monitor_message
 
 from engine import __version__, region
 from engine.keys import CurveKeys
+from engine.methods import Plan
 from engine.serve import Executor
 from engine.serve.jobs import CANCELLED, FAILED, QUEUED, Job, JobQueue
 from engine.shared import estimate, protocol
 from engine.shared.protocol import Limits, Pixels, ProtocolError, is_loopback
+from engine.shared.request import Settings
 from engine.steptime import StepTimes
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
@@ -339,7 +341,7 @@ class Server:
         fine = f", refined over {job.refine_tiles} tiles a step" if job.refine_tiles else ""
         self.log(f"job {job_id}: queued at {position}, {image.shape[1]}x{image.shape[0]}{fine}")
 
-    def _check_time(self, settings: Any, planned: Any, job_id: str | None) -> None:
+    def _check_time(self, settings: Settings, planned: Plan, job_id: str | None) -> None:
         """Refuse a job whose time, estimated from the steps measured so far as the plug-ins
         estimate it (engine/shared/estimate.py), is over the limit; none measured: admitted."""
         values = {**dataclasses.asdict(settings), "skip": settings.start}
