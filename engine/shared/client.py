@@ -313,12 +313,12 @@ class Client:
             )
         elif len(prompt) > limits.max_prompt:
             problem = f"the prompt is {len(prompt)} characters, over {limits.max_prompt}"
-        elif isinstance(settings.get("variants"), int) and settings["variants"] > (
-            limits.max_variants
-        ):
-            problem = f"variants is {settings['variants']}, over {limits.max_variants}"
         if problem:
             raise EngineError(protocol.LIMIT, problem)
+        try:  # the engine's own check of the settings (the one schema), before any pixel is sent
+            protocol.check_settings(settings, limits)
+        except ProtocolError as e:
+            raise EngineError(e.code, str(e)) from None
 
     # -- non-blocking, for a host's UI timer ------------------------------------------------
 
