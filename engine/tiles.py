@@ -45,22 +45,35 @@ class Tiled:
 
     def __init__(self, unet: Callable, tiles: Sequence[Rect], overlap: float) -> None:
         self.unet, self.tiles, self.overlap = unet, tiles, overlap
+        # the tiles' weights and their sum over the canvas: the same at every step
+        self._fusion: tuple[tuple, dict[tuple[int, int], torch.Tensor], torch.Tensor] | None = None
+
+    def _weights(self, x: torch.Tensor) -> tuple[dict[tuple[int, int], torch.Tensor], torch.Tensor]:
+        """Each tile size's weight and the weights' sum (never 0), on `x`'s canvas and device."""
+        key = (tuple(x.shape[-2:]), x.device)
+        if self._fusion is None or self._fusion[0] != key:
+            ramps = {(r.height, r.width) for r in self.tiles}
+            weights = {(h, w): (ramp(h, self.overlap)[:, None] * ramp(w, self.overlap)[None])
+                       .to(x.device) for h, w in ramps}  # fmt: skip
+            total = x.new_zeros(x.shape[-2:])
+            for r in self.tiles:
+                total[r.y : r.y + r.height, r.x : r.x + r.width] += weights[r.height, r.width]
+            self._fusion = key, weights, total.clamp(min=1e-6)
+        return self._fusion[1], self._fusion[2]
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
         height, width = x.shape[-2:]
         if len(self.tiles) == 1 and (self.tiles[0].width, self.tiles[0].height) == (width, height):
             return self.unet(x, t, **kwargs)
-        out, total = None, x.new_zeros(height, width)
+        weights, total = self._weights(x)
+        out = None
         for r in self.tiles:
-            weight = (ramp(r.height, self.overlap)[:, None] * ramp(r.width, self.overlap)[None])
-            weight = weight.to(x.device)
             y0, y1, x0, x1 = r.y, r.y + r.height, r.x, r.x + r.width
             part = self.unet(x[..., y0:y1, x0:x1], t, **kwargs)
             if out is None:
                 out = part.new_zeros(*part.shape[:2], height, width)
-            out[..., y0:y1, x0:x1] += part * weight.to(part.dtype)
-            total[y0:y1, x0:x1] += weight
-        return out / total.clamp(min=1e-6)
+            out[..., y0:y1, x0:x1] += part * weights[r.height, r.width].to(part.dtype)
+        return out / total
 
 
 def refine(
