@@ -79,16 +79,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
     )
     print(f"models: {models.label} on {models.device}", file=sys.stderr)
-    bar = tqdm(total=settings.steps_run, desc="denoising", unit="step", file=sys.stderr)
+    planned = plan(models.config.image_size, models.downsampling, mask, settings)
+    bar = tqdm(total=planned.total, desc="denoising", unit="step", file=sys.stderr)
 
-    def on_step(done: int, total: int, _previews) -> None:
-        bar.total = total  # the refinement's steps join the count
+    def on_step(done: int, _total: int, _previews) -> None:
         bar.update(done - bar.n)
 
-    variants = run_edit(models, image, mask, args.prompt, settings, on_step)
+    variants = run_edit(models, image, mask, args.prompt, settings, on_step, planned=planned)
     bar.close()
-    planned = plan(models.config.image_size, models.downsampling, mask, settings).to_json()
-    _save_variants(Path(args.out), image, args.prompt, models.label, planned, variants)
+    _save_variants(Path(args.out), image, args.prompt, models.label, planned.to_json(), variants)
     return 0
 
 
