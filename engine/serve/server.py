@@ -344,8 +344,8 @@ class Server:
     def _check_time(self, settings: Settings, planned: Plan, job_id: str | None) -> None:
         """Refuse a job whose time, estimated from the steps measured so far as the plug-ins
         estimate it (engine/shared/estimate.py), is over the limit; none measured: admitted."""
-        values = {**dataclasses.asdict(settings), "skip": settings.start}
         info = {"step_seconds": self.step_times.to_json()}
+        values = dataclasses.asdict(settings)  # the schema derives the start again from them
         seconds = estimate.plan(info, values, planned.total, planned.refine_tiles).seconds
         if seconds is not None and seconds > self.max_job_seconds:
             raise ProtocolError(
