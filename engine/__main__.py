@@ -12,8 +12,14 @@ from pathlib import Path
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from engine.devices import CHOICES
 
-    p.add_argument("--model", default="tiny", help="tiny | demo | adm256 | adm512 (default tiny)")
+    p.add_argument(
+        "--model", default="tiny", help="the pixel method's tiny | demo | adm256 | adm512, or "
+        "the latent method's tiny-latent | sd15 | sd15-inpaint | sd21-base | sd21 | "
+        "sd2-inpaint | a diffusers folder | a .safetensors/.ckpt file (default tiny)",
+    )  # fmt: skip
     p.add_argument("--unet-checkpoint", help="a guided-diffusion state dict for --model")
+    p.add_argument("--lora", help="a LoRA file fused into a latent model's UNet (an LCM-LoRA "
+                   "makes --scheduler lcm available)")  # fmt: skip
     p.add_argument("--clip", help="NAME[:PRETRAINED_OR_FILE] (default: the model's own CLIP)")
     p.add_argument("--device", default="auto", choices=CHOICES, help="default: the first GPU found")
 
@@ -24,18 +30,30 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
 
     for f in FIELDS:
         flag, default = "--" + f.name.replace("_", "-"), f.default
-        text = f"{f.help} ({f.range_text()}; default {'none' if default is None else default})"
+        shown = "none" if default is None else repr(default) if default == "" else default
+        if f.name == "steps":  # each method's (and the latent one's scheduler's) own
+            default, shown = (
+                None,
+                "the method's: 100 for the pixel one, 25 / 50 / 6 with the "
+                "latent one's DPM++ / DDIM / LCM",
+            )
+        methods = "" if len(f.methods) > 1 else f"; the {f.methods[0]} method's"
+        text = f"{f.help} ({f.range_text()}; default {shown}{methods})"
         if f.kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:
             p.add_argument(flag, type=f.kind, default=default, choices=f.choices or None, help=text)
 
 
-def _settings(args: argparse.Namespace):
-    """The checked settings from the options, which are named after its fields."""
+def _settings(args: argparse.Namespace, method: str):
+    """The checked settings from the options, which are named after its fields, for `method`
+    (the one --model names): another method's settings are refused, its defaults filled."""
     from engine.shared import request
 
-    return request.check({f.name: getattr(args, f.name) for f in request.FIELDS})
+    values = {f.name: getattr(args, f.name) for f in request.FIELDS}
+    if values["steps"] is None:
+        del values["steps"]
+    return request.check(values, method=method)
 
 
 def _read_inputs(image_path: str, mask_path: str):
@@ -58,44 +76,47 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("--previews needs --engine: previews come from a running engine")
     from tqdm import tqdm
 
-    from engine import region
-    from engine.methods.pixel import plan, run_edit
-    from engine.models import load_models
+    from engine import methods, region
 
     image, mask = _read_inputs(args.image, args.mask)
-    settings = _settings(args)
     region.check_inputs(image, mask)  # before minutes of model loading
     if args.engine:
         from engine.shared.client import ClientError
 
         try:
-            label, planned, variants = _edit_remote(args, image, mask, settings)
+            label, settings, planned, variants = _edit_remote(args, image, mask)
         except ClientError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        _save_variants(Path(args.out), image, args.prompt, label, planned, variants)
+        _save_variants(Path(args.out), image, args.prompt, label, settings, planned, variants)
         return 0
-    models = load_models(
-        args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, device=args.device
-    )
-    print(f"models: {models.label} on {models.device}", file=sys.stderr)
-    planned = plan(models.config.image_size, models.downsampling, mask, settings)
+    settings = _settings(args, methods.method_of(args.model))
+    method = methods.load(
+        args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, lora=args.lora,
+        device=args.device, precision=settings.precision,
+    )  # fmt: skip
+    about = method.describe()
+    print(f"models: {about.label} on {about.device}", file=sys.stderr)
+    planned = about.plan(mask, settings)
     bar = tqdm(total=planned.total, desc="denoising", unit="step", file=sys.stderr)
 
     def on_step(done: int, _total: int, _previews) -> None:
         bar.update(done - bar.n)
 
-    variants = run_edit(models, image, mask, args.prompt, settings, on_step, planned=planned)
+    variants = method.run(image, mask, args.prompt, settings, on_step, plan=planned)
     bar.close()
-    _save_variants(Path(args.out), image, args.prompt, models.label, planned.to_json(), variants)
+    _save_variants(
+        Path(args.out), image, args.prompt, about.label, settings.wire(about.method),
+        planned.to_json(), variants,
+    )  # fmt: skip
     return 0
 
 
 def _save_variants(
-    out: Path, image, prompt: str, models_label: str, planned: dict, variants
+    out: Path, image, prompt: str, models_label: str, settings: dict, planned: dict, variants
 ) -> None:
-    """rank-N.png (the image with variant N composited) and scores.json (with the edit's
-    geometry, `planned`), in-process or remote."""
+    """rank-N.png (the image with variant N composited) and scores.json (the settings away from
+    their defaults, the edit's geometry `planned`), in-process or remote."""
     from PIL import Image
 
     from engine import region
@@ -106,14 +127,15 @@ def _save_variants(
         name = f"rank-{v.rank}.png"
         Image.fromarray(region.composite(image, v.rgba, v.box)).save(out / name)
         entries.append({"rank": v.rank, "file": name, "clip_distance": v.distance, "seed": v.seed})
-    scores = {"prompt": prompt, "models": models_label, **planned, "variants": entries}
+    scores = {"prompt": prompt, "models": models_label, "settings": settings, **planned,
+              "variants": entries}  # fmt: skip
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(f"{len(entries)} variants, best first, in {out}/ (rank-1.png ... scores.json)")
 
 
-def _edit_remote(args: argparse.Namespace, image, mask, settings):
-    """The same edit through a running engine (`--engine`); returns (models label, the edit's
-    geometry, variants)."""
+def _edit_remote(args: argparse.Namespace, image, mask):
+    """The same edit through a running engine (`--engine`), with the settings its method takes;
+    returns (models label, the settings sent, the edit's geometry, variants)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -127,6 +149,7 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
     with connect(args.engine) as client:
         info = client.hello()
         print(f"models: {info['models']} on {info['device']} at {args.engine}", file=sys.stderr)
+        settings = _settings(args, info.get("method", "pixel"))
         job = client.submit(
             np.ascontiguousarray(image).tobytes(),
             width,
@@ -137,9 +160,7 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
             image_format="RGBA8" if channels == 4 else "RGB8",
             previews={"every": args.preview_every} if args.previews else None,
         )
-        bar = tqdm(
-            total=settings.steps_run, desc="denoising", unit="step", file=sys.stderr
-        )
+        bar = tqdm(total=settings.steps_run, desc="denoising", unit="step", file=sys.stderr)
 
         def on_event(event) -> None:
             if event.type == "progress":
@@ -161,7 +182,7 @@ def _edit_remote(args: argparse.Namespace, image, mask, settings):
         )
         for v in job.variants
     ]
-    return job.models, job.plan, variants
+    return job.models, settings.wire(), job.plan, variants
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

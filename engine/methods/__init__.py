@@ -7,9 +7,9 @@ The server needs two things of a method, in two places:
 - `Method`, where jobs run (a worker thread, a cluster replica): loaded once, it runs one job
   with progress (and previews) and cancel callbacks, and ranks the variants.
 
-engine/methods/pixel.py is Blended Diffusion (pixel-space ADM + CLIP guidance). A latent method
-(Blended Latent Diffusion: VAE, text encoder, UNet, scheduler, the blend in latent space) goes
-beside it as latent.py, with its own load, plan and memory figures.
+engine/methods/pixel.py is Blended Diffusion (pixel-space ADM + CLIP guidance), latent.py Blended
+Latent Diffusion (VAE, text encoder, UNet, scheduler, the blend in latent space); `load` picks
+one by the model's name.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from engine.shared.geometry import Rect
+from engine.shared.geometry import Canvas, Rect, Refinement
 from engine.shared.request import Settings
 
 if TYPE_CHECKING:
@@ -60,24 +60,40 @@ class Estimate:
         return self.parts["input"]
 
 
-class Plan(Protocol):
-    """What a job will do, worked out from the selection before it runs."""
+@dataclass(frozen=True)
+class Plan:
+    """What a job will do, worked out from the selection before it runs: the memory budget,
+    the step total and the time estimate read it; the method follows it."""
+
+    settings: Settings
+    canvas: Canvas  # the context box on the model's canvas
+    refinement: Refinement | None = None  # the pixel method's refinement pass; None: none
 
     @property
     def total(self) -> int:
         """The job's steps, every pass's: progress' `total`."""
+        return self.settings.total_steps(self.refinement is not None)
 
     @property
     def refine_tiles(self) -> int:
-        """The forwards a step of a refinement pass makes (0: none), for the time estimates."""
+        """The forwards a step of the refinement makes (0: no pass), for the time estimates."""
+        return len(self.refinement.tiles) if self.refinement else 0
 
     def to_json(self) -> dict[str, Any]:
         """The geometry `accepted` carries and scores.json keeps."""
+        box = self.canvas.box
+        return {
+            "context_box": [box.x, box.y, box.width, box.height],
+            "model_canvas": list(self.canvas.size),
+            "scale": [round(s, 6) for s in self.canvas.scale],
+            "refine": self.refinement.to_json() if self.refinement else None,
+        }
 
 
 class Description(Protocol):
     """A method as admission sees it, without its models."""
 
+    method: str  # request.METHODS: which settings its jobs take (hello's `method`)
     label: str  # the weights loaded: hello's `models`, the result's
     step_key: dict[str, Any]  # whose kept step times are this engine's (engine/steptime.py)
 
@@ -121,3 +137,38 @@ class Method(Protocol):
         these settings; None: planned here). `on_step` follows the steps; `check()` raises to
         cancel and is called before every model forward, so a cancel stops within one. Raises
         Diverged when the values turn NaN or infinite, region.RegionError on unusable inputs."""
+
+
+def method_of(model: str) -> str:
+    """Which method serves `model`: the pixel method's names (engine/models.py's CONFIGS), else
+    the latent one's (tiny-latent, an SD name, a diffusers folder or a checkpoint file)."""
+    from engine.models import CONFIGS
+    from engine.shared.request import LATENT, PIXEL
+
+    return PIXEL if model in CONFIGS else LATENT
+
+
+def load(
+    model: str,
+    *,
+    clip: str | None = None,
+    unet_checkpoint: str | None = None,
+    lora: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> Method:
+    """The method serving `model`, its models loaded (picklable arguments: a cluster's replicas
+    load with them). `unet_checkpoint` is the pixel method's, `lora` the latent one's."""
+    from engine.shared.request import PIXEL
+
+    if method_of(model) == PIXEL:
+        if lora:
+            raise ValueError(f"--lora is for the latent method's models, not {model}")
+        from engine.methods import pixel
+
+        return pixel.load(model, clip=clip, unet_checkpoint=unet_checkpoint, device=device)
+    if unet_checkpoint:
+        raise ValueError(f"--unet-checkpoint is for the pixel method's models, not {model}")
+    from engine.methods import latent
+
+    return latent.load(model, clip=clip, device=device, precision=precision, lora=lora)

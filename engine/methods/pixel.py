@@ -28,12 +28,12 @@ import torch
 
 from engine import accel, devices, region, tiles
 from engine.guidance import Guide
-from engine.methods import Diverged, Estimate, StepReport, Variant
+from engine.methods import Diverged, Estimate, Plan, StepReport, Variant
 from engine.models import Models, UNetConfig, load_models
 from engine.preview import Previewer
 from engine.sampler import StepCallback, blended_diffusion
 from engine.shared import geometry, request
-from engine.shared.geometry import Canvas, Rect, Refinement
+from engine.shared.geometry import Canvas, Rect
 from engine.shared.request import Settings
 from engine.steptime import engine_key
 
@@ -79,34 +79,6 @@ def _on_canvas(
     source = torch.from_numpy(rgb).permute(2, 0, 1)[None].contiguous().to(dev)
     seen = torch.from_numpy(region.seen_on_canvas(mask, canvas))[None, None].to(dev)
     return source, torch.from_numpy(m)[None, None].to(dev), seen
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What an edit will do, worked out from the selection before it runs (the memory budget,
-    the step total and the time estimate read it; the edit follows it)."""
-
-    settings: Settings
-    canvas: Canvas  # the context box on the model's canvas
-    refinement: Refinement | None  # None: no refinement pass
-
-    @property
-    def total(self) -> int:
-        return self.settings.total_steps(self.refinement is not None)
-
-    @property
-    def refine_tiles(self) -> int:
-        """The UNet forwards a step of the refinement makes (0: no pass), for the estimates."""
-        return len(self.refinement.tiles) if self.refinement else 0
-
-    def to_json(self) -> dict:
-        box = self.canvas.box
-        return {
-            "context_box": [box.x, box.y, box.width, box.height],
-            "model_canvas": list(self.canvas.size),
-            "scale": [round(s, 6) for s in self.canvas.scale],
-            "refine": self.refinement.to_json() if self.refinement else None,
-        }
 
 
 def plan(native: int, factor: int, mask: np.ndarray, settings: Settings) -> Plan:
@@ -283,6 +255,7 @@ class Facts:
     label: str = ""
     step_key: dict[str, Any] = dataclasses.field(default_factory=dict)
     free_gb: float | None = None  # the device's free memory; None: asked when needed
+    method: str = request.PIXEL
 
     @classmethod
     def of(cls, models: Models, free_gb: float | None = None) -> Facts:

@@ -37,7 +37,7 @@ from engine.keys import CurveKeys
 from engine.methods import Plan
 from engine.serve import Executor
 from engine.serve.jobs import CANCELLED, FAILED, QUEUED, Job, JobQueue
-from engine.shared import estimate, protocol
+from engine.shared import estimate, protocol, request
 from engine.shared.protocol import Limits, Pixels, ProtocolError, is_loopback
 from engine.shared.request import Settings
 from engine.steptime import StepTimes
@@ -242,7 +242,10 @@ class Server:
             self._seen[client] = time.monotonic()
             try:
                 self._handle(
-                    client, protocol.decode_request([p.buffer for p in parts[1:]], self.limits)
+                    client,
+                    protocol.decode_request(
+                        [p.buffer for p in parts[1:]], self.limits, self.method.method
+                    ),
                 )
             except ProtocolError as e:
                 self._send(client, protocol.error(e.code, str(e), e.job))
@@ -284,6 +287,8 @@ class Server:
             "engine": __version__,
             "instance": self.instance,
             "models": self.method.label,
+            "method": self.method.method,
+            "settings": list(request.taken_by(self.method.method)),  # what a plug-in shows
             "device": str(self.method.device),
             "image_size": self.method.image_size,
             "limits": self.limits.to_json(),
@@ -318,7 +323,10 @@ class Server:
             region.check_inputs(image, mask)  # now, not after the queue
         except region.RegionError as e:
             raise ProtocolError(protocol.BAD_INPUT, str(e), job_id) from None
-        planned = self.method.plan(mask, settings)
+        try:
+            planned = self.method.plan(mask, settings)
+        except request.SettingError as e:  # one the model cannot take (lcm without LCM weights)
+            raise ProtocolError(protocol.BAD_FIELD, str(e), job_id) from None
         cost = self.method.memory(image.shape, mask, planned)
         held = sum(j.held for j in self._queue.waiting)
         if cost.total + held > self.memory_budget:

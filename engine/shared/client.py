@@ -316,7 +316,7 @@ class Client:
         if problem:
             raise EngineError(protocol.LIMIT, problem)
         try:  # the engine's own check of the settings (the one schema), before any pixel is sent
-            protocol.check_settings(settings, limits)
+            protocol.check_settings(settings, limits, self.info.get("method"))
         except ProtocolError as e:
             raise EngineError(e.code, str(e)) from None
 
@@ -452,8 +452,16 @@ class Client:
             box = msg.header.get("box") or {}
             at = tuple(box.get(k, 0) for k in ("x", "y", "width", "height"))
             event.previews = [
-                Preview(p["variant"], p["seed"], p["distance"], event.step, f.width, f.height,
-                        f.packed(), at)  # fmt: skip
+                Preview(
+                    p["variant"],
+                    p["seed"],
+                    p["distance"],
+                    event.step,
+                    f.width,
+                    f.height,
+                    f.packed(),
+                    at,
+                )  # fmt: skip
                 for p, f in zip(msg.header.get("previews", []), msg.frames, strict=True)
             ]
         elif kind == "error":

@@ -267,11 +267,12 @@ def job_id(header: dict[str, Any], required: bool = True) -> str | None:
     return job
 
 
-def check_settings(settings: Any, limits: Limits) -> request.Settings:
-    """The edit settings a client may send (engine/shared/request.py, the one schema); absent
-    ones take their defaults. Over an engine's limit: LIMIT, else BAD_FIELD."""
+def check_settings(settings: Any, limits: Limits, method: str | None = None) -> request.Settings:
+    """The edit settings a client may send (engine/shared/request.py, the one schema) for the
+    engine's `method` (hello's); absent ones take their defaults. Over an engine's limit: LIMIT,
+    else BAD_FIELD."""
     try:
-        return request.check(settings, limits.to_json(), wire=True)
+        return request.check(settings, limits.to_json(), wire=True, method=method)
     except request.SettingError as e:
         raise ProtocolError(LIMIT if e.limit else BAD_FIELD, str(e)) from None
 
@@ -293,7 +294,9 @@ def check_previews(previews: Any) -> dict[str, int] | None:
     }
 
 
-def _check_submit(header: dict[str, Any], frames: list[Pixels], limits: Limits) -> None:
+def _check_submit(
+    header: dict[str, Any], frames: list[Pixels], limits: Limits, method: str | None
+) -> None:
     prompt = header.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ProtocolError(BAD_FIELD, "prompt must be a non-empty string")
@@ -301,7 +304,7 @@ def _check_submit(header: dict[str, Any], frames: list[Pixels], limits: Limits) 
         raise ProtocolError(
             LIMIT, f"prompt is {len(prompt)} characters, over the limit of {limits.max_prompt}"
         )
-    header["settings"] = check_settings(header.get("settings", {}), limits)
+    header["settings"] = check_settings(header.get("settings", {}), limits, method)
     header["previews"] = check_previews(header.get("previews"))
     if len(frames) != 2:
         raise ProtocolError(
@@ -330,8 +333,11 @@ def _check_ping(header: dict[str, Any]) -> None:
         job_id({"job": job})
 
 
-def decode_request(frames: list, limits: Limits | None = None) -> Message:
-    """A client's request, fully validated; raises ProtocolError (with the job id when known)."""
+def decode_request(
+    frames: list, limits: Limits | None = None, method: str | None = None
+) -> Message:
+    """A client's request, fully validated (a submit's settings for the engine's `method`);
+    raises ProtocolError (with the job id when known)."""
     limits = limits or Limits()
     if len(frames) > MAX_FRAMES:
         raise ProtocolError(BAD_MESSAGE, f"{len(frames)} frames, over the limit of {MAX_FRAMES}")
@@ -349,7 +355,7 @@ def decode_request(frames: list, limits: Limits | None = None) -> Message:
         job = job_id(header, required=kind in ("submit", "cancel"))
         pixels = read_frames(header, frames, limits)
         if kind == "submit":
-            _check_submit(header, pixels, limits)
+            _check_submit(header, pixels, limits, method)
         elif pixels:
             raise ProtocolError(BAD_MESSAGE, f"{kind} carries no pixel frames")
         if kind == "ping":
