@@ -318,7 +318,43 @@ def _guidance(pipe: Pipeline, settings: Settings) -> tuple[float, bool]:
     return scale, scale > 1
 
 
-def _embed(pipe: Pipeline, texts: list[str]) -> torch.Tensor:
+def denoiser(
+    pipe: Pipeline,
+    text: torch.Tensor,
+    scale: float,
+    cfg: bool,
+    *,
+    extra: torch.Tensor | None = None,
+    cond: torch.Tensor | None = None,
+    batch: int = 1,
+    check: Callable[[], None] = lambda: None,
+) -> Denoiser:
+    """The UNet's guided output for x_t at t, `batch` variants through it at a time. `text`:
+    the negative and positive prompts' embeddings (`cfg`: classifier-free guidance at `scale`,
+    both halves in one batch) or the prompt's alone; `extra`: the inpainting UNet's mask and
+    masked-source latents; `cond`: an LCM-distilled UNet's guidance embedding. `check()` runs
+    before every forward (cancel)."""
+    halves = 2 if cfg else 1
+
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        check()
+        n = len(x)
+        if extra is not None:
+            x = torch.cat([x, extra.expand(n, -1, -1, -1)], dim=1)
+        out = pipe.unet(
+            x.repeat(halves, 1, 1, 1), t, encoder_hidden_states=text.repeat_interleave(n, 0),
+            timestep_cond=cond.expand(n * halves, -1) if cond is not None else None,
+        ).sample  # fmt: skip
+        if not cfg:
+            return out
+        uncond, text_out = out.chunk(2)
+        return uncond + scale * (text_out - uncond)
+
+    return lambda x, t: torch.cat([guided(part, t) for part in x.split(batch)])
+
+
+def embed(pipe: Pipeline, texts: list[str]) -> torch.Tensor:
+    """The text encoder's last hidden states for `texts`, padded to the tokenizer's length."""
     tok = pipe.tokenizer(
         texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
         truncation=True, return_tensors="pt",
@@ -336,7 +372,7 @@ def _guidance_embedding(w: float, dim: int, n: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
-def _encode(pipe: Pipeline, pixels: torch.Tensor) -> torch.Tensor:
+def encode(pipe: Pipeline, pixels: torch.Tensor) -> torch.Tensor:
     """The VAE's mean, scaled (the official source latent: no sampling noise)."""
     return pipe.vae.encode(pixels.to(pipe.dtype)).latent_dist.mean * pipe.scaling
 
@@ -387,15 +423,15 @@ def run_edit(
 
     with torch.inference_mode():
         check()
-        source = _encode(pipe, source_px)
+        source = encode(pipe, source_px)
         masks = [m.to(pipe.dtype) for m in latent_masks(seen.float(), pipe.vae_factor,
                                                         settings.mask_shrink)]  # fmt: skip
         texts = [settings.negative_prompt, prompt] if cfg else [prompt]
-        text = _embed(pipe, texts)
+        text = embed(pipe, texts)
         extra = None
         if pipe.inpaint:  # the 9-channel UNet reads the mask and the masked source too
             kept = source_px * (torch.from_numpy(hard)[None, None].to(dev) < 0.5)
-            extra = torch.cat([masks[-1], _encode(pipe, kept)], dim=1)
+            extra = torch.cat([masks[-1], encode(pipe, kept)], dim=1)
         cond = None
         if pipe.unet.config.get("time_cond_proj_dim"):
             dim = pipe.unet.config.time_cond_proj_dim
@@ -403,25 +439,7 @@ def run_edit(
         check()
 
         batch = min(settings.batch, settings.variants)
-
-        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            """The guided model output, `batch` variants through the UNet at a time."""
-            return torch.cat([guided(part, t) for part in x.split(batch)])
-
-        def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            check()
-            n, halves = len(x), 2 if cfg else 1
-            if extra is not None:
-                x = torch.cat([x, extra.expand(n, -1, -1, -1)], dim=1)
-            out = pipe.unet(
-                x.repeat(halves, 1, 1, 1), t, encoder_hidden_states=text.repeat_interleave(n, 0),
-                timestep_cond=cond.expand(n * halves, -1) if cond is not None else None,
-            ).sample  # fmt: skip
-            if not cfg:
-                return out
-            uncond, text_out = out.chunk(2)
-            return uncond + scale * (text_out - uncond)
-
+        model = denoiser(pipe, text, scale, cfg, extra=extra, cond=cond, batch=batch, check=check)
         scheduler = make_scheduler(settings.scheduler, pipe.schedule)
         timesteps = timesteps_for(scheduler, settings, dev)
 
