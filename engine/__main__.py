@@ -76,7 +76,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         raise ValueError("--previews needs --engine: previews come from a running engine")
     from tqdm import tqdm
 
-    from engine import methods, region
+    from engine import region
+    from engine.methods import loading
 
     image, mask = _read_inputs(args.image, args.mask)
     region.check_inputs(image, mask)  # before minutes of model loading
@@ -90,8 +91,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
             return 2
         _save_variants(Path(args.out), image, args.prompt, label, settings, planned, variants)
         return 0
-    settings = _settings(args, methods.method_of(args.model))
-    method = methods.load(
+    settings = _settings(args, loading.method_of(args.model))
+    method = loading.load(
         args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, lora=args.lora,
         device=args.device, precision=settings.precision,
     )  # fmt: skip

@@ -8,8 +8,8 @@ The server needs two things of a method, in two places:
   with progress (and previews) and cancel callbacks, and ranks the variants.
 
 engine/methods/pixel.py is Blended Diffusion (pixel-space ADM + CLIP guidance), latent.py Blended
-Latent Diffusion (VAE, text encoder, UNet, scheduler, the blend in latent space); `load` picks
-one by the model's name.
+Latent Diffusion (VAE, text encoder, UNet, scheduler, the blend in latent space);
+engine/methods/loading.py picks one by the model's name.
 """
 
 from __future__ import annotations
@@ -138,37 +138,3 @@ class Method(Protocol):
         cancel and is called before every model forward, so a cancel stops within one. Raises
         Diverged when the values turn NaN or infinite, region.RegionError on unusable inputs."""
 
-
-def method_of(model: str) -> str:
-    """Which method serves `model`: the pixel method's names (engine/models.py's CONFIGS), else
-    the latent one's (tiny-latent, an SD name, a diffusers folder or a checkpoint file)."""
-    from engine.models import CONFIGS
-    from engine.shared.request import LATENT, PIXEL
-
-    return PIXEL if model in CONFIGS else LATENT
-
-
-def load(
-    model: str,
-    *,
-    clip: str | None = None,
-    unet_checkpoint: str | None = None,
-    lora: str | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-) -> Method:
-    """The method serving `model`, its models loaded (picklable arguments: a cluster's replicas
-    load with them). `unet_checkpoint` is the pixel method's, `lora` the latent one's."""
-    from engine.shared.request import PIXEL
-
-    if method_of(model) == PIXEL:
-        if lora:
-            raise ValueError(f"--lora is for the latent method's models, not {model}")
-        from engine.methods import pixel
-
-        return pixel.load(model, clip=clip, unet_checkpoint=unet_checkpoint, device=device)
-    if unet_checkpoint:
-        raise ValueError(f"--unet-checkpoint is for the pixel method's models, not {model}")
-    from engine.methods import latent
-
-    return latent.load(model, clip=clip, device=device, precision=precision, lora=lora)

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine import keys, methods, weights
+from engine import keys, weights
 from engine.keys import CurveKeys
+from engine.methods import loading
 from engine.serve import Executor
 from engine.serve.local import LocalExecutor
 from engine.serve.server import Server, check_endpoint
@@ -51,7 +52,7 @@ def _executor(args: Any) -> tuple[Executor, str]:
     """The executor `args` ask for, its method loaded, and where it runs (for the ready line)."""
     load_options = {"clip": args.clip, "unet_checkpoint": args.unet_checkpoint, "lora": args.lora}
     if not args.cluster:
-        executor = LocalExecutor(methods.load(args.model, **load_options, device=args.device))
+        executor = LocalExecutor(loading.load(args.model, **load_options, device=args.device))
         return executor, str(executor.method.device)
     try:
         from engine.serve import cluster
@@ -62,7 +63,7 @@ def _executor(args: Any) -> tuple[Executor, str]:
         ) from None
     cluster.connect(args.cluster)
     handle, n = cluster.deploy(
-        methods.load, {"model": args.model, **load_options}, replicas=args.replicas,
+        loading.load, {"model": args.model, **load_options}, replicas=args.replicas,
         device=args.device, name=args.app,
     )  # fmt: skip
     executor = cluster.ClusterExecutor(handle, n, app=args.app)
