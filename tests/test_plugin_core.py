@@ -161,6 +161,126 @@ def test_preset_follower_keeps_preset_and_advanced_in_step():
     assert ui["preset"] == "paper"
 
 
+# -- the served method ------------------------------------------------------------------------
+
+# every setting an artist can set, each away from its default
+EVERYTHING = VALUES | {"preset": "custom", "variants": 3, "steps": 30, "strength": 60,
+                       "seed": 5, "fast_guidance": True, "guidance_weight": 200.0, "grow": 2,
+                       "feather": 4, "refine": False, "negative_prompt": "blurry, text",
+                       "guidance": 5.5, "scheduler": "ddim"}  # fmt: skip
+HOSTS_OWN = {"prompt", "preset", "layer_only", "endpoint"}
+
+
+def test_each_setting_knows_the_methods_that_take_it_from_the_schema():
+    ui_to_schema = {"fast_guidance": "guidance_mode"}  # the UI's name for the schema's setting
+    for s in settings.TABLE:
+        name = ui_to_schema.get(s.name, s.name)
+        if s.name in HOSTS_OWN:
+            assert s.methods == request.METHODS, s.name
+        else:
+            assert s.methods == request.BY_NAME[name].methods, s.name
+    assert set(settings.shown("latent")) == HOSTS_OWN | {
+        "negative_prompt", "seed", "variants", "strength", "steps", "scheduler", "guidance",
+        "grow", "feather"}  # fmt: skip
+    pixel = set(settings.shown("pixel"))
+    assert pixel == set(settings.shown(None))  # an older engine's hello names no method: pixel
+    assert {"fast_guidance", "guidance_weight", "refine"} <= pixel
+    assert not pixel & {"negative_prompt", "guidance", "scheduler"}
+    assert settings.only_for(settings.BY_NAME["guidance"]) == "Stable Diffusion models only"
+    assert settings.only_for(settings.BY_NAME["fast_guidance"]) == "ADM models only"
+    assert settings.only_for(settings.BY_NAME["steps"]) == ""
+
+
+@pytest.mark.parametrize("method", [*request.METHODS, None])
+def test_the_request_carries_exactly_what_the_served_method_takes(method):
+    sent = settings.request(EVERYTHING, None, method)
+    assert sent.method == (method or "pixel") and sent.values == EVERYTHING
+    if method == "latent":
+        assert sent.settings == {"variants": 3, "steps": 30, "strength": 60, "seed": 5,
+                                 "grow": 2, "feather": 4, "negative_prompt": "blurry, text",
+                                 "guidance": 5.5, "scheduler": "ddim"}  # fmt: skip
+    else:  # as before the latent method: the negative prompt, CFG and scheduler left out
+        assert sent.settings == {"variants": 3, "steps": 30, "strength": 60, "seed": 5,
+                                 "guidance_mode": "fast", "guidance_weight": 200.0, "grow": 2,
+                                 "feather": 4, "refine": False}  # fmt: skip
+    assert set(sent.settings) <= set(request.taken_by(method or "pixel"))
+    request.check(sent.settings, wire=True, method=method)  # what the engine will check
+
+
+def test_the_latent_presets_pick_variants_and_strength_and_leave_steps_to_the_scheduler():
+    for preset, (variants, strength) in (("draft", (2, 80)), ("paper", (4, 75))):
+        for scheduler, steps in request.SCHEDULER_STEPS.items():
+            values = EVERYTHING | {"preset": preset, "scheduler": scheduler}
+            sent = settings.request(values, None, "latent").settings
+            assert (sent["variants"], sent["strength"]) == (variants, strength)
+            assert "steps" not in sent  # the scheduler's own
+            assert request.check(sent, method="latent").steps == steps
+            shown = settings.effective(values, "latent")  # what the UI's Steps field shows
+            assert shown["steps"] == steps and settings.matching_preset(shown, "latent") == preset
+    # Custom sends the steps as set, those equal to the scheduler's default left to it
+    custom = EVERYTHING | {"scheduler": "dpmpp_2m_karras"}
+    assert settings.request(custom, None, "latent").settings["steps"] == 30
+    assert "steps" not in settings.request(custom | {"steps": 25}, None, "latent").settings
+    # empty or blank: no negative prompt sent; guidance -1: the scheduler's; the default
+    # scheduler is not named
+    plain = custom | {"negative_prompt": "  ", "guidance": -1.0}
+    sent = settings.request(plain, None, "latent").settings
+    assert not {"negative_prompt", "guidance", "scheduler"} & set(sent)
+    with pytest.raises(ValueError, match="The negative prompt is 501 characters"):
+        settings.request(custom | {"negative_prompt": "x" * 501}, None, "latent")
+    # the pixel method's presets as before, whatever the latent settings say
+    assert settings.effective(custom | {"preset": "draft"}) == custom | {"preset": "draft"} | (
+        settings.PRESETS["draft"])  # fmt: skip
+
+
+def test_the_preset_follows_the_scheduler_and_the_engines_method():
+    ui = dict(VALUES)
+    method = ["pixel"]
+
+    def write(values):
+        for key, value in values.items():
+            ui[key] = value
+            follower.changed(key)
+
+    follower = settings.PresetFollower(lambda: dict(ui), write, lambda: method[0])
+    write({"preset": "draft"})
+    assert ui["steps"] == 50  # the pixel method's Draft
+    method[0] = "latent"  # the engine's hello names another method: its preset's values
+    follower.preset_changed()
+    assert (ui["preset"], ui["variants"], ui["strength"], ui["steps"]) == ("draft", 2, 80, 25)
+    write({"scheduler": "ddim"})  # no preset decides it; a preset's steps follow it
+    assert (ui["preset"], ui["steps"]) == ("draft", 50)
+    write({"steps": 20})
+    assert ui["preset"] == "custom"
+    write({"scheduler": "lcm"})  # Custom: the steps as the artist set them
+    assert (ui["preset"], ui["steps"]) == ("custom", 20)
+    write({"guidance": 3.0, "negative_prompt": "fog"})
+    assert ui["preset"] == "custom"
+
+
+def test_a_request_is_made_again_for_the_engine_it_reaches():
+    asked = settings.request(EVERYTHING)  # before any hello: the pixel method's
+    latent = settings.for_engine(asked, {"method": "latent", "limits": {}})
+    assert latent == settings.request(EVERYTHING, None, "latent")
+    assert settings.for_engine(asked, {"models": "older engine"}) == asked  # no method: pixel
+    with pytest.raises(ValueError, match="Variants must be 1 to 2, not 3 .the engine's limit"):
+        settings.for_engine(asked, {"method": "latent", "limits": {"max_variants": 2}})
+    # a run again from the history (settings, no values): what the engine takes of them
+    again = settings.Request("a cat", "tcp://x:1", asked.settings | {"seed": None})
+    kept = settings.for_engine(again, {"method": "latent"})
+    assert kept.settings == {"variants": 3, "steps": 30, "strength": 60, "seed": None, "grow": 2,
+                             "feather": 4} and kept.method == "latent"  # fmt: skip
+
+
+def test_a_latent_estimate_counts_the_schedulers_steps():
+    info = {"method": "latent", "device": "cpu", "step_seconds": {"full": {"2": 0.5}}}
+    draft = settings.request(VALUES | {"preset": "draft"}, None, "latent").settings
+    plan = estimate.plan(info, draft)
+    assert (plan.variants, plan.steps, plan.seconds) == (2, 20, 10.0)  # 25 steps at 80%
+    paper = settings.request(VALUES | {"preset": "paper"}, None, "latent").settings
+    assert "slow" not in wording.before_run(info, paper, "paper")  # the pixel method's warning
+
+
 # -- geometry ---------------------------------------------------------------------------------
 
 

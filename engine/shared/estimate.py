@@ -59,8 +59,9 @@ def plan(
 ) -> Plan:
     """The edit `settings` (the protocol's) on this engine. `total`, `tiles`: the engine's
     `accepted` (all the steps; the refinement's tiles a step, 0: no refinement), not known
-    before it is sent."""
-    checked = request.check(settings)
+    before it is sent. The engine's method (hello's) gives the settings it leaves out their
+    defaults (the latent method's steps are its scheduler's)."""
+    checked = request.check(settings, method=info.get("method"))
     mode, variants, steps = checked.guidance_mode, checked.variants, checked.steps_run
     refine = max(total - steps, 0) if tiles else 0
     per_tile = step_seconds(info, REFINE, variants)

@@ -4,6 +4,9 @@ outcome -> the result layers, one undo step.
 
     idle -> connecting -> submitting -> running -> done | failed | cancelled
 
+The request is made again for the method and limits the hello names (settings.for_engine): a
+setting the served method does not take is not sent.
+
 `Edit.tick()` advances it: Krita's docker calls it from a 20 ms QTimer, GIMP's procedure from its
 loop (handling its progress window's events between ticks). Neither host is thread-safe, so every
 `Host` call happens in `start()`, `tick()` or `cancel()`, on the caller's thread. Only the two
@@ -244,6 +247,12 @@ class Edit:
 
     def _connected(self) -> None:
         self.info = self._answer()
+        try:  # the settings the served method takes, within its limits (hello's)
+            self.request = settings.for_engine(self.request, self.info)
+        except ValueError as e:
+            raise EditError(str(e)) from None
+        if self.run is not None:
+            self.run.settings = dict(self.request.settings)  # as sent
         self._window = window = geometry.window_for(
             self._selection, self.host.size, self.request.settings, self.info.get("limits")
         )

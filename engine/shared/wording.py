@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.shared import estimate
-from engine.shared.request import skip_for
+from engine.shared.request import PIXEL, skip_for
 from engine.shared.settings import PAPER, PRESETS, PROMPT_SHOWN
 
 CLIENT_MISSING = (
@@ -185,7 +185,8 @@ def before_run(
     text = f"Expected: {estimate.duration(seconds)} ({work})" if seconds is not None else (
         f"{work}; the time is known after the engine's first edit"
     )
-    if info and preset == PAPER and device_kind(str(info.get("device", ""))) == "CPU":
+    slow = info.get("method", PIXEL) == PIXEL  # the pixel method: hours with ADM 256 on a CPU
+    if info and slow and preset == PAPER and device_kind(str(info.get("device", ""))) == "CPU":
         draft = PRESETS["draft"]
         text += (
             f". Paper on a CPU engine is slow (hours with the full-size model): Draft makes "
