@@ -33,6 +33,7 @@ from engine.shared import settings, wording  # noqa: E402
 PROCEDURE = "python-fu-blended-diffusion"
 KEEP = "python-fu-blended-diffusion-keep"
 RW = GObject.ParamFlags.READWRITE
+PROBE_WAIT = 1.0  # seconds the dialog waits for the engine's hello: which settings to show
 
 
 def fail(procedure: Gimp.Procedure, message: str, status=Gimp.PDBStatusType.EXECUTION_ERROR):
@@ -41,27 +42,49 @@ def fail(procedure: Gimp.Procedure, message: str, status=Gimp.PDBStatusType.EXEC
     return procedure.new_return_values(status, GLib.Error(message))
 
 
+def served_method(endpoint: str) -> str | None:
+    """The method of the engine at `endpoint` (its hello's; an older engine's: pixel) when it
+    answers within PROBE_WAIT (a local engine does in milliseconds), else None."""
+    from engine.shared import flow
+
+    try:
+        probe = flow.Probe(endpoint or settings.DEFAULT_ENDPOINT)
+    except Exception:  # no thread, say: the dialog shows every setting
+        return None
+    deadline = time.monotonic() + PROBE_WAIT
+    while not probe.done and time.monotonic() < deadline:
+        time.sleep(settings.POLL_SECONDS)
+    if not probe.done:  # its thread ends by itself, within the client's timeout
+        return None
+    info, _ = probe.result()
+    return (info.get("method") or settings.PIXEL) if info else None
+
+
 def ask(procedure: Gimp.Procedure, config: Gimp.ProcedureConfig) -> bool:
     """The procedure's dialog: the preset fills the Advanced settings, editing them shows the
-    preset they match."""
+    preset they match. It shows the settings the engine's method takes when the engine answers
+    first, else every setting (those of one method labelled with its models)."""
     gi.require_version("GimpUi", "3.0")
     from gi.repository import GimpUi
 
     GimpUi.init(PROCEDURE)
+    method = served_method(config.get_property("endpoint"))
     follower = settings.PresetFollower(
-        lambda: params.values(config), lambda v: params.set_values(config, v)
-    )
-    config.connect("notify::preset", lambda *_: follower.preset_changed())
+        lambda: params.values(config), lambda v: params.set_values(config, v),
+        lambda: method or settings.PIXEL,
+    )  # fmt: skip
+    if method is not None:
+        follower.preset_changed()  # the preset's values for the engine's method
     for s in settings.TABLE:
-        if s.advanced:
-            config.connect(f"notify::{params.prop(s)}", lambda *_: follower.advanced_changed())
+        if s.advanced or s.name == "preset":
+            config.connect(f"notify::{params.prop(s)}", lambda *_, n=s.name: follower.changed(n))
     dialog = GimpUi.ProcedureDialog.new(procedure, config, "Blended Diffusion")
-    dialog.fill_box("advanced-settings", params.advanced())
+    dialog.fill_box("advanced-settings", params.advanced(method))
     dialog.get_label("advanced-title", "Advanced", False, False)
     expander = dialog.fill_expander(params.ADVANCED, "advanced-title", False, "advanced-settings")
     # a preset decides them (folded away); typed ones (Custom) are shown
     expander.set_expanded(config.get_property("preset") == settings.CUSTOM)
-    dialog.fill(params.layout())
+    dialog.fill(params.layout(method))
     try:
         return dialog.run()
     finally:
@@ -84,8 +107,8 @@ def run(procedure, run_mode, image, drawables, config, _data):
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     values = params.values(config)
     params.remember(folder, values)
-    try:
-        request = settings.request(values)  # what GIMP checks before the edit (a calling error)
+    try:  # what GIMP checks before the edit (a calling error); the flow makes the request again
+        request = settings.request(values)  # for the method the engine's hello names
         group = wording.group_name(request.prompt)
     except ValueError as e:
         return fail(procedure, str(e), Gimp.PDBStatusType.CALLING_ERROR)

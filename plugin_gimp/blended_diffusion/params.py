@@ -1,6 +1,12 @@
 """The procedure's arguments, made from the shared settings table (engine/shared/settings.py),
 and the values remembered between runs.
 
+GIMP registers a procedure's arguments once, before any engine is asked: every setting of
+either method is an argument, a setting only one method takes labelled with its models ("ADM
+models only", "Stable Diffusion models only"), and the run sends only what the engine's method
+takes (the shared flow makes the request again for its hello). The dialog shows the served
+method's settings when the engine answers before it opens, else every one with those labels.
+
 No gi import: GIMP registers the procedure from it before any connection (and before pyzmq is
 needed); the tests drive it with a fake procedure and config. GIMP saves an interactive run's
 values only when it succeeds; the plug-in keeps the values of every run itself, so a failed or
@@ -13,7 +19,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from engine.shared.settings import BY_NAME, TABLE, Setting, dumps, effective, loads
+from engine.shared.settings import BY_NAME, TABLE, Setting, dumps, effective, loads, only_for
 
 REMEMBERED = "blended-diffusion-last-values.json"  # in GIMP's profile folder
 
@@ -24,9 +30,11 @@ def prop(setting: Setting) -> str:
 
 
 def label(setting: Setting) -> str:
-    if not setting.special:
-        return setting.label
-    return f"{setting.label} ({setting.low:g}: {setting.special})"
+    text = setting.label
+    if setting.special:
+        text += f" ({setting.low:g}: {setting.special})"
+    note = only_for(setting)
+    return f"{text} [{note}]" if note else text
 
 
 def add_arguments(procedure: Any, choice: Callable[[Setting], Any], flags: Any) -> None:
@@ -48,19 +56,25 @@ def add_arguments(procedure: Any, choice: Callable[[Setting], Any], flags: Any) 
 ADVANCED = "advanced"  # the dialog's expander holding the Advanced settings
 
 
-def layout() -> list[str]:
-    """The dialog's rows: the settings' properties in the table's order, the Advanced ones
-    folded into one expander where the first of them stands."""
+def _for(method: str | None) -> list[Setting]:
+    """The settings an engine serving `method` takes (None: not known, every one)."""
+    return [s for s in TABLE if method is None or method in s.methods]
+
+
+def layout(method: str | None = None) -> list[str]:
+    """The dialog's rows: the properties of the settings `method` takes (None: the method is
+    not known, every setting) in the table's order, the Advanced ones folded into one expander
+    where the first of them stands."""
     rows: list[str] = []
-    for s in TABLE:
+    for s in _for(method):
         row = ADVANCED if s.advanced else prop(s)
         if row not in rows:
             rows.append(row)
     return rows
 
 
-def advanced() -> list[str]:
-    return [prop(s) for s in TABLE if s.advanced]
+def advanced(method: str | None = None) -> list[str]:
+    return [prop(s) for s in _for(method) if s.advanced]
 
 
 def values(config: Any) -> dict[str, Any]:
