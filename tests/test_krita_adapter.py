@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.shared import flow, settings, wording
+from engine.shared import flow, request, settings, wording
 from engine.shared.flow import EditError
 from engine.shared.geometry import Rect
 from engine.shared.wording import ResultLayer
-from tests.helpers.client import FakeClient
+from tests.helpers.client import HELLO, FakeClient
 from tests.helpers.engine import until
 from tests.helpers.hosts import (
     KRITA_PLUGIN,
@@ -271,23 +271,33 @@ def test_settings_go_through_kritas_store(krita):
 
 
 @pytest.fixture
-def docker(krita, monkeypatch):
-    """The docker over an open document with a selection; its edits and its engine probes talk
-    to fake clients, made on demand."""
-    doc = krita.app.open()
-    doc.sel = FakeSelection(10, 10, 8, 8)
-    clients: list[FakeClient] = []
+def make_docker(krita, monkeypatch):
+    """`make_docker(hello=None)`: the docker over an open document with a selection; its edits
+    and its engine probes talk to fake clients, made on demand, answering `hello` (None: the
+    fake client's own, an older engine's that names no method)."""
 
-    def connect(endpoint: str) -> FakeClient:
-        clients.append(FakeClient())
-        return clients[-1]
+    def make(hello: dict | None = None):
+        doc = krita.app.open()
+        doc.sel = FakeSelection(10, 10, 8, 8)
+        clients: list[FakeClient] = []
 
-    monkeypatch.setattr(flow, "open_client", connect)
-    widget = krita.docker.BlendedDiffusionDocker()
-    widget.set_values({"prompt": "a red ball", "preset": "custom", "variants": 2, "steps": 4})
-    widget.doc = doc
-    widget.clients = lambda: [c for c in clients if c.idle is not None]  # an edit's: the flow's
-    return widget
+        def connect(endpoint: str) -> FakeClient:
+            clients.append(FakeClient(info=hello))
+            return clients[-1]
+
+        monkeypatch.setattr(flow, "open_client", connect)
+        widget = krita.docker.BlendedDiffusionDocker()
+        widget.set_values({"prompt": "a red ball", "preset": "custom", "variants": 2, "steps": 4})
+        widget.doc = doc
+        widget.clients = lambda: [c for c in clients if c.idle is not None]  # the flow's
+        return widget
+
+    return make
+
+
+@pytest.fixture
+def docker(make_docker):
+    return make_docker()
 
 
 def tick_until(docker, condition, timeout: float = 10.0) -> None:
@@ -376,6 +386,68 @@ def test_errors_at_the_press_are_shown_and_start_nothing(docker):
     docker.set_values({"prompt": " "})
     docker.generate()
     assert "Type a prompt first" in docker.status.text() and not docker.clients()
+
+
+LATENT_HELLO = HELLO | {"method": "latent", "settings": list(request.taken_by("latent"))}
+
+
+def hidden(docker) -> set[str]:
+    """The settings whose fields the docker hides (with their labels)."""
+    names = {name for name, field in docker.fields.items() if field.isHidden()}
+    assert {n for n, label in docker.labels.items() if label.isHidden()} == names & set(
+        docker.labels)  # a check box says its own label  # fmt: skip
+    return names
+
+
+def test_before_any_hello_and_for_an_older_engine_the_pixel_settings_show(docker):
+    pixel_only = {s.name for s in settings.TABLE if s.methods == ("pixel",)}
+    latent_only = {s.name for s in settings.TABLE if s.methods == ("latent",)}
+    assert pixel_only == {"fast_guidance", "guidance_weight", "refine"}
+    assert latent_only == {"negative_prompt", "scheduler", "guidance"}
+    assert hidden(docker) == latent_only  # before the probe's answer
+    tick_until(docker, lambda: docker.info)  # HELLO names no method: an older, pixel engine
+    assert docker.method() == "pixel" and hidden(docker) == latent_only
+    docker.generate()
+    sent = running(docker).submitted.settings
+    assert sent == settings.request(docker.values()).settings and "guidance_mode" in sent
+
+
+def test_a_latent_engine_shows_its_settings_and_gets_its_request(make_docker):
+    docker = make_docker(LATENT_HELLO)
+    tick_until(docker, lambda: docker.info)
+    assert docker.method() == "latent"
+    assert hidden(docker) == {"fast_guidance", "guidance_weight", "refine"}
+    assert docker.values()["preset"] == "custom" and docker.values()["steps"] == 4  # kept
+    docker.set_values({"negative_prompt": "blurry", "guidance": 6.5, "scheduler": "ddim",
+                       "fast_guidance": True, "guidance_weight": 300.0})  # fmt: skip
+    docker.generate()
+    sent = running(docker).submitted.settings
+    assert sent == {"variants": 2, "steps": 4, "strength": 80, "negative_prompt": "blurry",
+                    "guidance": 6.5, "scheduler": "ddim"}  # fmt: skip
+    assert set(sent) <= set(request.taken_by("latent"))
+    # a preset picked now shows the latent method's values: the scheduler's steps
+    docker.set_values({"preset": "draft"})
+    docker.follower.changed("preset")  # what the preset box's signals do in Krita
+    docker._show_expected()
+    assert (docker.values()["variants"], docker.values()["steps"]) == (2, 50)
+    assert "2 variant(s) x 40 steps" in docker.expected.text()  # DDIM's 50 at 80%
+
+
+def test_the_docker_follows_the_engine_it_asks(make_docker, monkeypatch):
+    docker = make_docker(LATENT_HELLO)
+    tick_until(docker, lambda: docker.info)
+    docker.set_values({"preset": "paper"})
+    docker.follower.changed("preset")
+    assert docker.values()["steps"] == 25  # DPM++'s
+    monkeypatch.setattr(flow, "open_client", lambda endpoint: FakeClient())  # now pixel
+    docker.check_engine()
+    tick_until(docker, lambda: docker._probe is None and docker.method() == "pixel")
+    assert hidden(docker) == {"negative_prompt", "scheduler", "guidance"}
+    assert docker.values()["steps"] == 100  # the pixel method's Paper
+    monkeypatch.setattr(flow, "open_client", lambda endpoint: FakeClient(hello_error=OSError()))
+    docker.check_engine()  # no answer: the last engine's settings stay shown
+    tick_until(docker, lambda: docker._probe is None)
+    assert docker.info == {} and docker.method() == "pixel"
 
 
 # -- packaging and structure ------------------------------------------------------------------

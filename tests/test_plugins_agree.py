@@ -1,10 +1,15 @@
 """Both plug-ins' settings come from the one table: the Krita docker's fields and the GIMP
-procedure's arguments have its names, defaults, ranges, tooltips and choices (fakes of Qt, Krita
-and GIMP: tests/helpers/hosts.py). What they do with them is one flow: tests/test_flow.py."""
+procedure's arguments have its names, defaults, ranges, tooltips and choices, and both show the
+settings the engine's method takes (fakes of Qt, Krita and GIMP: tests/helpers/hosts.py). What
+they do with them is one flow: tests/test_flow.py."""
 
 from __future__ import annotations
 
-from engine.shared import settings
+import pytest
+
+from engine.shared import flow, settings
+from tests.helpers.client import HELLO, FakeClient
+from tests.helpers.engine import until
 from tests.helpers.hosts import gimp_config, gimp_params, krita_plugin
 
 
@@ -23,3 +28,19 @@ def test_the_settings_table_drives_both_uis(monkeypatch):
             assert widget.special == s.special
         if s.choices:
             assert [d for _, d in widget.items] == list(arg["choices"]) == [c for c, _ in s.choices]
+
+
+@pytest.mark.parametrize("method", ["pixel", "latent", None])
+def test_both_uis_show_the_served_methods_settings(monkeypatch, method):
+    """Krita's docker hides the fields the engine's method does not take; GIMP's dialog, once
+    the engine answered, holds only the ones it takes (None: an older engine's hello)."""
+    hello = HELLO if method is None else HELLO | {"method": method}
+    monkeypatch.setattr(flow, "open_client", lambda endpoint: FakeClient(info=hello))
+    docker = krita_plugin(monkeypatch).docker.BlendedDiffusionDocker()
+    until(lambda: docker._tick() or docker.info, 10, "the docker's hello", every=0.002)
+    krita = [name for name, field in docker.fields.items() if not field.isHidden()]
+    params = gimp_params(monkeypatch)
+    shown = method or "pixel"
+    gimp = [r for r in params.layout(shown) if r != params.ADVANCED] + params.advanced(shown)
+    assert sorted(krita) == sorted(n.replace("-", "_") for n in gimp)
+    assert krita == list(settings.shown(method))

@@ -1,11 +1,16 @@
-"""The docker: prompt, preset, seed, Advanced settings, the engine's state, Generate/Cancel,
-progress and a message line.
+"""The docker: prompt, negative prompt, preset, seed, Advanced settings, the engine's state,
+Generate/Cancel, progress and a message line.
 
 Every setting's widget is made from the shared settings table (engine/shared/settings.py), as
-GIMP's procedure is. A Generate reads the document through `document.capture` and leaves the
-edit to the shared flow (engine/shared/flow.py), ticking it from a QTimer while it is active; the
-flow shows its progress here through the document's KritaHost. A Generate pressed while an edit
-runs is queued (its pixels read at the press). Settings persist in Krita's settings store.
+GIMP's procedure is. The engine's hello (asked before any Generate) names its method: the docker
+shows the settings that method takes (settings.shown; the others hidden, their values kept) and
+the preset's values for it, and sends that method's request (while the engine does not answer,
+the last method seen; the pixel method before any hello, and for an older engine's).
+
+A Generate reads the document through `document.capture` and leaves the edit to the shared flow
+(engine/shared/flow.py), ticking it from a QTimer while it is active; the flow shows its progress
+here through the document's KritaHost. A Generate pressed while an edit runs is queued (its
+pixels read at the press). Settings persist in Krita's settings store.
 """
 
 from __future__ import annotations
@@ -73,8 +78,8 @@ def _choice_box(setting: Setting) -> QComboBox:
 def _number_box(setting: Setting):
     widget = QSpinBox() if setting.kind is int else QDoubleSpinBox()
     if setting.kind is float:
-        widget.setDecimals(0)
-        widget.setSingleStep(50)
+        widget.setDecimals(setting.decimals)
+        widget.setSingleStep(setting.step)
     widget.setRange(setting.low, setting.high)
     widget.setSpecialValueText(setting.special)  # shown at the minimum
     return widget
@@ -127,12 +132,14 @@ class BlendedDiffusionDocker(DockWidget):
         self._waiting: list[tuple[KritaHost, settings.Request, str]] = []  # and their presets
         self._last_seed: int | None = None  # the best variant's of the last result
         self._probe: flow.Probe | None = None
+        self._method = settings.PIXEL  # the engine's (its last hello's), whose settings show
         self._timer = QTimer(self)
         self._timer.setInterval(INTERVAL_MS)
         self._timer.timeout.connect(self._tick)
-        self.follower = settings.PresetFollower(self.values, self.set_values)
+        self.follower = settings.PresetFollower(self.values, self.set_values, self.method)
         self._build()
         self._load_settings()
+        self._show_method(settings.PIXEL)
         self.check_engine()
 
     # -- UI ----------------------------------------------------------------------------------
@@ -141,12 +148,15 @@ class BlendedDiffusionDocker(DockWidget):
         root = QWidget(self)
         layout = QVBoxLayout(root)
         self.fields = {s.name: make_field(s) for s in settings.TABLE}
+        self.labels: dict[str, QLabel] = {}  # each form row's label, hidden with its field
         layout.addWidget(self.fields["prompt"])
+        self.fields["negative_prompt"].setPlaceholderText("Negative prompt: what to leave out")
         self.connection = QLabel(root)
         self.connection.setWordWrap(True)
         layout.addWidget(self.connection)
 
         form = QFormLayout()
+        self._add_row(form, settings.BY_NAME["negative_prompt"], root)
         form.addRow("Preset", self.fields["preset"])
         self.last_seed = QPushButton("last: –", root)
         self.last_seed.setToolTip("Reuse the best result's seed")
@@ -162,10 +172,8 @@ class BlendedDiffusionDocker(DockWidget):
         self.advanced = QWidget(root)
         advanced = QFormLayout(self.advanced)
         for s in settings.TABLE:
-            if s.kind is bool:
-                advanced.addRow("", self.fields[s.name])
-            elif s.advanced or s.name == "endpoint":
-                advanced.addRow(s.label, self.fields[s.name])
+            if s.advanced or s.name == "endpoint":
+                self._add_row(advanced, s, self.advanced)
         self.show_advanced.toggled.connect(self.advanced.setVisible)
         self.advanced.setVisible(False)
         layout.addWidget(self.show_advanced)
@@ -201,14 +209,36 @@ class BlendedDiffusionDocker(DockWidget):
 
         for s in settings.TABLE:
             signal = kind(s).changed(self.fields[s.name])
-            if s.name == "preset":
-                signal.connect(lambda *_: self.follower.preset_changed())
-            elif s.advanced:
-                signal.connect(lambda *_: self.follower.advanced_changed())
+            if s.name == "preset" or s.advanced:
+                signal.connect(lambda *_, name=s.name: self.follower.changed(name))
             if s.name == "endpoint":
                 signal.connect(self.check_engine)
             elif s.name != "prompt":
                 signal.connect(lambda *_: self._show_expected())
+
+    def _add_row(self, form, setting: Setting, parent) -> None:
+        field = self.fields[setting.name]
+        if setting.kind is bool:  # a check box says its own label
+            form.addRow("", field)
+        else:
+            self.labels[setting.name] = label = QLabel(setting.label, parent)
+            label.setToolTip(setting.tooltip)
+            form.addRow(label, field)
+
+    def method(self) -> str:
+        """The engine's method, as its last hello named it (the pixel one before any)."""
+        return self._method
+
+    def _show_method(self, method: str) -> None:
+        """Show the settings `method` takes, hide the others; a new method's preset values."""
+        shown = set(settings.shown(method))
+        for name, field in self.fields.items():
+            field.setVisible(name in shown)
+            if name in self.labels:
+                self.labels[name].setVisible(name in shown)
+        if method != self._method:
+            self._method = method
+            self.follower.preset_changed()  # e.g. the latent Draft's steps: its scheduler's
 
     def canvasChanged(self, canvas) -> None:  # Krita calls it by this name
         pass  # the document is read when Generate is pressed
@@ -245,6 +275,8 @@ class BlendedDiffusionDocker(DockWidget):
         if probe.endpoint != self._endpoint().strip():  # asked of an address no longer set
             return self.check_engine()
         self.info, line = probe.result()
+        if self.info:  # an engine that does not answer keeps the last one's settings shown
+            self._show_method(self.info.get("method") or settings.PIXEL)
         self.connection.setText(line)
         self.connection.setToolTip(f"{self.info.get('models', '')}\n{self._endpoint()}".strip())
         limited = settings.table(self.info.get("limits"))
@@ -256,10 +288,11 @@ class BlendedDiffusionDocker(DockWidget):
     def _show_expected(self) -> None:
         values = self.values()
         try:
-            request = settings.request(values | {"prompt": "-"}, self.info.get("limits"))
+            request = settings.request(values | {"prompt": "-"}, self.info.get("limits"),
+                                       self.method())  # fmt: skip
         except ValueError as e:
             return self.expected.setText(str(e))
-        preset = settings.effective(values)["preset"]
+        preset = values["preset"]
         self.expected.setText(wording.before_run(self.info, request.settings, preset))
 
     # -- actions -----------------------------------------------------------------------------
@@ -278,14 +311,14 @@ class BlendedDiffusionDocker(DockWidget):
                 FAILED,
             )
         limits = self.info.get("limits")
-        try:
-            request = settings.request(values, limits)
+        try:  # the flow makes it again for the hello the edit gets (the engine may have changed)
+            request = settings.request(values, limits, self.method())
             host = document.capture(request, limits, self.show_status, self._show_runs)
         except (EditError, ValueError) as e:
             return self._message(str(e), FAILED)
         except Exception as e:  # never into Qt: PyQt may abort Krita on an uncaught exception
             return self._message(wording.describe(e), FAILED)
-        self._launch(host, request, settings.effective(values)["preset"])
+        self._launch(host, request, values["preset"])
 
     def _launch(self, host: KritaHost, request: settings.Request, preset: str = "") -> None:
         if self.busy:

@@ -104,13 +104,13 @@ class Anything:
 
 class FakeWidget(Anything):
     """The calls the docker makes on a Qt widget, with Qt's behaviour for them: text, value (a
-    spin box clamps to its range), check state, a combo box's items, enabled."""
+    spin box clamps to its range), check state, a combo box's items, enabled, hidden."""
 
     def __init__(self, *args: Any) -> None:
         self.low = self.high = None
         self.special, self.tip, self.items, self.index = "", "", [], -1
         self.current: Any = args[0] if args and isinstance(args[0], str) else None
-        self.enabled = True
+        self.enabled, self.hidden = True, False
 
     def setToolTip(self, tip: str) -> None:
         self.tip = tip
@@ -158,6 +158,12 @@ class FakeWidget(Anything):
 
     def isEnabled(self) -> bool:
         return self.enabled
+
+    def setVisible(self, visible: bool) -> None:
+        self.hidden = not visible
+
+    def isHidden(self) -> bool:
+        return self.hidden
 
 
 class FakeImage(Anything):
