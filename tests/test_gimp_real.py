@@ -494,6 +494,35 @@ def test_the_dialog_opens_with_the_values_of_a_failed_run(gimp, tiny_engine):
     assert got == typed
 
 
+# the latent method on its random tiny model (seconds): a negative prompt, CFG and a scheduler
+# typed, and pixel-only values the run must not send (the engine would refuse them)
+LATENT_RUN = ("a red ball", {"preset": "custom", "variants": 2, "steps": 4, "strength": 80,
+                             "seed": 7, "negative_prompt": "blurry, text", "guidance": 5.0,
+                             "scheduler": "ddim", "fast_guidance": True,
+                             "guidance_weight": 250.0})  # fmt: skip
+
+
+def test_a_latent_edit_in_gimp(gimp, tmp_path: Path):
+    """An engine serving the latent method (`--model tiny-latent`): GIMP's run sends what that
+    method takes (its hello names it), the negative prompt among them; the results come back as
+    a group of two layers, nothing outside the selection changed (tests/gimp_batch/
+    check_edit.py's `latent` case); the engine received the negative prompt."""
+    prompt, fields = LATENT_RUN
+    log = tmp_path / "engine.log"
+    with engine("tiny-latent", log) as endpoint:
+        env = {"BD_ENDPOINT": endpoint, "BD_PROMPT": prompt, "BD_FIELDS": json.dumps(fields)}
+        verdict = gimp.batch("latent", env, gui=False)
+    jobs = received(log.parent / "received", prompt)
+    assert len(jobs) == 1, f"the engine received {len(jobs)} jobs for {prompt!r}"
+    sent = jobs[0][2]
+    print(f"\nGIMP latent edit ({verdict['edit_seconds']} s, {verdict['changed_inside']} pixels "
+          f"changed inside): the engine ran {sent}")  # fmt: skip
+    assert sent["negative_prompt"] == "blurry, text"
+    assert (sent["variants"], sent["steps"], sent["strength"]) == (2, 4, 80)
+    assert (sent["guidance"], sent["scheduler"]) == (5.0, "ddim")
+    assert sent["guidance_mode"] == "full" and sent["guidance_weight"] is None  # not sent
+
+
 # A run short enough for CI that still shows several previews (one a second at most): the demo
 # model's Draft run turns the selection red (the edit test checks it), the tiny model's is noise.
 PREVIEW_RUNS = {

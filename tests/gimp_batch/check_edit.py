@@ -10,7 +10,8 @@ test's go (BD_READY, BD_GO: files) so that the test can grab the screen before a
 run; `window`: a long run with the last values in GIMP's GUI, shown in the plug-in's progress
 window, whose Cancel the test presses twice: a click, then Escape; `dialog`: a run with the
 typed values BD_FIELDS fails, then an interactive run opens the plug-in's dialog, whose OK the
-test presses),
+test presses; `latent`: an edit on an engine serving the latent method, BD_FIELDS with a negative
+prompt and pixel-only values the run must leave out),
 BD_VERDICT (the JSON file),
 BD_ENDPOINT (a live engine), BD_DEAD_ENDPOINT (nothing listens), BD_PROMPT, BD_EXPORT (a PNG of
 the image with the best result showing), BD_EXPECT (`red`: the best result must be red),
@@ -461,6 +462,57 @@ def case_dialog():
     display.delete()
 
 
+def visible(image):
+    """The image's visible composite, RGBA8 (as the plug-in reads it: a scratch image)."""
+    scratch = Gimp.Image.new(W, H, Gimp.ImageBaseType.RGB)
+    try:
+        scratch.undo_disable()
+        layer = Gimp.Layer.new_from_visible(image, scratch, "visible")
+        scratch.insert_layer(layer, None, 0)
+        return read(layer, "R'G'B'A u8", (0, 0, W, H))
+    finally:
+        scratch.delete()
+
+
+def case_latent():
+    """An edit on an engine serving the latent method, with a negative prompt and pixel-only
+    values typed too (BD_FIELDS; the run must leave those out): its group of two layers right
+    above the source, each transparent outside the selection, its alpha the selection's; the
+    visible picture unchanged outside the selection. The test reads what the engine received."""
+    image, source = make_image()
+    before = snapshot(image, source)
+    shown = visible(image)
+    fields = json.loads(ENV["BD_FIELDS"])
+    status, message, seconds = call(image, source, prompt=ENV["BD_PROMPT"],
+                                    endpoint=ENV["BD_ENDPOINT"], **fields)  # fmt: skip
+    verdict["edit_seconds"] = round(seconds, 2)
+    if not check("status success", status == Gimp.PDBStatusType.SUCCESS, f"{status} {message}"):
+        return
+    top = image.get_layers()
+    added = [la for la in top if la.get_id() not in before["layers"]]
+    if not check("one result group right above the source", len(added) == 1 and
+                 added[0].is_group() and top[:2] == [added[0], source], names(image)):  # fmt: skip
+        return
+    layers = added[0].get_children()
+    verdict["layers"] = [la.get_name() for la in layers]
+    check("two result layers, the best visible", [la.get_visible() for la in layers] ==
+          [True, False], verdict["layers"])  # fmt: skip
+    selection = before["selection"]
+    for rank, layer in enumerate(layers, 1):
+        leaks, off, soft = alpha_errors(layer, selection)
+        check(f"#{rank} transparent outside the selection", leaks == 0, f"{leaks} pixels")
+        check(f"#{rank} alpha is the soft selection", off == 0 and soft > 0, f"{off} off, {soft}")
+    now = visible(image)
+    changed = [i for i in range(W * H) if selection[i] == 0 and now[4 * i : 4 * i + 4] !=
+               shown[4 * i : 4 * i + 4]]  # fmt: skip
+    check("the visible picture unchanged outside the selection", not changed, len(changed))
+    inside = sum(1 for i in range(W * H) if selection[i] == 255 and now[4 * i : 4 * i + 4] !=
+                 shown[4 * i : 4 * i + 4])  # fmt: skip
+    verdict["changed_inside"] = inside
+    check("the selection changed", inside > 0, inside)
+    same_as(before, image, source, "after the latent edit", ("selection", "source", "offsets"))
+
+
 def filled(image, name, rgba_at, parent=None):
     """A canvas-sized RGBA layer on top of `parent` with pixel (x, y) = rgba_at(x, y)."""
     layer = Gimp.Layer.new(image, name, W, H, Gimp.ImageType.RGBA_IMAGE, 100,
@@ -539,7 +591,7 @@ try:
     Gegl.init(None)
     cases = {"edit": case_edit, "errors": case_errors, "cancel": case_cancel,
              "visible": case_visible, "preview": case_preview, "window": case_window,
-             "connecting": case_connecting,
+             "connecting": case_connecting, "latent": case_latent,
              "dialog": case_dialog}  # fmt: skip
     cases[ENV.get("BD_CASE", "edit")]()
     verdict["ok"] = bool(verdict["checks"]) and all(c["ok"] for c in verdict["checks"])
