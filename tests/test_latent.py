@@ -203,3 +203,15 @@ def test_the_loop_matches_diffusers_inpainting_pipeline_on_its_4_channel_path(ti
             [generator()],
         )  # fmt: skip
     assert (fresh - theirs).abs().max().item() > 1e-3
+
+
+def test_bf16_weights_edit_with_fp32_latents(tiny):
+    """A CPU with native bf16 runs the parts in bf16; the scheduler's latents stay fp32."""
+    pipe = latent_models.tiny(CPU, torch.bfloat16)
+    steps = []
+    image, mask = _picture()
+    variants = latent.Latent(pipe, tiny.clip).run(
+        image, mask, "x", _settings(), on_step=lambda d, t, p: steps.append(p(16))
+    )
+    out = region.composite(image, variants[0].rgba, variants[0].box)
+    assert np.array_equal(out[mask == 0], image[mask == 0]) and len(steps) == 4

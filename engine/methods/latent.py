@@ -345,10 +345,13 @@ def denoiser(
         n = len(x)
         if extra is not None:
             x = torch.cat([x, extra.expand(n, -1, -1, -1)], dim=1)
+        # the UNet in the pipeline's precision; the latents stay fp32 for the scheduler's
+        # arithmetic over 25-50 steps (bf16 keeps 8 bits of mantissa)
         out = pipe.unet(
-            x.repeat(halves, 1, 1, 1), t, encoder_hidden_states=text.repeat_interleave(n, 0),
+            x.repeat(halves, 1, 1, 1).to(pipe.dtype), t,
+            encoder_hidden_states=text.repeat_interleave(n, 0),
             timestep_cond=cond.expand(n * halves, -1) if cond is not None else None,
-        ).sample  # fmt: skip
+        ).sample.float()  # fmt: skip
         if not cfg:
             return out
         uncond, text_out = out.chunk(2)
@@ -378,7 +381,7 @@ def _guidance_embedding(w: float, dim: int, n: int) -> torch.Tensor:
 
 def encode(pipe: Pipeline, pixels: torch.Tensor) -> torch.Tensor:
     """The VAE's mean, scaled (the official source latent: no sampling noise)."""
-    return pipe.vae.encode(pixels.to(pipe.dtype)).latent_dist.mean * pipe.scaling
+    return pipe.vae.encode(pixels.to(pipe.dtype)).latent_dist.mean.float() * pipe.scaling
 
 
 def _x0(scheduler: Any, x: torch.Tensor, out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -428,14 +431,13 @@ def run_edit(
     with torch.inference_mode():
         check()
         source = encode(pipe, source_px)
-        masks = [m.to(pipe.dtype) for m in latent_masks(seen.float(), pipe.vae_factor,
-                                                        settings.mask_shrink)]  # fmt: skip
+        masks = latent_masks(seen.float(), pipe.vae_factor, settings.mask_shrink)
         texts = [settings.negative_prompt, prompt] if cfg else [prompt]
         text = embed(pipe, texts)
         extra = None
         if pipe.inpaint:  # the 9-channel UNet reads the mask and the masked source too
             kept = source_px * (torch.from_numpy(hard)[None, None].to(dev) < 0.5)
-            extra = torch.cat([masks[-1], encode(pipe, kept)], dim=1)
+            extra = torch.cat([masks[-1], encode(pipe, kept)], dim=1).to(pipe.dtype)
         cond = None
         if pipe.unet.config.get("time_cond_proj_dim"):
             dim = pipe.unet.config.time_cond_proj_dim
@@ -465,7 +467,8 @@ def run_edit(
         pictures = []
         for one in latents:  # one decode a variant: the decoder's peak is per picture
             check()
-            pictures.append(pipe.vae.decode(one[None] / pipe.scaling).sample.float())
+            latent = (one[None] / pipe.scaling).to(pipe.dtype)
+            pictures.append(pipe.vae.decode(latent).sample.float())
         out = torch.cat(pictures)
     if not torch.isfinite(out).all():
         raise Diverged(f"the edit diverged (NaN or infinite values in the result): lower "
