@@ -215,3 +215,21 @@ def test_bf16_weights_edit_with_fp32_latents(tiny):
     )
     out = region.composite(image, variants[0].rgba, variants[0].box)
     assert np.array_equal(out[mask == 0], image[mask == 0]) and len(steps) == 4
+
+
+def test_a_9_channel_inpainting_unet_reads_the_mask_and_masked_source(tiny):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_config({**tiny.pipe.unet.config, "in_channels": 9}).eval()
+    inputs = []
+    unet.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    pipe = dataclasses.replace(tiny.pipe, unet=unet)
+    assert pipe.inpaint
+    image, mask = _picture()
+    variants = latent.Latent(pipe, tiny.clip).run(image, mask, "x", _settings(variants=1))
+    out = region.composite(image, variants[0].rgba, variants[0].box)
+    assert np.array_equal(out[mask == 0], image[mask == 0])
+    x = inputs[0]
+    assert x.shape[1] == 9 and len(x) == 2  # latents, mask, masked source; both CFG halves
+    assert set(x[:, 4].unique().tolist()) == {0.0, 1.0}  # the hard latent mask
