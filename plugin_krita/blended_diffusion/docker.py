@@ -139,7 +139,7 @@ class BlendedDiffusionDocker(DockWidget):
         self.follower = settings.PresetFollower(self.values, self.set_values, self.method)
         self._build()
         self._load_settings()
-        self._show_method(settings.PIXEL)
+        self._show_method(settings.PIXEL)  # lays the forms' rows out
         self.check_engine()
 
     # -- UI ----------------------------------------------------------------------------------
@@ -155,9 +155,10 @@ class BlendedDiffusionDocker(DockWidget):
         self.connection.setWordWrap(True)
         layout.addWidget(self.connection)
 
+        # each form's rows, (setting, label, field or layout), laid out by _show_method
+        self._forms: list[tuple[Any, list[tuple[str, Any, Any]]]] = []
+        self._laid: list[int] = []  # the rows each form holds now
         form = QFormLayout()
-        self._add_row(form, settings.BY_NAME["negative_prompt"], root)
-        form.addRow("Preset", self.fields["preset"])
         self.last_seed = QPushButton("last: –", root)
         self.last_seed.setToolTip("Reuse the best result's seed")
         self.last_seed.setFlat(True)
@@ -165,15 +166,16 @@ class BlendedDiffusionDocker(DockWidget):
         seed_row = QHBoxLayout()
         seed_row.addWidget(self.fields["seed"])
         seed_row.addWidget(self.last_seed)
-        form.addRow("Seed", seed_row)
+        rows = [self._row("negative_prompt", root), self._row("preset", root)]
+        self._forms.append((form, [*rows, self._row("seed", root, seed_row)]))
         layout.addLayout(form)
 
         self.show_advanced = QCheckBox("Advanced", root)
         self.advanced = QWidget(root)
         advanced = QFormLayout(self.advanced)
-        for s in settings.TABLE:
-            if s.advanced or s.name == "endpoint":
-                self._add_row(advanced, s, self.advanced)
+        self._forms.append((advanced, [self._row(s.name, self.advanced) for s in settings.TABLE
+                                       if s.advanced or s.name == "endpoint"]))  # fmt: skip
+        self._laid = [0] * len(self._forms)
         self.show_advanced.toggled.connect(self.advanced.setVisible)
         self.advanced.setVisible(False)
         layout.addWidget(self.show_advanced)
@@ -216,26 +218,34 @@ class BlendedDiffusionDocker(DockWidget):
             elif s.name != "prompt":
                 signal.connect(lambda *_: self._show_expected())
 
-    def _add_row(self, form, setting: Setting, parent) -> None:
-        field = self.fields[setting.name]
-        if setting.kind is bool:  # a check box says its own label
-            form.addRow("", field)
-        else:
-            self.labels[setting.name] = label = QLabel(setting.label, parent)
-            label.setToolTip(setting.tooltip)
-            form.addRow(label, field)
+    def _row(self, name: str, parent, field=None) -> tuple[str, Any, Any]:
+        """A form's row of a setting: its label (a check box says its own) and its field."""
+        setting = settings.BY_NAME[name]
+        text = "" if setting.kind is bool else setting.label
+        self.labels[name] = label = QLabel(text, parent)
+        label.setToolTip(setting.tooltip)
+        return name, label, self.fields[name] if field is None else field
 
     def method(self) -> str:
         """The engine's method, as its last hello named it (the pixel one before any)."""
         return self._method
 
     def _show_method(self, method: str) -> None:
-        """Show the settings `method` takes, hide the others; a new method's preset values."""
+        """Show the settings `method` takes, hide the others; a new method's preset values.
+        The forms hold only the rows shown: Qt 5's QFormLayout keeps a hidden row's spacing."""
         shown = set(settings.shown(method))
-        for name, field in self.fields.items():
-            field.setVisible(name in shown)
-            if name in self.labels:
-                self.labels[name].setVisible(name in shown)
+        self.fields["prompt"].setVisible("prompt" in shown)
+        for i, (form, rows) in enumerate(self._forms):
+            for _ in range(self._laid[i]):
+                form.takeRow(0)  # the widgets stay, the row goes
+            self._laid[i] = 0
+            for name, label, field in rows:
+                if name in shown:
+                    form.addRow(label, field)
+                    self._laid[i] += 1
+                label.setVisible(name in shown)  # in a form (its parent's) or hidden
+                if field is self.fields[name]:
+                    field.setVisible(name in shown)
         if method != self._method:
             self._method = method
             self.follower.preset_changed()  # e.g. the latent Draft's steps: its scheduler's
