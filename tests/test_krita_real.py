@@ -21,6 +21,7 @@ import pytest
 
 from tests.helpers.engine import free_port
 from tests.hosts import trixie, visible
+from tests.recording_engine import received
 
 pytestmark = pytest.mark.krita
 
@@ -216,3 +217,56 @@ def test_plugin_in_real_krita(model: str, tmp_path: Path) -> None:
         variants = verdict["facts"]["variants"]
         reddest = max(variants, key=lambda v: v["red_fraction"])
         assert reddest["red_fraction"] >= 0.15, f"no variant is red enough: {variants}"
+
+
+LATENT_FIELDS = {"preset": "custom", "variants": 2, "steps": 4, "strength": 80, "seed": 7,
+                 "negative_prompt": "blurry, text", "fast_guidance": True}  # fmt: skip
+
+
+def test_latent_edit_in_real_krita(tmp_path: Path) -> None:
+    """An engine serving the latent method (`--model tiny-latent`, random weights: seconds):
+    the docker hides the pixel method's settings (Fast guidance among them) and shows the
+    latent method's; a Generate with a negative prompt (and Fast guidance ticked, which must not
+    be sent) adds two result layers, nothing outside the selection changed; the engine received
+    the negative prompt (the driver's latent scenario, tests/krita_driver/)."""
+    _needs_root()
+    home, out = tmp_path / "home", tmp_path / "out"
+    home.mkdir()
+    out.mkdir()
+    install_plugins(home, pyzmq_wheel())
+    prompt = "a red ball"
+    config = {"scenario": "latent", "prompt": prompt, "model_label": "tiny-latent",
+              "fields": LATENT_FIELDS, "out": "/out", "deadline": 120,
+              "received": "/out/received"}  # fmt: skip
+    engine = Engine("tiny-latent", tmp_path / "engine.log", out / "received")
+    try:
+        engine.wait_ready()
+        config["endpoint"] = engine.endpoint
+        (home / "driver.json").write_text(json.dumps(config))
+        with trixie.root({"/home/t": home, "/out": out}) as top:
+            started = time.monotonic()
+            krita = trixie.run(
+                top,
+                ["timeout", "-k", "15", "300", "xvfb-run", "-a", "-s", "-screen 0 1280x800x24",
+                 "krita", "--nosplash"],
+                {"HOME": "/home/t", "BD_DRIVER_CONFIG": "/home/t/driver.json"},
+                timeout=400,
+            )  # fmt: skip
+            krita_seconds = round(time.monotonic() - started, 1)
+    finally:
+        engine.stop()
+    log = f"krita exit {krita.returncode}\n{krita.stdout[-3000:]}\n{krita.stderr[-6000:]}"
+    verdict_file = out / "verdict.json"
+    assert verdict_file.is_file(), f"the driver wrote no verdict\n{log}"
+    verdict = json.loads(verdict_file.read_text())
+    for shot in out.glob("krita-*latent*.png"):
+        shutil.copy(shot, SCREENSHOT.with_name(f"{shot.stem}.png"))
+    print(json.dumps({**verdict["facts"], "krita_stage_seconds": krita_seconds}, indent=1))
+    assert not verdict["error"], verdict["error"]
+    failed = [c for c in verdict["checks"] if not c["ok"]]
+    assert not failed, json.dumps(failed, indent=1)
+    assert krita.returncode == 0, log
+    (job,) = received(engine.received, prompt)
+    sent = job[2]
+    assert sent["negative_prompt"] == "blurry, text" and sent["guidance_mode"] == "full"
+    assert (sent["variants"], sent["steps"], sent["strength"], sent["seed"]) == (2, 4, 80, 7)

@@ -351,6 +351,85 @@ class Driver:
         if cfg.get("scene"):
             yield from self.visible_picture(docker, cfg, cfg["scene"])
 
+    def latent_scenario(self):
+        """An engine serving the latent method (tiny-latent): before any Generate the docker
+        shows its settings (Negative prompt, Scheduler, Guidance) and hides the pixel method's
+        (Fast guidance among them); a Generate with a negative prompt, and pixel-only values set
+        that must not be sent, adds the results, nothing outside the selection changed."""
+        cfg = self.config
+        yield 0.5
+        doc = self.new_document("bd-latent")
+        yield 0.3
+        docker = self.docker()
+        docker.show()
+        source = doc.createNode("Source", "paintlayer")
+        bgra = b"".join(bytes((160, 3 * y, 2 * x, 255)) for y in range(H) for x in range(W))
+        source.setPixelData(bgra, 0, 0, W, H)
+        doc.rootNode().addChildNode(source, None)
+        doc.setActiveNode(source)
+        self.select(doc)
+        yield 0.3
+        doc.refreshProjection()
+        doc.waitForDone()
+        tree_before = self.names(doc.rootNode())
+        shown_before = bytes(doc.pixelData(0, 0, W, H))  # the projection: what the artist sees
+        selection = bytes(doc.selection().pixelData(0, 0, W, H))
+
+        docker.set_values({"endpoint": cfg["endpoint"]})
+        docker.check_engine()
+        yield from self.wait(lambda: bool(docker.info), 15)
+        self.facts["hello_method"] = docker.info.get("method")
+        self.facts["connection"] = docker.connection.text()
+        self.check("the engine serves the latent method", docker.info.get("method") == "latent",
+                   docker.info.get("method"))  # fmt: skip
+        self.check("the engine's model shown", cfg["model_label"] in self.facts["connection"],
+                   self.facts["connection"])  # fmt: skip
+        docker.show_advanced.setChecked(True)
+        yield 0.3
+        hidden = sorted(n for n, field in docker.fields.items() if field.isHidden())
+        self.facts["hidden_fields"] = hidden
+        self.check("the pixel method's settings hidden",
+                   hidden == ["fast_guidance", "guidance_weight", "refine"], hidden)  # fmt: skip
+        self.check("Fast guidance not on screen", not docker.fields["fast_guidance"].isVisible())
+        on_screen = {n: docker.fields[n].isVisible() for n in ("negative_prompt", "scheduler",
+                     "guidance", "steps")}  # fmt: skip
+        self.check("Negative prompt, Scheduler, Guidance on screen", all(on_screen.values()),
+                   on_screen)  # fmt: skip
+        self.screenshot(docker, cfg, "latent")
+
+        fields = cfg["fields"]
+        docker.set_values({"prompt": cfg["prompt"], **fields})
+        yield 0.2
+        self.facts["expected"] = docker.expected.text()
+        self.press_generate(docker, cfg["endpoint"], cfg["prompt"], **fields)
+        started = time.monotonic()
+        done = yield from self.wait(lambda: not docker.busy, cfg.get("deadline", 120))
+        self.facts["generate_seconds"] = round(time.monotonic() - started, 2)
+        self.facts["status"] = docker.status.text()
+        self.check("the latent edit succeeded", done and docker.edit.state == "done",
+                   docker.status.text())  # fmt: skip
+        sent = docker.edit.request.settings
+        self.facts["sent"] = sent
+        self.check("sent: the negative prompt, no pixel-only setting",
+                   sent.get("negative_prompt") == fields["negative_prompt"]
+                   and not {"guidance_mode", "guidance_weight", "refine"} & set(sent),
+                   sent)  # fmt: skip
+        yield 0.3
+        doc.refreshProjection()
+        doc.waitForDone()
+        self.results(doc, docker.edit.job, cfg, tree_before)
+        after = bytes(doc.pixelData(0, 0, W, H))
+        differs = [after[4 * i : 4 * i + 4] != shown_before[4 * i : 4 * i + 4]
+                   for i in range(W * H)]  # fmt: skip
+        changed = sum(1 for m, d in zip(selection, differs, strict=True) if m == 0 and d)
+        self.check("the visible picture unchanged outside the selection", changed == 0, changed)
+        inside = sum(1 for m, d in zip(selection, differs, strict=True) if m == 255 and d)
+        self.facts["changed_inside"] = inside
+        self.check("the selection changed", inside > 0, inside)
+        self.check("the source layer unchanged", bytes(source.pixelData(0, 0, W, H)) == bgra)
+        self.screenshot(docker, cfg, "latent-after")
+        doc.setModified(False)
+
     def visible_picture(self, docker, cfg: dict, scene: dict):
         """What the artist sees goes in (tests/hosts/visible.py's scene): a transparent "Ink"
         layer over a painted background is active, with and without "This layer only"; then a
@@ -696,7 +775,7 @@ class Held:
 def run_scenario() -> None:
     config = json.load(open(os.environ["BD_DRIVER_CONFIG"]))
     driver = Driver(config)
-    steps = driver.scenario()
+    steps = driver.latent_scenario() if config.get("scenario") == "latent" else driver.scenario()
 
     def finish(error: str = "") -> None:
         verdict = {"checks": driver.checks, "facts": driver.facts, "error": error}
