@@ -199,8 +199,16 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engine.bench import run_bench, table
+    from engine.methods import loading
+    from engine.shared.request import LATENT
 
+    latent = loading.method_of(args.model) == LATENT  # its edit against the pixel method's
+    if latent:
+        from engine.bench_latent import run_bench, table
+    else:
+        from engine.bench import run_bench, table
+    if args.steps is None:
+        args.steps = 3 if latent else 2
     result = run_bench(args)
     print(json.dumps(result) if args.json else table(result))
     return 0
@@ -308,9 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client", default="client", help="name of the client key pair")
     p.set_defaults(run=cmd_keys)
 
-    p = sub.add_parser("bench", help="time a guided step: official formulation vs the engine")
+    p = sub.add_parser("bench", help="time a guided step: official formulation vs the engine "
+                       "(a latent model: its edit against the pixel method's)")  # fmt: skip
     _add_model_args(p)
-    p.add_argument("--steps", type=int, default=2, help="timed steps of each")
+    p.add_argument("--steps", type=int, help="timed steps of each (default 2; latent: 3)")
     p.add_argument("--batch", default="1", help="engine batch sizes, e.g. 1,4 (official: 1)")
     p.add_argument("--guidance-mode", default="full", choices=["full", "fast"])
     p.add_argument("--guidance-every", type=int, default=1)
@@ -323,6 +332,14 @@ def main(argv: list[str] | None = None) -> int:
         help="avx2: run this CPU as one without AVX-512 and bf16 (torch's and oneDNN's kernels)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON line")
+    g = p.add_argument_group("latent models (engine/bench_latent.py)")
+    g.add_argument("--pixel-model", default="adm256", help="the pixel model whose edit the "
+                   "latent one's is set against (default adm256)")  # fmt: skip
+    g.add_argument("--full-edit", action="store_true", help="also run the default edit end to end")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                   help="the UNet and the VAE in channels-last memory format")  # fmt: skip
+    g.add_argument("--attention", default="sdpa", choices=["sdpa", "math", "classic"],
+                   help="sdpa (default), SDPA's math backend, or diffusers' classic processor")
     p.set_defaults(run=cmd_bench)
 
     sub.add_parser("demo-train", help="train the demo world's CLIP or UNet")
