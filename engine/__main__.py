@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
                    "latent one's is set against (default adm256)")  # fmt: skip
     g.add_argument("--full-edit", action="store_true", help="also run the default edit end to end")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
-                   help="the UNet and the VAE in channels-last memory format")  # fmt: skip
+                   help="the VAE in channels-last memory format too (the UNet always is, as "
+                   "the engine runs it)")  # fmt: skip
     g.add_argument("--attention", default="sdpa", choices=["sdpa", "math", "classic"],
                    help="sdpa (default), SDPA's math backend, or diffusers' classic processor")
     p.set_defaults(run=cmd_bench)

@@ -23,9 +23,10 @@ The pixel method's edit (`bd_edit_s`) comes from engine/bench.py's own engine st
 child here on the same machine (`--pixel-model`, default adm256) and extrapolated as bench.py does:
 its step x 75 steps x 4 variants (one at a time; its text and ranking not counted). `ratio` is the
 latent edit's time over the pixel one's; `cpu_ratio` the same in CPU seconds, the figure to read
-on a machine shared with another job (as engine/bench.py's). `--channels-last` puts the UNet and
-the VAE in channels-last memory format; `--attention` picks their attention (ATTENTION; "math"
-holds for every SDPA call of a child), so that runs can compare them.
+on a machine shared with another job (as engine/bench.py's). The parts are laid out as the
+engine lays them out (latent.layout); `--channels-last` puts the VAE in channels-last memory
+format too, `--attention` picks the UNet's and the VAE's attention (ATTENTION; "math" holds for
+every SDPA call of a child), so that runs can compare them.
 """
 
 from __future__ import annotations
@@ -126,9 +127,12 @@ def random_pipeline(
 
 
 def _layout(pipe: latent_models.Pipeline, channels_last: bool, attention: str) -> None:
-    """The UNet's and the VAE's memory format and attention (the text encoder keeps its own)."""
+    """The engine's layout (latent.layout), then the options': the VAE in channels-last too,
+    the UNet's and the VAE's attention (the text encoder keeps its own)."""
     from diffusers.models.attention_processor import AttnProcessor
 
+    if pipe.unet.device.type != "meta":
+        latent.layout(pipe)
     for part in (pipe.unet, pipe.vae):
         if channels_last and part.device.type != "meta":
             part.to(memory_format=torch.channels_last)

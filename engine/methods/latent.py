@@ -270,17 +270,23 @@ class Facts:
 # -- the method, loaded --------------------------------------------------------------------------
 
 
+def layout(pipe: Pipeline) -> None:
+    """The engine's layout of the parts (the bench times it too). The UNet's convolutions in
+    channels-last: 3.79 s against 3.94 s for SD-1.5's CFG batch of 2 in bf16 on a 2-core CPU
+    with native bf16. Attention stays diffusers' default, SDPA: its classic baddbmm + softmax
+    processor measured 3.9-4.4 s against SDPA's 3.4-3.8 s here, alternated in one process (a
+    bench run under load read it the other way round), and keeps the token x token matrix."""
+    pipe.unet.to(memory_format=torch.channels_last)
+    if pipe.native >= 256:
+        pipe.vae.enable_tiling()  # canvases above the VAE's own size decode in tiles
+
+
 class Latent:
     """Blended Latent Diffusion with its pipeline and ranking CLIP loaded (a Method)."""
 
     def __init__(self, pipe: Pipeline, clip: Clip) -> None:
         self.pipe, self.clip = pipe, clip
-        # the UNet's convolutions in channels-last: 3.79 s against 3.94 s for SD-1.5's batch of
-        # 2 in bf16 on a 2-core CPU with native bf16; the VAE's ran slower that way (8.3 s
-        # against 5.8 s to decode 512 px), so it keeps its layout. SDPA is diffusers' default.
-        pipe.unet.to(memory_format=torch.channels_last)
-        if pipe.native >= 256:
-            pipe.vae.enable_tiling()  # canvases above the VAE's own size decode in tiles
+        layout(pipe)
 
     @property
     def label(self) -> str:
