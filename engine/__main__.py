@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in PASSTHROUGH:
         return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
     from engine.accel import RECOMPUTE
+    from engine.bench_latent import ATTENTION
     from engine.devices import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__)
@@ -339,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="the VAE in channels-last memory format too (the UNet always is, as "
                    "the engine runs it)")  # fmt: skip
-    g.add_argument("--attention", default="sdpa", choices=["sdpa", "math", "classic"],
-                   help="sdpa (default), SDPA's math backend, or diffusers' classic processor")
+    g.add_argument("--attention", default="engine", choices=ATTENTION,
+                   help="the engine's (default: latent.layout), torch's SDPA, SDPA's math "
+                   "backend, or diffusers' classic processor")  # fmt: skip
     p.set_defaults(run=cmd_bench)
 
     sub.add_parser("demo-train", help="train the demo world's CLIP or UNet")

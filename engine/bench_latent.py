@@ -55,7 +55,7 @@ PROMPT = bench.PROMPT
 LATENT_CONFIGS = Path(__file__).parent / "latent_configs"  # diffusers configurations, no weights
 # sdpa: diffusers' default (torch picks the kernel); math: torch's SDPA restricted to its math
 # backend; classic: diffusers' AttnProcessor (baddbmm and softmax, the token x token matrix kept)
-ATTENTION = ("sdpa", "math", "classic")
+ATTENTION = ("engine", "sdpa", "math", "classic")
 LCM = {"scheduler": "lcm", "steps": 4, "guidance": 1.0}  # LCM's few steps, no CFG
 PARTS = ("text", "vae", "step", "lcm_step", "edit")  # the children; "edit" with --full-edit
 ALL = ("unet", "vae", "text")  # a pipeline's parts with weights
@@ -128,16 +128,18 @@ def random_pipeline(
 
 def _layout(pipe: latent_models.Pipeline, channels_last: bool, attention: str) -> None:
     """The engine's layout (latent.layout), then the options': the VAE in channels-last too,
-    the UNet's and the VAE's attention (the text encoder keeps its own)."""
-    from diffusers.models.attention_processor import AttnProcessor
+    the UNet's and the VAE's attention other than the engine's (the text encoder keeps its
+    own): sdpa (torch's kernels; math: its math backend), classic (all heads at once)."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     if pipe.unet.device.type != "meta":
         latent.layout(pipe)
+    processor = {"sdpa": AttnProcessor2_0, "math": AttnProcessor2_0, "classic": AttnProcessor}
     for part in (pipe.unet, pipe.vae):
         if channels_last and part.device.type != "meta":
             part.to(memory_format=torch.channels_last)
-        if attention == "classic":
-            part.set_attn_processor(AttnProcessor())
+        if attention in processor:
+            part.set_attn_processor(processor[attention]())
 
 
 @contextlib.contextmanager

@@ -69,7 +69,7 @@ def test_bench_composes_the_latent_edit_and_sets_it_against_the_pixel_one():
     assert result["edit_measured_canvas"] == [64, 64]  # tiny-latent's native side
     assert result["device"] == "cpu" and result["device_peak_mb"] == {}
     assert set(result["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx"}
-    assert (result["channels_last"], result["attention"]) == (False, "sdpa")
+    assert (result["channels_last"], result["attention"]) == (False, "engine")
     if isa:
         assert result["isa"] == "avx2" and result["cpu_capability"] == "AVX2"
         assert result["precision"] == result["bd_precision"] == "fp32"
