@@ -356,6 +356,14 @@ def available_memory_gb(device: torch.device) -> float:
     return 8.0  # no way to tell (macOS, Windows): assume a modest machine
 
 
+def free_bytes(device: torch.device, free_gb: float | None = None) -> int:
+    """The device's free memory in bytes: `free_gb` where it was asked already (a replica's,
+    as it was when described), else asked now."""
+    if free_gb is None:
+        free_gb = available_memory_gb(device)
+    return int(free_gb * 2**30)
+
+
 def peak_memory_mb(device: torch.device) -> float | None:
     """The device's peak allocation so far (None on the CPU: the bench reports the RSS)."""
     if device.type in ("cuda", "xpu"):

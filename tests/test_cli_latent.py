@@ -4,21 +4,13 @@ random weights (scores.json says so), and a corrupt checkpoint refused in one li
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def engine(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True
-    )
+from tests.helpers.engine import run_cli as engine
 
 
 @pytest.fixture

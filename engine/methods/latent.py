@@ -38,6 +38,7 @@ from engine import devices, region
 from engine.guidance import Guide
 from engine.latent_models import Pipeline, load_pipeline
 from engine.methods import Diverged, Estimate, Plan, StepReport, Variant
+from engine.methods.ranking import ranked
 from engine.models import Clip, load_clip
 from engine.preview import Previewer
 from engine.shared import geometry, request
@@ -196,7 +197,6 @@ def plan(native: int, factor: int, mask: np.ndarray, settings: Settings, lcm: bo
     return Plan(settings, geometry.canvas_for(box, native, factor))
 
 
-_GB = 2**30
 # Live activations, in values, a UNet forward keeps per latent pixel per unit of its first width
 # (SDPA attention keeps no token x token matrix), and the VAE decoder per canvas pixel per unit of
 # its widest. Measured at SD-1.5's shapes in bf16 on a CPU: the CFG batch of 2 at 64x64 latents
@@ -264,10 +264,7 @@ class Facts:
         }[part]
 
     def free_bytes(self) -> int:
-        free_gb = self.free_gb
-        if free_gb is None:
-            free_gb = devices.available_memory_gb(self.device)
-        return int(free_gb * _GB)
+        return devices.free_bytes(self.device, self.free_gb)
 
 
 # -- the method, loaded --------------------------------------------------------------------------
@@ -499,19 +496,11 @@ def run_edit(
         raise Diverged(f"the edit diverged (NaN or infinite values in the result): lower "
                        f"guidance ({scale:g})")  # fmt: skip
     out = out.clamp(-1, 1)
-    dists = []
-    for one in out * seen:
-        check()
-        dists += guide.rank_distance(one[None], prompt).tolist()
-    results = out.permute(0, 2, 3, 1).cpu().numpy()
-    order = sorted(range(len(seeds)), key=lambda i: dists[i])
-    variants = []
-    for r, i in enumerate(order, 1):
-        check()
-        edited = region.from_model(results[i], canvas, sel)
-        rgba = region.layer_pixels(edited, mask, sel)
-        variants.append(Variant(rank=r, box=sel, rgba=rgba, distance=dists[i], seed=seeds[i]))
-    return variants
+    return ranked(
+        guide, prompt, out, seen, canvas, mask, sel, seeds, check,
+        lambda where: Diverged(f"the edit diverged (NaN or infinite values {where}): lower "
+                               f"guidance ({scale:g})"),
+    )  # fmt: skip
 
 
 def load(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 from engine import accel, devices, region, tiles
 from engine.guidance import Guide
 from engine.methods import Diverged, Estimate, Plan, StepReport, Variant
+from engine.methods.ranking import ranked
 from engine.models import Models, UNetConfig, load_models
 from engine.preview import Previewer
 from engine.sampler import StepCallback, blended_diffusion
@@ -201,22 +201,10 @@ def run_edit(
     if not torch.isfinite(out).all():
         raise _diverged(settings, default_weight, "in the result")
     out = out.clamp(-1, 1)
-    dists = []
-    # ranked by what the artist will see; one variant at a time, so a cancel is seen in ranking
-    for one in out * seen:
-        check()
-        dists += guide.rank_distance(one[None], prompt).tolist()
-    if not all(map(math.isfinite, dists)):
-        raise _diverged(settings, default_weight, "in the CLIP distances")
-    results = out.permute(0, 2, 3, 1).cpu().numpy()
-    order = sorted(range(len(seeds)), key=lambda i: dists[i])
-    variants = []
-    for r, i in enumerate(order, 1):
-        check()
-        edited = region.from_model(results[i], fine.canvas if fine else canvas, sel)
-        rgba = region.layer_pixels(edited, mask, sel)
-        variants.append(Variant(rank=r, box=sel, rgba=rgba, distance=dists[i], seed=seeds[i]))
-    return variants
+    return ranked(
+        guide, prompt, out, seen, fine.canvas if fine else canvas, mask, sel, seeds, check,
+        lambda where: _diverged(settings, default_weight, where),
+    )  # fmt: skip
 
 
 # -- what a job will cost ------------------------------------------------------------------------
@@ -285,10 +273,7 @@ class Facts:
         return advice(cost, settings)
 
     def free_bytes(self) -> int:
-        free_gb = self.free_gb
-        if free_gb is None:
-            free_gb = devices.available_memory_gb(self.device)
-        return int(free_gb * _GB)
+        return devices.free_bytes(self.device, self.free_gb)
 
 
 def estimate(facts: Facts, image_shape: tuple[int, ...], mask: np.ndarray, plan: Plan) -> Estimate:

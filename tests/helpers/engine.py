@@ -85,6 +85,13 @@ def engines(make: Callable[..., Server]) -> Iterator[Callable[..., Server]]:
         thread.join(timeout=60)
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m engine ARGS` from the repository, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True
+    )
+
+
 def start_serve(log, *args: str) -> subprocess.Popen:
     """`python -m engine serve` with the tiny model on a free loopback port (another with
     `--endpoint` in `args`); it prints `engine ready at ENDPOINT (...)` when it serves, its log
