@@ -24,6 +24,7 @@ The official repository has two paths that differ (../shared/ALGORITHM.md). Chos
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import random
 from collections.abc import Callable
@@ -134,12 +135,17 @@ def blended_latent_diffusion(
 
 
 def _step_args(scheduler: Any) -> set[str]:
-    import inspect
-
     return set(inspect.signature(scheduler.step).parameters)
 
 
 # -- the schedulers ------------------------------------------------------------------------------
+
+
+# the checkpoint's schedule that every scheduler takes (the rest is each scheduler's own)
+SCHEDULE_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
+    "timestep_spacing", "rescale_betas_zero_snr",
+)  # fmt: skip
 
 
 def make_scheduler(name: str, schedule: dict[str, Any]) -> Any:
@@ -147,7 +153,7 @@ def make_scheduler(name: str, schedule: dict[str, Any]) -> Any:
     prediction type): DDIM as the paper's script sets it, DPM++ 2M with Karras sigmas, LCM."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
-    common = {k: schedule[k] for k in request_schedule_keys if k in schedule}
+    common = {k: schedule[k] for k in SCHEDULE_KEYS if k in schedule}
     if name == "ddim":
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     if name == "dpmpp_2m_karras":
@@ -158,12 +164,6 @@ def make_scheduler(name: str, schedule: dict[str, Any]) -> Any:
     if name == "lcm":
         return LCMScheduler(**common, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     raise ValueError(f"unknown scheduler {name!r}")
-
-
-request_schedule_keys = (
-    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type",
-    "timestep_spacing", "rescale_betas_zero_snr",
-)  # fmt: skip
 
 
 def timesteps_for(scheduler: Any, settings: Settings, device: torch.device) -> torch.Tensor:
