@@ -1,4 +1,5 @@
-"""Command line: `python -m engine edit|serve|keys|bench|doctor|demo-train|demo-ablation ...`."""
+"""Command line: `python -m engine edit|serve|keys|bench|doctor|demo-train|demo-ablation|demo-obeys
+...`."""
 
 from __future__ import annotations
 
@@ -8,15 +9,32 @@ import json
 import sys
 from pathlib import Path
 
+MODELS_HELP = (
+    "the pixel method's demo | adm256 | adm512 | tiny, or the latent method's demo-latent | sd15 "
+    "| sd15-inpaint | sd21-base | sd21 | sd2-inpaint | tiny-latent | a diffusers folder | a "
+    ".safetensors/.ckpt file (tiny and tiny-latent are random weights: noise)"
+)
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+
+def _add_model_args(p: argparse.ArgumentParser, several: bool = False) -> None:
     from engine.devices import CHOICES
 
-    p.add_argument(
-        "--model", default="tiny", help="the pixel method's tiny | demo | adm256 | adm512, or "
-        "the latent method's tiny-latent | sd15 | sd15-inpaint | sd21-base | sd21 | "
-        "sd2-inpaint | a diffusers folder | a .safetensors/.ckpt file (default tiny)",
-    )  # fmt: skip
+    if several:
+        p.add_argument(
+            "--model", action="append", help=f"a model to serve, again for more: {MODELS_HELP}. "
+            "Default: every model installed that loads (the per-user models folder, --model-dir, "
+            "the demo models), the best the default",
+        )  # fmt: skip
+        p.add_argument(
+            "--model-dir", action="append", default=[], metavar="DIR", help="a folder of "
+            "checkpoints to serve too (ComfyUI's models/checkpoints, A1111's "
+            "models/Stable-diffusion), again for more; with no --model",
+        )  # fmt: skip
+    else:
+        p.add_argument(
+            "--model", help=f"{MODELS_HELP}. Default: the best model installed; with --engine, "
+            "the engine's default",
+        )  # fmt: skip
     p.add_argument("--unet-checkpoint", help="a guided-diffusion state dict for --model")
     p.add_argument("--lora", help="a LoRA file fused into a latent model's UNet (an LCM-LoRA "
                    "makes --scheduler lcm available)")  # fmt: skip
@@ -85,15 +103,18 @@ def cmd_edit(args: argparse.Namespace) -> int:
         from engine.shared.client import ClientError
 
         try:
-            label, settings, planned, variants = _edit_remote(args, image, mask)
+            made, settings, planned, variants = _edit_remote(args, image, mask)
         except ClientError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        _save_variants(Path(args.out), image, args.prompt, label, settings, planned, variants)
+        _save_variants(Path(args.out), image, args.prompt, made, settings, planned, variants)
         return 0
-    settings = _settings(args, loading.method_of(args.model))
+    from engine import catalogue
+
+    model = args.model or catalogue.default(catalogue.installed()).name
+    settings = _settings(args, loading.method_of(model))
     method = loading.load(
-        args.model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, lora=args.lora,
+        model, clip=args.clip, unet_checkpoint=args.unet_checkpoint, lora=args.lora,
         device=args.device, precision=settings.precision,
     )  # fmt: skip
     about = method.describe()
@@ -106,21 +127,24 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     variants = method.run(image, mask, args.prompt, settings, on_step, plan=planned)
     bar.close()
+    made = {"model": model, "weights": about.weights, "models": about.label}
     _save_variants(
-        Path(args.out), image, args.prompt, about.label, settings.wire(about.method),
-        planned.to_json(), variants,
+        Path(args.out), image, args.prompt, made, settings.wire(about.method), planned.to_json(),
+        variants,
     )  # fmt: skip
     return 0
 
 
 def _save_variants(
-    out: Path, image, prompt: str, models_label: str, settings: dict, planned: dict, variants
+    out: Path, image, prompt: str, made: dict, settings: dict, planned: dict, variants
 ) -> None:
-    """rank-N.png (the image with variant N composited) and scores.json (the settings away from
-    their defaults, the edit's geometry `planned`), in-process or remote."""
+    """rank-N.png (the image with variant N composited) and scores.json (which model made them,
+    the settings away from their defaults, the edit's geometry `planned`), in-process or
+    remote. `made`: the model's name, weights (real|demo|random) and models label."""
     from PIL import Image
 
     from engine import region
+    from engine.shared.wording import made_by
 
     out.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -128,15 +152,17 @@ def _save_variants(
         name = f"rank-{v.rank}.png"
         Image.fromarray(region.composite(image, v.rgba, v.box)).save(out / name)
         entries.append({"rank": v.rank, "file": name, "clip_distance": v.distance, "seed": v.seed})
-    scores = {"prompt": prompt, "models": models_label, "settings": settings, **planned,
+    by = made_by(made["model"], made["weights"])
+    scores = {"prompt": prompt, "made_by": by, **made, "settings": settings, **planned,
               "variants": entries}  # fmt: skip
     (out / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
     print(f"{len(entries)} variants, best first, in {out}/ (rank-1.png ... scores.json)")
 
 
 def _edit_remote(args: argparse.Namespace, image, mask):
-    """The same edit through a running engine (`--engine`), with the settings its method takes;
-    returns (models label, the settings sent, the edit's geometry, variants)."""
+    """The same edit through a running engine (`--engine`) on its model `--model` (default: the
+    engine's), with the settings that model's method takes; returns (which model made it, the
+    settings sent, the edit's geometry, variants)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -149,8 +175,9 @@ def _edit_remote(args: argparse.Namespace, image, mask):
         Path(args.previews).mkdir(parents=True, exist_ok=True)
     with connect(args.engine) as client:
         info = client.hello()
-        print(f"models: {info['models']} on {info['device']} at {args.engine}", file=sys.stderr)
-        settings = _settings(args, info.get("method", "pixel"))
+        model = client.model(args.model)  # its entry in hello: refused here when unknown
+        print(f"model: {model['label']} on {info['device']} at {args.engine}", file=sys.stderr)
+        settings = _settings(args, model["method"])
         job = client.submit(
             np.ascontiguousarray(image).tobytes(),
             width,
@@ -160,6 +187,7 @@ def _edit_remote(args: argparse.Namespace, image, mask):
             settings.wire(),  # precision, recompute, batch: the engine's own, for its hardware
             image_format="RGBA8" if channels == 4 else "RGB8",
             previews={"every": args.preview_every} if args.previews else None,
+            model=model["name"],
         )
         bar = tqdm(total=settings.steps_run, desc="denoising", unit="step", file=sys.stderr)
 
@@ -183,7 +211,8 @@ def _edit_remote(args: argparse.Namespace, image, mask):
         )
         for v in job.variants
     ]
-    return job.models, settings.wire(), job.plan, variants
+    made = {"model": job.model, "weights": job.weights, "models": job.models}
+    return made, settings.wire(), job.plan, variants
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -219,6 +248,7 @@ PASSTHROUGH = {
     "demo-train": "engine.demo.train",
     "demo-ablation": "engine.demo.ablation",
     "demo-sharpness": "engine.demo.sharpness",
+    "demo-obeys": "engine.demo.obeys",
 }
 
 
@@ -262,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         default="tcp://127.0.0.1:5557",
         help="where to listen (default tcp://127.0.0.1:5557); a non-loopback address needs keys",
     )
-    _add_model_args(p)
+    _add_model_args(p, several=True)
     p.add_argument("--keys", help="key folder from `keys` (default: the user config dir)")
     p.add_argument("--curve", action="store_true", help="require CURVE keys on loopback too")
     p.add_argument(
@@ -279,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--memory-budget",
         type=float,
-        help="GiB a job may use at its peak (default: 80%% of the free memory at start)",
+        help="GiB for the models kept loaded plus the jobs (default: 80%% of the free memory "
+        "before any model loads)",
     )
     p.add_argument(
         "--max-job-minutes",
@@ -345,9 +376,10 @@ def main(argv: list[str] | None = None) -> int:
                    "backend, or diffusers' classic processor")  # fmt: skip
     p.set_defaults(run=cmd_bench)
 
-    sub.add_parser("demo-train", help="train the demo world's CLIP or UNet")
+    sub.add_parser("demo-train", help="train the demo world's CLIP or UNet, or demo-latent")
     sub.add_parser("demo-ablation", help="the paper's claims measured in the demo world")
     sub.add_parser("demo-sharpness", help="the refinement pass measured in the demo world")
+    sub.add_parser("demo-obeys", help="demo-latent and the pixel demo obeying prompts, measured")
 
     from engine import doctor  # light: imports torch only when it runs
 

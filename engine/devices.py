@@ -331,6 +331,14 @@ def keep_freed_host_memory() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
+def trim_host_memory() -> None:
+    """Give the heap's free memory back to the system (an evicted model's): the engine keeps
+    freed memory for its next steps otherwise (keep_freed_host_memory). glibc only."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def heap_free_bytes() -> int:
     """Bytes freed into this process's heap and kept there for reuse (glibc; else 0)."""
     libc = _glibc()
@@ -362,6 +370,12 @@ def free_bytes(device: torch.device, free_gb: float | None = None) -> int:
     if free_gb is None:
         free_gb = available_memory_gb(device)
     return int(free_gb * 2**30)
+
+
+def bytes_of(*modules: torch.nn.Module) -> int:
+    """What the modules' weights and buffers hold on their device."""
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def peak_memory_mb(device: torch.device) -> float | None:

@@ -18,6 +18,7 @@ expected; a named model not downloaded yet raises weights.MissingWeights saying 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -36,6 +37,9 @@ from engine import devices
 from engine.weights import MissingWeights, models_dir
 
 TINY = "tiny-latent"
+# the latent demo world's model (engine/demo/train_latent.py), a diffusers folder shipped here
+DEMO_LATENT = "demo-latent"
+DEMO_LATENT_DIR = Path(__file__).parent / "demo" / "weights" / DEMO_LATENT
 # the schedule every SD 1.x/2.x checkpoint was trained with (its scheduler_config.json)
 SD_SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -267,6 +271,10 @@ def load_pipeline(
 def _load(model: str, dev: torch.device, dtype: torch.dtype) -> Pipeline:
     if model == TINY:
         return tiny(dev, dtype)
+    if model == DEMO_LATENT:
+        return dataclasses.replace(
+            _load_folder(DEMO_LATENT_DIR, DEMO_LATENT, dev, dtype), weights="demo"
+        )
     if model in KNOWN:
         return _load_folder(_named_folder(model), model, dev, dtype)
     path = Path(model).expanduser()
@@ -300,6 +308,11 @@ def _named_folder(name: str) -> Path:
             "snapshot_download), or give a single .safetensors checkpoint file with --model PATH"
         )
     return folder
+
+
+def installed(name: str) -> bool:
+    """A known model's diffusers folder is complete in the models folder."""
+    return not _missing_parts(models_dir() / name)
 
 
 def _missing_parts(folder: Path) -> list[str]:

@@ -18,6 +18,9 @@ def _state_dir(tmp_path_factory) -> None:
     os.environ["BLENDED_DIFFUSION_STATE"] = str(tmp_path_factory.mktemp("state"))
 
 
+CORRUPT_MODEL = "broken-model"  # a model of tiny_cluster's whose file is not a checkpoint
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """The tiny (random-weight) models, loaded once for every in-process engine."""
@@ -35,19 +38,23 @@ def start_engine(tiny_models) -> Iterator:
 
 
 @pytest.fixture(scope="module")
-def tiny_cluster() -> Iterator:
-    """A local Ray (a small object store, no dashboard) with two CPU replicas of the tiny model,
-    started once per module: (Serve handle, replicas). Three logical CPUs: one a replica and one
-    for the replica of a `serve --cluster` command a test starts on the same cluster."""
+def tiny_cluster(tmp_path_factory) -> Iterator:
+    """A local Ray (a small object store, no dashboard) with two CPU replicas serving the tiny
+    model (the default), the demo one and a corrupt checkpoint file (CORRUPT_MODEL), started
+    once per module: (Serve handle, replicas). Three logical CPUs: one a replica and one for the
+    replica of a `serve --cluster` command a test starts on the same cluster."""
     import ray
     from ray import serve
 
-    from engine.methods import pixel
+    from engine import catalogue
     from engine.serve import cluster
 
     cluster.connect("auto", num_cpus=3, object_store_mb=128, log_to_driver=False)
     try:
-        yield cluster.deploy(pixel.load, {"model": "tiny"}, replicas=2, device="cpu")
+        corrupt = tmp_path_factory.mktemp("models") / f"{CORRUPT_MODEL}.safetensors"
+        corrupt.write_bytes(b"not a checkpoint")
+        served = catalogue.named(["tiny", "demo", str(corrupt)])
+        yield cluster.deploy(served, {}, replicas=2, device="cpu")
     finally:
         serve.shutdown()
         ray.shutdown()

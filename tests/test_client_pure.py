@@ -82,7 +82,7 @@ def test_a_waiting_request_calls_idle_which_may_give_it_up(fake_engine):
             client.hello()
         assert time.monotonic() - start < 1 and len(calls) == 5  # not the 5 s timeout
         assert max(b - a for a, b in zip(calls, calls[1:], strict=False)) < 0.5
-        client.info = {"limits": {}}  # as if hello had answered: submit sends at once
+        client.info = {"limits": {}, **SERVED}  # as if hello had answered: submit sends at once
         with pytest.raises(GaveUp):
             client.submit(*_job_args())
         deadline = time.monotonic() + 5
@@ -103,7 +103,8 @@ def test_rgba_to_bgra():
     assert rgba_to_bgra(bytes([1, 2, 3, 4, 5, 6, 7, 8])) == bytes([3, 2, 1, 4, 7, 6, 5, 8])
 
 
-HELLO = {"instance": "fake", "limits": protocol.Limits().to_json()}
+SERVED = {"available": [{"name": "tiny", "method": "pixel"}], "default": "tiny"}
+HELLO = {"instance": "fake", "limits": protocol.Limits().to_json(), **SERVED}
 
 
 class FakeEngine:
@@ -209,12 +210,15 @@ def test_refused_submit_raises_engine_error(fake_engine):
 
 
 def test_engine_of_another_version_raises_version_mismatch(fake_engine):
+    """The one-model engine (protocol 1) refuses this client's hello (2) in its own version."""
+
     def script(h):
-        head = json.dumps({"v": 99, "type": "hello"}).encode()
-        return [[head]]
+        words = "protocol version mismatch: the client speaks 2, the engine speaks 1"
+        refusal = {"v": 1, "type": "error", "code": "version_mismatch", "message": words}
+        return [[json.dumps(refusal).encode()]]
 
     with Client(fake_engine(script, hello=None).endpoint, timeout=5) as client:
-        with pytest.raises(VersionMismatch, match="engine speaks 99, this client speaks 1"):
+        with pytest.raises(VersionMismatch, match="engine speaks 1, this client speaks 2"):
             client.hello()
 
 

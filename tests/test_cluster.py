@@ -1,5 +1,6 @@
 """Several replicas behind the one endpoint (engine/serve/cluster.py), on a local Ray with two CPU
-replicas of the tiny model: two clients' jobs run at once on different replicas, a cancel
+replicas of the tiny and demo models (and a corrupt one): jobs name either model, two clients'
+jobs run at once on different replicas, a cancel
 reaches the replica, a replica killed mid-job fails only its own job and Serve replaces it, and
 `serve --cluster ADDRESS` serves through its own replica and tells its client when it loses it.
 (tests/test_server.py runs the protocol's tests against the cluster front end as well.)"""
@@ -15,9 +16,11 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from engine.shared import protocol
-from engine.shared.client import Client
+from engine.shared.client import Client, EngineError
+from tests.conftest import CORRUPT_MODEL
 from tests.helpers.engine import (
     LONG,
     QUICK,
@@ -71,6 +74,32 @@ def test_the_single_process_engine_imports_nothing_of_ray():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_jobs_name_either_model_a_broken_one_is_reported_and_an_old_client_told(
+    start_cluster_engine,
+):
+    """As tests/test_many_models.py, on the replicas: each job runs on the model it names."""
+    server = start_cluster_engine()
+    with client(server.endpoint) as c:
+        info = c.hello()
+        listed = {m["name"]: m for m in info["available"]}
+        assert info["default"] == "tiny" and set(listed) == {"tiny", "demo", CORRUPT_MODEL}
+        assert listed["demo"]["loaded"] is None  # the front end holds none: each replica its own
+        assert "safetensors" in listed[CORRUPT_MODEL]["error"]
+        jobs = [submit(c, settings={**QUICK, "variants": 1}, model=m) for m in ("demo", "tiny")]
+        jobs.append(submit(c, settings={**QUICK, "variants": 1}, model="demo"))
+        run_all([c], jobs, timeout=300)
+        assert [(j.state, j.model) for j in jobs] == [("done", "demo"), ("done", "tiny"),
+                                                      ("done", "demo")]  # fmt: skip
+        assert "demo shapes-world" in jobs[0].models and jobs[0].weights == "demo"
+        for model, code in (("sd99", protocol.UNKNOWN_MODEL),
+                            (CORRUPT_MODEL, protocol.MODEL_UNAVAILABLE)):  # fmt: skip
+            c.info["available"].append({"name": model, "method": "latent"})  # past the client
+            with pytest.raises(EngineError) as e:
+                submit(c, settings={}, model=model)
+            assert e.value.code == code, e.value
+    # an old plug-in's hello: test_server.py's version test runs on this front end too
 
 
 def test_the_queue_runs_a_job_a_replica_serving_clients_in_turn():

@@ -24,7 +24,7 @@ from engine.shared.client import (
     VersionMismatch,
 )
 from engine.shared.geometry import Rect
-from tests.helpers.client import HELLO, FakeClient
+from tests.helpers.client import MADE_BY, FakeClient
 from tests.helpers.engine import free_port, until
 from tests.helpers.hosts import ROOT, FakeHost
 
@@ -85,8 +85,7 @@ def test_an_edit_goes_through_its_states_and_adds_the_layers_best_visible():
         # the variants' x, y are in the window, the window in the layer, the layer at (10, 8)
         assert (layer.x, layer.y, layer.width, layer.height) == (10 + crop.x + 1, 8 + crop.y + 2,
                                                                  5, 4)  # fmt: skip
-        assert layer.name == wording.layer_name("a red circle", rank, 0.5 + rank / 10,
-                                                client.answer["models"])  # fmt: skip
+        assert layer.name == f'"a red circle" #{rank} ({MADE_BY}, CLIP d={0.5 + rank / 10:.3f})'
     sent = client.submitted
     assert sent.settings == settings.request(VALUES).settings and sent.previews == {"every": 1}
     assert sent.image_format == "RGBA8" and client.closed
@@ -240,7 +239,7 @@ def test_a_run_in_the_history_gets_the_previews_and_the_result_or_is_discarded()
         assert entry.state == state and {s.seed for s in entry.shots} == {7, 8}
     done = runs.runs("doc")[0]
     assert [(s.seed, s.rank) for s in done.shots] == [(8, 1), (7, 2)]
-    assert done.shots[0].layer == wording.layer_name("a red circle", 1, 0.3, HELLO["models"])
+    assert done.shots[0].layer == wording.layer_name("a red circle", 1, 0.3, MADE_BY)
 
 
 # -- cancel ------------------------------------------------------------------------------------
@@ -421,7 +420,7 @@ def test_against_a_real_engine_results_carry_the_selection_as_alpha(start_engine
     for layer in layers:
         assert (layer.x, layer.y, layer.width, layer.height) == (40, 30, 20, 12)
         assert set(layer.rgba[3::4]) == {255}  # a hard rectangle: fully opaque inside
-        assert "#" in layer.name and "[random model]" in layer.name
+        assert "#" in layer.name and "(tiny [random weights], CLIP d=" in layer.name
 
 
 def test_a_real_engine_takes_krita_s_bgra(start_engine):

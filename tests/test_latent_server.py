@@ -11,6 +11,7 @@ from engine import latent_models
 from engine.methods import latent
 from engine.models import load_clip
 from engine.serve.local import LocalExecutor
+from engine.serve.pool import Pool
 from engine.serve.server import Server
 from engine.shared import protocol, request
 from engine.shared.client import EngineError
@@ -27,7 +28,8 @@ def tiny_latent() -> latent.Latent:
 
 @pytest.fixture
 def engine(tiny_latent):
-    yield from engines(lambda endpoint, **o: Server(LocalExecutor(tiny_latent), endpoint, **o))
+    pool = Pool.serving("tiny-latent", tiny_latent)
+    yield from engines(lambda endpoint, **o: Server(LocalExecutor(pool), endpoint, **o))
 
 
 def test_hello_names_the_method_and_the_settings_it_takes(engine):

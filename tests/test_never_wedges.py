@@ -114,7 +114,8 @@ def test_a_worker_that_dies_fails_its_job_and_is_replaced(start_engine, monkeypa
 
 
 def test_a_job_over_the_memory_budget_is_refused_naming_the_setting(start_engine):
-    server = start_engine(memory_budget=6 * 2**20)
+    server = start_engine()
+    server.memory_budget = server.models.size("tiny") + 6 * 2**20  # the model, and 6 MiB
     fast = {**QUICK, "guidance_mode": "fast"}  # no UNet backward: CLIP's copies cost the most
     with client(server.endpoint) as c:
         with pytest.raises(EngineError) as e:
@@ -140,8 +141,9 @@ def test_the_budget_costs_the_selection_as_grow_and_feather_will_shape_it(start_
     mask = np.frombuffer(mask_bytes, np.uint8).reshape(64, 64)
 
     def cost(mask: np.ndarray, **options):
-        planned = server.method.plan(mask, Settings(**fast, **options))
-        return server.method.memory((64, 64, 4), mask, planned)
+        about = server.models.about("tiny")
+        planned = about.plan(mask, Settings(**fast, **options))
+        return about.memory((64, 64, 4), mask, planned)
 
     drawn, grown = cost(mask), cost(mask, grow=20)
     # as if the artist had selected the grown region, for a grow (exact) and a feather (within)
@@ -149,7 +151,7 @@ def test_the_budget_costs_the_selection_as_grow_and_feather_will_shape_it(start_
     feathered = cost(mask, feather=12)
     assert feathered.total > drawn.total
     assert grown.parts["image_scale"] > 2 * drawn.parts["image_scale"]
-    server.memory_budget = (drawn.total + grown.total) // 2
+    server.memory_budget = server.models.size("tiny") + (drawn.total + grown.total) // 2
     with client(server.endpoint) as c:
         with pytest.raises(EngineError, match="memory budget") as e:
             c.submit(rgba, 64, 64, mask_bytes, "a red ball", {**fast, "grow": 20})

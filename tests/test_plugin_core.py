@@ -610,10 +610,15 @@ def test_paper_on_a_cpu_warns_draft_does_not():
     assert "first edit" in wording.before_run({"device": "cpu"}, draft, "draft")
 
 
-def test_layer_and_group_names_are_short_and_mark_demo_models():
+def test_layer_and_group_names_are_short_and_name_the_model_marking_demo_and_random_ones():
     assert wording.group_name("a red ball") == 'Blended Diffusion: "a red ball"'
     long = wording.group_name("word " * 30)
     assert len(long) < 70 and long.endswith('…"')
-    name = wording.layer_name("a red ball", 2, 0.51234, "demo UNet")
-    assert name == '"a red ball" #2 (CLIP d=0.512) [demo model]'
-    assert wording.layer_name("x", 1, 0.5, "tiny random").endswith("[random model]")
+    demo = wording.made_by("demo-latent", "demo")
+    name = wording.layer_name("a red ball", 2, 0.51234, demo)
+    assert name == '"a red ball" #2 (demo-latent [demo model], CLIP d=0.512)'
+    tiny = wording.layer_name("x", 1, 0.5, wording.made_by("tiny", "random"))
+    assert tiny == '"x" #1 (tiny [random weights], CLIP d=0.500)'
+    real = wording.layer_name("x", 1, 0.5, wording.made_by("sd15", "real"))
+    assert real == '"x" #1 (sd15, CLIP d=0.500)'
+    assert wording.layer_name("x", 1, 0.5) == '"x" #1 (CLIP d=0.500)'  # an engine that named none

@@ -19,6 +19,7 @@ from PIL import Image
 
 from engine.preview import Preview
 from engine.serve.jobs import Job
+from engine.serve.pool import Pool
 from engine.serve.runner import Runner
 from engine.shared import png, protocol
 from engine.shared.client import Client
@@ -110,7 +111,7 @@ def test_no_previews_unless_asked_progress_exactly_as_before(start_engine):
     for step, frames in enumerate(progress, 1):
         header = json.loads(frames[0])
         assert len(frames) == 1
-        assert header == {"v": 1, "type": "progress", "job": "plain", "step": step, "total": 8}
+        assert header == {"v": 2, "type": "progress", "job": "plain", "step": step, "total": 8}
     assert json.loads(replies[-1][0])["type"] == "result"
     assert not [e for e in server.history if e["event"] == "preview"]
 
@@ -133,7 +134,8 @@ class Paced:
         self.steps, self.seconds, self.now = steps, seconds, 0.0
 
     def describe(self, remote: bool = False):
-        return SimpleNamespace(label="paced", device="cpu")
+        return SimpleNamespace(label="paced", device="cpu", method="pixel", weights="real",
+                               resident=0, free_bytes=lambda: 0)  # fmt: skip
 
     def run(self, image, mask, prompt, settings, on_step, check, plan=None):
         box = Rect(0, 0, 4, 4)
@@ -154,8 +156,9 @@ def test_previews_are_rate_limited_by_steps_and_by_time(seconds, expected):
     """At most every `every` steps and one a PREVIEW_INTERVAL (1 s), and as soon as both have
     passed: short steps wait for the second, long ones for the steps."""
     method = Paced(40, seconds)
-    runner = Runner(method, print, clock=lambda: method.now)
-    job = Job(b"", "j", "p", None, None, Settings(), previews={"every": 3, "max_side": 16})
+    runner = Runner(Pool.serving("paced", method), print, clock=lambda: method.now)
+    job = Job(b"", "j", "p", None, None, Settings(), model="paced",
+              previews={"every": 3, "max_side": 16})  # fmt: skip
     sent = []
     assert runner.run(job, sent.append)[0] == "done"
     headers = [json.loads(m[0]) for m in sent]

@@ -70,16 +70,16 @@ BAD = {
     "not json": ([b"{nope"], protocol.BAD_MESSAGE),
     "not utf-8": ([b"\xff\xfe"], protocol.BAD_MESSAGE),
     "json array": ([b"[1, 2]"], protocol.BAD_MESSAGE),
-    "NaN": ([b'{"v": 1, "type": "ping", "x": NaN}'], protocol.BAD_MESSAGE),
+    "NaN": ([b'{"v": 2, "type": "ping", "x": NaN}'], protocol.BAD_MESSAGE),
     "no version": ([b'{"type": "hello"}'], protocol.BAD_MESSAGE),
     "old version": ([b'{"v": 0, "type": "hello"}'], protocol.VERSION_MISMATCH),
     "bool version": ([b'{"v": true, "type": "hello"}'], protocol.VERSION_MISMATCH),
-    "float version": ([b'{"v": 1.0, "type": "hello"}'], protocol.VERSION_MISMATCH),
-    "no type": ([b'{"v": 1}'], protocol.BAD_MESSAGE),
-    "unknown type": ([b'{"v": 1, "type": "explode"}'], protocol.UNKNOWN_TYPE),
-    "reply type as request": ([b'{"v": 1, "type": "result"}'], protocol.UNKNOWN_TYPE),
-    "ping with pixels": ([b'{"v": 1, "type": "ping"}', b"x"], protocol.BAD_MESSAGE),
-    "cancel without job": ([b'{"v": 1, "type": "cancel"}'], protocol.BAD_FIELD),
+    "float version": ([b'{"v": 2.0, "type": "hello"}'], protocol.VERSION_MISMATCH),
+    "no type": ([b'{"v": 2}'], protocol.BAD_MESSAGE),
+    "unknown type": ([b'{"v": 2, "type": "explode"}'], protocol.UNKNOWN_TYPE),
+    "reply type as request": ([b'{"v": 2, "type": "result"}'], protocol.UNKNOWN_TYPE),
+    "ping with pixels": ([b'{"v": 2, "type": "ping"}', b"x"], protocol.BAD_MESSAGE),
+    "cancel without job": ([b'{"v": 2, "type": "cancel"}'], protocol.BAD_FIELD),
     "job id with slash": (with_header(submit_frames(), job="../x"), protocol.BAD_FIELD),
     "missing prompt": (with_header(submit_frames(), prompt=None), protocol.BAD_FIELD),
     "blank prompt": (with_header(submit_frames(), prompt="  "), protocol.BAD_FIELD),
@@ -162,7 +162,8 @@ def test_version_mismatch_names_both_versions():
     assert "7" in str(e.value) and str(protocol.PROTOCOL_VERSION) in str(e.value)
     with pytest.raises(ProtocolError) as e:
         decode_reply([b'{"v": 7, "type": "hello"}'])
-    assert "engine speaks 7" in str(e.value) and "client speaks 1" in str(e.value)
+    assert "engine speaks 7" in str(e.value)
+    assert f"client speaks {protocol.PROTOCOL_VERSION}" in str(e.value)
 
 
 def test_errors_about_a_job_carry_its_id():
@@ -172,7 +173,7 @@ def test_errors_about_a_job_carry_its_id():
 
 
 def test_header_size_limit():
-    big = json.dumps({"v": 1, "type": "hello", "pad": "x" * 70_000}).encode()
+    big = json.dumps({"v": 2, "type": "hello", "pad": "x" * 70_000}).encode()
     with pytest.raises(ProtocolError, match="over the limit"):
         decode_request([big])
     assert Limits(max_side=64).max_frame == Limits().max_header  # header frames always fit

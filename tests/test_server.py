@@ -219,11 +219,12 @@ def test_duplicate_job_ids_are_refused(start_engine):
 
 
 def test_a_client_of_another_version_is_told_both_versions(start_engine):
+    """A plug-in of the one-model engine (protocol 1) asks hello of this one (2)."""
     server = start_engine()
     with raw_socket(server.endpoint) as sock:
-        reply = exchange(sock, [b'{"v": 2, "type": "hello"}'])
+        reply = exchange(sock, [b'{"v": 1, "type": "hello", "client": "plug-in 0.4"}'])
     assert reply.header["code"] == protocol.VERSION_MISMATCH
-    assert "client speaks 2, the engine speaks 1" in reply.header["message"]
+    assert "client speaks 1, the engine speaks 2; update the plug-in" in reply.header["message"]
 
 
 def test_pixels_from_the_wire_become_rgba_arrays():
@@ -252,7 +253,7 @@ def kept(path: Path, expect: list[dict] | None = None) -> list[dict] | None:
 
 def key_of(start_engine) -> dict:
     """The step times' key of the engines `start_engine` makes (their models and device)."""
-    return start_engine().step_times.key
+    return start_engine().step_times().key
 
 
 def test_an_engine_announces_the_step_times_kept_for_it_before_its_first_job(
@@ -295,7 +296,7 @@ def test_a_jobs_step_times_are_kept_for_the_next_engine_on_the_same_file(start_e
         run_all([c], [job])
         seconds = c.hello()["step_seconds"]
     assert job.state == "done" and list(seconds) == ["full"] and list(seconds["full"]) == ["2"]
-    expected = [{"key": first.step_times.key, "step_seconds": seconds}]
+    expected = [{"key": first.step_times().key, "step_seconds": seconds}]
     assert kept(path, expected) == expected
     first.stop()
     second = start_engine(step_file=path)
@@ -332,7 +333,7 @@ def test_an_unusable_step_times_file_is_ignored_said_once_and_replaced(
     assert job.state == "done" and seconds
     said = [line for line in logs if line.startswith("step times:")]
     assert len(said) == 1 and said[0].startswith(f"step times: ignoring {path}: "), logs
-    expected = [{"key": server.step_times.key, "step_seconds": seconds}]
+    expected = [{"key": server.step_times().key, "step_seconds": seconds}]
     assert kept(path, expected) == expected
 
 
@@ -499,7 +500,7 @@ def exchange(sock: zmq.Socket, frames: list[bytes], timeout_ms: int = 10_000):
 def _base(kind: str) -> tuple[dict, list[bytes]]:
     """A valid request of `kind`; a submit's selection is empty so no fuzzed job ever runs."""
     if kind != "submit":
-        return {"v": 1, "type": kind, "job": "j"}, []
+        return {"v": 2, "type": kind, "job": "j"}, []
     rgba, mask = host_picture(16, 16, (0, 0, 0, 0))
     frames = [Pixels(16, 16, "RGBA8", rgba, name="image"), Pixels(16, 16, "Y8", mask, name="mask")]
     header = json.loads(encode("submit", {"job": "j", "prompt": "p", "settings": QUICK}, frames)[0])
@@ -576,7 +577,7 @@ def test_a_thousand_malformed_messages_then_a_valid_job(start_engine):
             assert reply.type in ("error", "hello", "pong", "status"), reply.header
 
         send_one()
-        huge = {"v": 1, "type": "submit", "job": "h", "prompt": "p", "frames": []}
+        huge = {"v": 2, "type": "submit", "job": "h", "prompt": "p", "frames": []}
         for width, height in ((100_000, 100_000), (-5, 16), (2**62, 1)):
             desc = {"width": width, "height": height, "format": "RGBA8", "stride": 4 * width}
             huge["frames"] = [desc, desc]
@@ -595,7 +596,7 @@ def test_a_thousand_malformed_messages_then_a_valid_job(start_engine):
 def test_a_frame_over_the_size_limit_drops_only_that_peer(start_engine):
     server = start_engine(limits=Limits(max_side=16))  # frames over 64 KiB are refused by zmq
     with raw_socket(server.endpoint) as sock:
-        sock.send_multipart([b'{"v": 1, "type": "hello"}', bytes(200_000)])
+        sock.send_multipart([b'{"v": 2, "type": "hello"}', bytes(200_000)])
         assert not sock.poll(500)  # dropped by ZMQ_MAXMSGSIZE, never decoded
     with client(server.endpoint) as c:
         assert c.hello()["limits"]["max_side"] == 16

@@ -96,6 +96,8 @@ class Description(Protocol):
     method: str  # request.METHODS: which settings its jobs take (hello's `method`)
     label: str  # the weights loaded: hello's `models`, the result's
     step_key: dict[str, Any]  # whose kept step times are this engine's (engine/steptime.py)
+    weights: str  # real | demo | random: results say which
+    resident: int  # bytes the loaded models hold: the engine's memory budget counts them
 
     @property
     def device(self) -> Any:

@@ -40,7 +40,7 @@ from engine.guidance import Guide
 from engine.latent_models import Pipeline, load_pipeline
 from engine.methods import Diverged, Estimate, Plan, StepReport, Variant
 from engine.methods.ranking import ranked
-from engine.models import Clip, load_clip
+from engine.models import CONFIGS, Clip, load_clip
 from engine.preview import Previewer
 from engine.shared import geometry, request
 from engine.shared.geometry import Rect
@@ -51,6 +51,10 @@ from engine.shared.request import Settings
 LATENT_RGB = torch.tensor(
     [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]]
 )
+
+
+# the demo models' ranking CLIP: the one the pixel demo uses, trained on the same shapes
+DEMO_CLIP = CONFIGS["demo"].default_clip
 
 
 # -- the latent mask -----------------------------------------------------------------------------
@@ -222,6 +226,8 @@ class Facts:
     attention_slice: int = 0  # sliced attention's slices at once (0: SDPA, no score matrix)
     free_gb: float | None = None
     method: str = request.LATENT
+    weights: str = "real"  # real | demo | random: results say which
+    resident: int = 0  # bytes its loaded models hold
 
     @property
     def image_size(self) -> int:
@@ -320,6 +326,8 @@ class Latent:
             pipe.lcm,
             ATTENTION_SLICE if bf16_cpu(pipe) else 0,
             devices.available_memory_gb(pipe.device) if remote else None,
+            weights=pipe.weights,
+            resident=devices.bytes_of(pipe.unet, pipe.vae, pipe.text_encoder, self.clip.model),
         )  # fmt: skip
 
     def run(
@@ -513,7 +521,7 @@ def load(
 ) -> Latent:
     """`model`: tiny-latent, an SD name, a diffusers folder or a checkpoint file
     (engine/latent_models.py); `clip`: the ranking CLIP (default: the paper's ViT-B/16, the
-    tiny one for random weights)."""
+    tiny one for random weights, the demo CLIP for demo weights)."""
     pipe = load_pipeline(model, device, precision, lora=lora)
-    default = "tiny" if pipe.weights == "random" else "ViT-B-16-quickgelu:openai"
+    default = {"random": "tiny", "demo": DEMO_CLIP}.get(pipe.weights, "ViT-B-16-quickgelu:openai")
     return Latent(pipe, load_clip(clip or default, pipe.device))

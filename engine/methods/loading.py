@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from engine.methods import Method
+
+if TYPE_CHECKING:
+    from engine.catalogue import Entry
 
 
 def method_of(model: str) -> str:
@@ -12,6 +17,15 @@ def method_of(model: str) -> str:
     from engine.shared.request import LATENT, PIXEL
 
     return PIXEL if model in CONFIGS else LATENT
+
+
+def load_entry(entry: Entry, **options: Any) -> Method:
+    """The method of a catalogue entry, loaded with the `load` options its method takes (--lora
+    for the latent models, --unet-checkpoint for the pixel ones)."""
+    from engine.shared.request import PIXEL
+
+    drop = "lora" if entry.method == PIXEL else "unet_checkpoint"
+    return load(entry.source, **{k: v for k, v in options.items() if k != drop})
 
 
 def load(

@@ -244,10 +244,14 @@ class Facts:
     step_key: dict[str, Any] = dataclasses.field(default_factory=dict)
     free_gb: float | None = None  # the device's free memory; None: asked when needed
     method: str = request.PIXEL
+    weights: str = "real"  # real | demo | random: results say which
+    resident: int = 0  # bytes its loaded models hold
 
     @classmethod
     def of(cls, models: Models, free_gb: float | None = None) -> Facts:
         """Asked once, where the models are loaded (a ViT's size, a ResNet's weights)."""
+        name = models.config.name
+        random = "random weights" in models.unet_label
         return cls(
             models.config,
             models.device,
@@ -257,6 +261,8 @@ class Facts:
             models.label,
             engine_key(models),
             free_gb,
+            weights="demo" if name == "demo" else "random" if random else "real",
+            resident=devices.bytes_of(models.unet, models.clip.model),
         )
 
     @property

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from engine.methods import Description
 from engine.serve.jobs import Job
+from engine.serve.pool import Pool
 
 # (kind, job, reply): kind is "progress" (any number, reply: its frames) then exactly one of
 # "done" (reply: the result's frames), "failed" (the error's) or "cancelled" (None: the server
@@ -23,7 +23,7 @@ Report = Callable[[str, Job, "list[bytes] | None"], None]
 class Executor(Protocol):
     """Where the server's jobs run."""
 
-    method: Description  # what admission plans and costs the jobs with
+    models: Pool  # what admission plans and costs the jobs with, and hello lists
     slots: int  # jobs it runs at once
     hello: dict[str, Any]  # what it adds to hello (a cluster: its replicas)
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from engine import keys, weights
+from engine import catalogue, devices, keys, weights
 from engine.keys import CurveKeys
 from engine.methods import loading
 from engine.serve import Executor
 from engine.serve.local import LocalExecutor
+from engine.serve.pool import Pool
 from engine.serve.server import Server, check_endpoint
 from engine.shared.client import default_key_dir
 from engine.shared.protocol import Limits, is_loopback
@@ -41,19 +43,39 @@ def options(args: Any, curve: CurveKeys | None) -> dict[str, Any]:
     out = {"limits": limits, "keepalive_timeout": args.keepalive_timeout, "curve": curve}
     if args.step_times != "off":
         out["step_file"] = Path(args.step_times or weights.state_dir() / FILE_NAME)
-    if args.memory_budget:
-        out["memory_budget"] = int(args.memory_budget * 2**30)
     if args.max_job_minutes:
         out["max_job_seconds"] = args.max_job_minutes * 60
     return out
 
 
-def _executor(args: Any) -> tuple[Executor, str]:
-    """The executor `args` ask for, its method loaded, and where it runs (for the ready line)."""
+def entries(args: Any) -> list[catalogue.Entry]:
+    """The models `serve` serves: those named, else every one installed (with --model-dir's)."""
+    if args.model:
+        if args.model_dir:
+            raise ValueError("--model-dir adds to the models found when no --model is named")
+        return catalogue.named(args.model)
+    return catalogue.installed(Path(d) for d in args.model_dir)
+
+
+def budget(args: Any) -> int:
+    """Bytes for the models kept loaded plus the jobs: --memory-budget, else 80% of the
+    device's free memory before any model loads."""
+    if args.memory_budget:
+        return int(args.memory_budget * 2**30)
+    return int(0.8 * devices.free_bytes(devices.resolve(args.device)))
+
+
+def _executor(args: Any, log: Any) -> tuple[Executor, str]:
+    """The executor `args` ask for, its models checked, and where it runs (for the ready
+    line)."""
     load_options = {"clip": args.clip, "unet_checkpoint": args.unet_checkpoint, "lora": args.lora}
+    served = entries(args)
     if not args.cluster:
-        executor = LocalExecutor(loading.load(args.model, **load_options, device=args.device))
-        return executor, str(executor.method.device)
+        load = partial(loading.load_entry, **load_options, device=args.device)
+        pool = Pool(served, load, budget=budget(args), log=log)
+        pool.survey()
+        executor = LocalExecutor(pool)
+        return executor, str(pool.about(pool.default).device)
     try:
         from engine.serve import cluster
     except ModuleNotFoundError as e:
@@ -62,12 +84,30 @@ def _executor(args: Any) -> tuple[Executor, str]:
             "`pip install '.[cluster]'`"
         ) from None
     cluster.connect(args.cluster)
+    given = int(args.memory_budget * 2**30) if args.memory_budget else None
     handle, n = cluster.deploy(
-        loading.load, {"model": args.model, **load_options}, replicas=args.replicas,
-        device=args.device, name=args.app,
+        served, load_options, budget=given, replicas=args.replicas, device=args.device,
+        name=args.app,
     )  # fmt: skip
     executor = cluster.ClusterExecutor(handle, n, app=args.app)
-    return executor, f"{n} replicas, {executor.method.device}"
+    models = executor.models
+    return executor, f"{n} replicas, {models.about(models.default).device}"
+
+
+def serving_line(args: Any) -> str:
+    """The log's first line: which models, and on a machine without weights that the demo
+    models are what it serves (demonstrations, not the paper's models)."""
+    if args.model:
+        return f"serving the models named: {', '.join(args.model)}"
+    served = entries(args)
+    real = [e.name for e in served if e.rank in (catalogue.REAL_LATENT, catalogue.REAL_PIXEL)]
+    if not real:
+        return (
+            "no model weights installed: serving the demo models "
+            f"({', '.join(e.name for e in served)}: small models trained on coloured shapes, not "
+            "the papers' models); `python install.py --models sd15` fetches Stable Diffusion 1.5"
+        )
+    return f"serving every model installed: {', '.join(e.name for e in served)}"
 
 
 def serve(args: Any) -> int:
@@ -77,13 +117,22 @@ def serve(args: Any) -> int:
     if args.curve or not is_loopback(args.endpoint):
         curve = keys.load_server_keys(Path(args.keys) if args.keys else default_key_dir())
     check_endpoint(args.endpoint, curve)  # before minutes of model loading
-    executor, where = _executor(args)
-    server = Server(executor, args.endpoint, **options(args, curve))
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    log(serving_line(args))
+    executor, where = _executor(args, log)
+    server = Server(executor, args.endpoint, **options(args, curve), log=log)
     endpoint = server.bind()
     handle_signals(server)
     secured = ", CURVE" if server.curve else ""
+    models = server.models
+    default = models.about(models.default)
+    names = ", ".join(m["name"] for m in models.listing() if not m["error"])
     # what scripts and tests wait for
-    print(f"engine ready at {endpoint} ({server.method.label} on {where}{secured})", flush=True)
+    print(
+        f"engine ready at {endpoint} (default {models.default}: {default.label}; serving "
+        f"{names}; on {where}{secured})",
+        flush=True,
+    )
     server.log(f"memory budget {server.memory_budget / 2**30:.1f} GiB, instance {server.instance}")
     server.run()
     if server.lost:

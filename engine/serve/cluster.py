@@ -4,9 +4,11 @@
 protocol and keys, and the server (server.py) keeps everything it does on its socket thread:
 limits, the memory budget, the queue with its per-client fairness, cancel, orphans, keep-alive,
 shutdown. Only the executor changes: `ClusterExecutor` sends each job to a Ray Serve deployment
-whose replicas load the method once (one replica per GPU through `num_gpus`; on CPU,
-`--replicas N`) and run it with the single-process engine's own executor (local.py). A replica
-streams the job's messages back as encoded frames, forwarded as they are (progress carries
+whose replicas (one per GPU through `num_gpus`; on CPU, `--replicas N`) each hold a pool of the
+engine's models (pool.py: checked at start, loaded and evicted within the replica's budget) and
+run the jobs with the single-process engine's own executor (local.py). Serve's model
+multiplexing routes a job to a replica that served its model last, where it is likely loaded. A
+replica streams the job's messages back as encoded frames, forwarded as they are (progress carries
 whatever it carries), the result tagged with the replica's name. A cancel cancels the Serve
 request, which the replica sees as its job's cancel, so the job stops at its next check. A
 replica that dies fails its job with `lost` (the other jobs go on, Serve starts another); a
@@ -20,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import threading
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +37,13 @@ from ray import serve
 from ray.exceptions import RayActorError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 
-from engine.methods import Description, Method
+from engine import devices
+from engine.catalogue import Entry
+from engine.methods import loading
 from engine.serve import Report
 from engine.serve.jobs import CANCELLED, FAILED, Job
 from engine.serve.local import LocalExecutor
+from engine.serve.pool import Pool
 from engine.shared import protocol
 
 APP = "blended-diffusion"  # the Serve application's name on the cluster
@@ -65,35 +72,55 @@ class Replica:
 # deleted or redeployed) gives its edit, minutes long, only a moment: that job is lost
 @serve.deployment(max_ongoing_requests=1, graceful_shutdown_timeout_s=2)
 class EditReplica:
-    """Loads the method with `load(**options, device=device)` and runs the jobs sent to it on a
-    local executor, each job's reports fed to its stream."""
+    """Holds a pool of the models `entries` (each loaded with loading.load_entry(entry,
+    **options, device=device)) within `budget` bytes (None: 80% of its device's free memory),
+    and runs the jobs sent to it on a local executor, each job's reports fed to its stream."""
 
     def __init__(
-        self, load: Callable[..., Method], options: dict[str, Any], device: str, threads: int
+        self,
+        entries: list[Entry],
+        options: dict[str, Any],
+        budget: int | None,
+        device: str,
+        threads: int,
     ) -> None:
         import torch
 
         if threads:
             torch.set_num_threads(threads)
-        method = load(**options, device=device)
-        self.described = method.describe(remote=True)
+        dev = devices.resolve(device)
+        budget = budget or int(0.8 * devices.free_bytes(dev))
+        load = partial(loading.load_entry, **options, device=device)
+        # the replica's log to stderr: Ray forwards its stdout to the engine's, which scripts
+        # read for the ready line
+        log = partial(print, file=sys.stderr, flush=True)
+        self.pool = Pool(entries, load, budget=budget, log=log, remote=True)
+        self.pool.survey()
         name = serve.get_replica_context().replica_tag
         node = ray.util.get_node_ip_address()
-        self.replica = Replica(name, os.getpid(), node, str(self.described.device))
-        self.local = LocalExecutor(method, result_fields={"replica": name})
+        self.replica = Replica(name, os.getpid(), node, str(dev))
+        self.local = LocalExecutor(self.pool, result_fields={"replica": name})
         self.sinks: dict[Job, Callable[[str, Any], None]] = {}
-        self.local.start(self._report, print)
+        self.local.start(self._report, log)
 
     def _report(self, kind: str, job: Job, reply: list | None) -> None:
         sink = self.sinks.get(job)
         if sink is not None:  # else its stream is gone: the job was cancelled, nobody listens
             sink(kind, reply)
 
-    def describe(self) -> Description:
-        return self.described
+    def describe(self) -> Pool:
+        """The pool as the front end admits with it: its models' descriptions, none loaded."""
+        return self.pool.remote()
+
+    # Serve remembers which replica served which model id, and routes a job there; the pool
+    # keeps or evicts by bytes, so Serve's own count of models never evicts anything
+    @serve.multiplexed(max_num_models_per_replica=1000)
+    async def _served(self, model: str) -> str:
+        return model
 
     async def run(self, request: dict[str, Any]) -> AsyncIterator[tuple[str, Any]]:
         """("start", Replica), ("progress", frames)..., then (done|failed|cancelled, frames)."""
+        await self._served(serve.get_multiplexed_model_id())
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(b"", **request)
@@ -142,16 +169,18 @@ def connect(
 
 
 def deploy(
-    load: Callable[..., Method],
+    entries: list[Entry],
     options: dict[str, Any],
     *,
+    budget: int | None = None,
     replicas: int | None = None,
     device: str = "auto",
     name: str = APP,
 ) -> tuple[DeploymentHandle, int]:
-    """Start the replicas, each loading the method with `load(**options, device=...)` (a
-    module's function: Ray pickles it by name), and wait until they are ready: one a free GPU of
-    the cluster, or `replicas` on CPU, each with an equal share of the free cores."""
+    """Start the replicas, each with a pool of the models `entries` (loaded with `options`,
+    within `budget` bytes: None, 80% of its device's free memory), and wait until they are
+    ready: one a free GPU of the cluster, or `replicas` on CPU, each with an equal share of the
+    free cores."""
     if name in serve.status().applications:  # left by an engine that died: its devices back
         serve.delete(name)
     resources = ray.available_resources()
@@ -168,7 +197,7 @@ def deploy(
         actor = {"num_cpus": threads, "num_gpus": 0}
         device = "cpu" if device == "auto" else device  # a GPU Ray does not count stays asked
     app = EditReplica.options(num_replicas=n, ray_actor_options=actor).bind(
-        load, options, device, threads
+        entries, options, budget, device, threads
     )
     return serve.run(app, name=name, route_prefix=None), n
 
@@ -220,9 +249,9 @@ class ClusterExecutor:
     """Runs the server's jobs on the replicas behind `handle`, `slots` of them at once."""
 
     def __init__(self, handle: DeploymentHandle, slots: int, *, app: str = APP) -> None:
-        # the replicas' method as admission sees it, with the free memory a replica's device
-        # had (the front end cannot ask it) and the step times' key (that device's precision)
-        self.method: Description = handle.describe.remote().result()
+        # the replicas' models as admission sees them, with the free memory a replica's device
+        # had (the front end cannot ask it) and the step times' keys (that device's precision)
+        self.models: Pool = handle.describe.remote().result()
         self.slots, self.hello = slots, {"replicas": slots}
         self.handle = handle.options(stream=True)
         self._lock = threading.Lock()
@@ -255,8 +284,9 @@ class ClusterExecutor:
     def _stream(self, job: Job) -> None:
         """Runs the job on a replica, forwarding its messages; always ends with one report."""
         request = {"id": job.id, "prompt": job.prompt, "image": job.image, "mask": job.mask,
-                   "settings": job.settings, "plan": job.plan, "total": job.total,
-                   "refine_tiles": job.refine_tiles, "previews": job.previews}  # fmt: skip
+                   "settings": job.settings, "model": job.model, "cost": job.cost,
+                   "plan": job.plan, "total": job.total, "refine_tiles": job.refine_tiles,
+                   "previews": job.previews}  # fmt: skip
         try:
             for attempt in range(1, _RETRIES + 1):
                 replica = None
@@ -287,7 +317,7 @@ class ClusterExecutor:
                 self._streams.pop(job, None)
 
     def _send_job(self, job: Job, request: dict[str, Any]):
-        stream = self.handle.run.remote(request)
+        stream = self.handle.options(multiplexed_model_id=job.model).run.remote(request)
         with self._lock:
             self._streams[job] = stream
         if job.cancel.is_set():  # cancelled while it was being sent

@@ -32,6 +32,7 @@ class Job:
     image: Any  # HxWx3|4 uint8 numpy array
     mask: Any  # HxW uint8 numpy array
     settings: Settings
+    model: str = ""  # the name of the model it runs on (the engine's default when it named none)
     state: str = QUEUED
     step: int = 0
     plan: Plan | None = None  # what admission planned and costed: what the run follows
@@ -43,6 +44,7 @@ class Job:
     started: float | None = None  # when it began running (monotonic)
     replica: str = ""  # where it runs, when the executor says (a cluster replica's name)
     held: int = 0  # bytes this job holds while it waits (its image and mask)
+    cost: int = 0  # bytes at its peak, its model's weights apart (admission's estimate)
     previews: dict[str, int] | None = None  # submit's `previews`: every, max_side (None: off)
 
     @property

@@ -1,7 +1,8 @@
-"""The single-process executor: one worker thread runs the jobs one at a time with the method
-loaded in this process. It owns no socket (the server's socket thread does), so nothing it does
-can stop the server's ZeroMQ context from closing; it blocks SIGINT and SIGTERM, which go to the
-socket thread. A worker that dies (it never should) fails its job and is replaced."""
+"""The single-process executor: one worker thread runs the jobs one at a time with the models
+of this process's pool (loaded and evicted by that thread, engine/serve/pool.py). It owns no
+socket (the server's socket thread does), so nothing it does can stop the server's ZeroMQ context
+from closing; it blocks SIGINT and SIGTERM, which go to the socket thread. A worker that dies (it
+never should) fails its job and is replaced."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from engine.methods import Method
 from engine.serve import Report
 from engine.serve.jobs import FAILED, Job
+from engine.serve.pool import Pool
 from engine.serve.runner import Runner
 from engine.shared import protocol
 
@@ -25,17 +26,17 @@ class LocalExecutor:
     slots = 1  # one worker, one job at a time on the device
     hello: dict[str, Any] = {}  # nothing to add
 
-    def __init__(self, method: Method, *, result_fields: dict[str, Any] | None = None) -> None:
-        """`result_fields`: what the result's header adds (runner.py)."""
-        self.method = method.describe()
-        self._loaded, self._result_fields = method, result_fields
+    def __init__(self, pool: Pool, *, result_fields: dict[str, Any] | None = None) -> None:
+        """`pool`: the models, loaded by the worker as its jobs need them; `result_fields`:
+        what the result's header adds (runner.py)."""
+        self.models, self._result_fields = pool, result_fields
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._job: Job | None = None  # the worker's, until it has reported its end
         self._worker: threading.Thread | None = None
 
     def start(self, report: Report, log: Callable[[str], None]) -> None:
         self._report, self.log = report, log
-        self.runner = Runner(self._loaded, log, result_fields=self._result_fields)
+        self.runner = Runner(self.models, log, result_fields=self._result_fields)
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
         self._worker.start()
 

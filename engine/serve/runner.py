@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from engine import devices, preview, region
-from engine.methods import Diverged, Method, Variant
+from engine.methods import Diverged, Variant
 from engine.serve.jobs import CANCELLED, DONE, FAILED, Cancelled, Job
+from engine.serve.pool import Pool, Unavailable
 from engine.shared import protocol
 from engine.shared.protocol import Pixels
 
@@ -23,18 +24,16 @@ from engine.shared.protocol import Pixels
 class Runner:
     def __init__(
         self,
-        method: Method,
+        pool: Pool,
         log: Callable[[str], None],
         *,
         result_fields: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`result_fields`: what the result's header adds (a replica: its name); `clock`: what
-        the previews' rate is measured with."""
-        self.method, self.log, self.clock = method, log, clock
+        """`pool`: the models, loaded as jobs need them; `result_fields`: what the result's
+        header adds (a replica: its name); `clock`: what the previews' rate is measured with."""
+        self.pool, self.log, self.clock = pool, log, clock
         self.result_fields = result_fields or {}
-        described = method.describe()
-        self.label, self.device = described.label, described.device
 
     def run(self, job: Job, progress: Callable[[list[bytes]], None]) -> tuple[str, list | None]:
         """(done|failed|cancelled, the terminal frames: None for cancelled, which the server
@@ -65,16 +64,24 @@ class Runner:
                 fields["box"] = {"x": box.x, "y": box.y, "width": box.width, "height": box.height}
             progress(protocol.encode("progress", fields, frames))
 
+        def loading(stage: str) -> None:  # a model loads: seconds to minutes, said as such
+            fields = {"job": job.id, "step": 0, "total": job.total, "stage": stage}
+            progress(protocol.encode("progress", fields))
+
         s = job.settings
+        device = None
         try:
             check()
-            variants = self.method.run(
-                job.image, job.mask, job.prompt, s, on_step, check, plan=job.plan
-            )
+            method = self.pool.acquire(job.model, job.cost, loading)
+            device = self.pool.about(job.model).device
+            check()
+            variants = method.run(job.image, job.mask, job.prompt, s, on_step, check, plan=job.plan)
             check()
             return DONE, self._result(job, variants)
         except Cancelled:
             return CANCELLED, None
+        except Unavailable as e:
+            return FAILED, protocol.error(protocol.MODEL_UNAVAILABLE, str(e), job.id)
         except region.RegionError as e:
             return FAILED, protocol.error(protocol.BAD_INPUT, str(e), job.id)
         except Diverged as e:
@@ -82,7 +89,8 @@ class Runner:
             return FAILED, protocol.error(protocol.NON_FINITE, str(e), job.id)
         except devices.OUT_OF_MEMORY:
             gc.collect()
-            devices.free_cached_memory(self.device)
+            if device is not None:
+                devices.free_cached_memory(device)
             self.log(f"job {job.id}: out of memory")
             message = (
                 f"out of memory during the edit: lower variants ({s.variants}) or augmentations "
@@ -115,5 +123,7 @@ class Runner:
              "height": v.box.height, "distance": float(v.distance), "seed": v.seed}
             for v in variants
         ]  # fmt: skip
-        fields = {"job": job.id, "models": self.label, "variants": entries, **self.result_fields}
+        about = self.pool.about(job.model)
+        fields = {"job": job.id, "model": job.model, "weights": about.weights,
+                  "models": about.label, "variants": entries, **self.result_fields}  # fmt: skip
         return protocol.encode("result", fields, frames)

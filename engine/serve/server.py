@@ -34,9 +34,10 @@ from zmq.utils.monitor import recv_monitor_message
 
 from engine import __version__, region
 from engine.keys import CurveKeys
-from engine.methods import Plan
+from engine.methods import Description, Estimate, Plan
 from engine.serve import Executor
 from engine.serve.jobs import CANCELLED, FAILED, QUEUED, Job, JobQueue
+from engine.serve.pool import Unavailable, amount
 from engine.shared import estimate, protocol, request
 from engine.shared.protocol import Limits, Pixels, ProtocolError, is_loopback
 from engine.shared.request import Settings
@@ -86,25 +87,26 @@ class Server:
         log: Callable[[str], None] | None = None,
         step_file: Path | None = None,
     ) -> None:
-        """`memory_budget`: bytes one job may use at its peak plus what waiting jobs hold
-        (default: 80% of the device's free memory when the engine binds). `max_job_seconds`:
+        """`memory_budget`: bytes for a job's model and its peak plus what waiting jobs hold
+        (default: the executor's models', engine/serve/pool.py). `max_job_seconds`:
         a job estimated longer is refused, one running longer ends with an error (None: no
         limit). `shutdown_grace`: how long a stop waits for the running job to reach its next
         cancel check. `step_file`: where the measured step times outlive the engine (None:
         they do not)."""
         check_endpoint(endpoint, curve)
         self.executor, self.endpoint, self.curve = executor, endpoint, curve
-        self.method = executor.method  # what admission plans and costs the jobs with
+        self.models = executor.models  # what admission plans and costs the jobs with
         self.limits = limits or Limits()
         self.keepalive_timeout = keepalive_timeout
-        self.memory_budget = memory_budget
+        if memory_budget is not None:
+            self.memory_budget = memory_budget
         self.max_job_seconds = max_job_seconds
         self.shutdown_grace = shutdown_grace
         self.instance = uuid.uuid4().hex[:16]  # tells a client this engine from a restarted one
         self.log = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self.history: deque[dict[str, Any]] = deque(maxlen=1000)  # job events, for tests
         # announced in hello (the plug-ins' time estimates), measured from the progress here
-        self.step_times = StepTimes(key=self.method.step_key, path=step_file, log=self.log)
+        self._step_file, self._step_times = step_file, {}
         self._timers: dict[Job, Callable[[int], None]] = {}  # running job -> its step timer
         self.lost: str | None = None  # why the executor can run no more jobs
         self._queue = JobQueue(executor.slots)
@@ -150,8 +152,6 @@ class Server:
         self._wake, self._wake_send = socket.socketpair()
         self._wake.setblocking(False)
         self._wake_send.setblocking(False)
-        if self.memory_budget is None:
-            self.memory_budget = int(0.8 * self.method.free_bytes())
         self.executor.start(self._report, self.log)
         return self.endpoint
 
@@ -159,6 +159,23 @@ class Server:
         """Ask `run` to return (any thread, or a signal handler): the running job is cancelled
         at its next check, every client told, and `run` returns within `shutdown_grace`."""
         self._stop.set()
+
+    @property
+    def memory_budget(self) -> int:
+        """Bytes for the resident models plus the jobs: the pool evicts to keep within it."""
+        return self.models.budget
+
+    @memory_budget.setter
+    def memory_budget(self, value: int) -> None:
+        self.models.budget = value
+
+    def step_times(self, model: str | None = None) -> StepTimes:
+        """The step times measured for `model`'s jobs (the default's: what hello announces)."""
+        model = model or self.models.default
+        if model not in self._step_times:
+            key = self.models.about(model).step_key
+            self._step_times[model] = StepTimes(key=key, path=self._step_file, log=self.log)
+        return self._step_times[model]
 
     @property
     def stopping(self) -> bool:
@@ -244,7 +261,10 @@ class Server:
                 self._handle(
                     client,
                     protocol.decode_request(
-                        [p.buffer for p in parts[1:]], self.limits, self.method.method
+                        [p.buffer for p in parts[1:]],
+                        self.limits,
+                        self.models.methods(),
+                        self.models.default,
                     ),
                 )
             except ProtocolError as e:
@@ -283,18 +303,25 @@ class Server:
         return protocol.encode("pong", {"instance": self.instance, "unknown": unknown or []})
 
     def _hello(self) -> dict[str, Any]:
+        """The engine, its models (`available`) and the default's facts, which a job naming no
+        model gets: its label (`models`), method, the settings it takes, canvas, step times."""
+        default = self.models.default
+        about = self.models.about(default)
         return {
             "engine": __version__,
             "instance": self.instance,
-            "models": self.method.label,
-            "method": self.method.method,
-            "settings": list(request.taken_by(self.method.method)),  # what a plug-in shows
-            "device": str(self.method.device),
-            "image_size": self.method.image_size,
+            "available": self.models.listing(),
+            "default": default,
+            "memory_budget": self.memory_budget,
+            "models": about.label,
+            "method": about.method,
+            "settings": list(request.taken_by(about.method)),  # what a plug-in shows
+            "device": str(about.device),
+            "image_size": about.image_size,
             "limits": self.limits.to_json(),
             "keepalive": {"interval": KEEPALIVE_INTERVAL, "timeout": self.keepalive_timeout},
             "queue": len(self._queue),
-            "step_seconds": self.step_times.to_json(),
+            "step_seconds": self.step_times(default).to_json(),
             **self.executor.hello,
         }
 
@@ -317,29 +344,26 @@ class Server:
                 f"the engine's queue is full ({self.limits.max_queue} jobs): try again later",
                 job_id,
             )
-        settings = msg.header["settings"]  # checked by the schema
+        settings, model = msg.header["settings"], msg.header["model"]  # checked by the schema
+        try:
+            about = self.models.about(model)
+        except Unavailable as e:
+            raise ProtocolError(protocol.MODEL_UNAVAILABLE, str(e), job_id) from None
         image, mask = (to_array(p) for p in msg.frames)
         try:
             region.check_inputs(image, mask)  # now, not after the queue
         except region.RegionError as e:
             raise ProtocolError(protocol.BAD_INPUT, str(e), job_id) from None
         try:
-            planned = self.method.plan(mask, settings)
+            planned = about.plan(mask, settings)
         except request.SettingError as e:  # one the model cannot take (lcm without LCM weights)
             raise ProtocolError(protocol.BAD_FIELD, str(e), job_id) from None
-        cost = self.method.memory(image.shape, mask, planned)
-        held = sum(j.held for j in self._queue.waiting)
-        if cost.total + held > self.memory_budget:
-            raise ProtocolError(
-                protocol.LIMIT,
-                f"this edit needs about {cost.total / 2**30:.1f} GiB, over the engine's memory "
-                f"budget ({(self.memory_budget - held) / 2**30:.1f} GiB free of "
-                f"{self.memory_budget / 2**30:.1f}): lower {self.method.advice(cost, settings)}",
-                job_id,
-            )
+        cost = about.memory(image.shape, mask, planned)
+        self._check_memory(model, about, cost, settings, job_id)
         if self.max_job_seconds is not None:
-            self._check_time(settings, planned, job_id)
-        job = Job(client, job_id, msg.header["prompt"], image, mask, settings, held=cost.held)
+            self._check_time(model, settings, planned, job_id)
+        job = Job(client, job_id, msg.header["prompt"], image, mask, settings, model=model,
+                  held=cost.held, cost=cost.total)  # fmt: skip
         job.previews = msg.header["previews"]
         job.plan, job.refine_tiles, job.total = planned, planned.refine_tiles, planned.total
         position = self._queue.add(job)
@@ -349,10 +373,38 @@ class Server:
         fine = f", refined over {job.refine_tiles} tiles a step" if job.refine_tiles else ""
         self.log(f"job {job_id}: queued at {position}, {image.shape[1]}x{image.shape[0]}{fine}")
 
-    def _check_time(self, settings: Settings, planned: Plan, job_id: str | None) -> None:
+    def _check_memory(
+        self, model: str, about: Description, cost: Estimate, settings: Settings, job: str | None
+    ) -> None:
+        """Refuse a job whose model and peak do not fit the budget, or not beside what the
+        waiting jobs hold (the other models are evicted for it)."""
+        size, budget = self.models.size(model), self.memory_budget
+        if size + cost.total > budget:
+            what = "this model alone" if size > budget else "this edit on this model"
+            raise ProtocolError(
+                protocol.LIMIT,
+                f"{what} needs about {amount(size + cost.total)} ({model} {amount(size)} + the "
+                f"edit {amount(cost.total)}), over the engine's memory budget of "
+                f"{amount(budget)}: lower {about.advice(cost, settings)}, serve with a larger "
+                "--memory-budget, or use a smaller model",
+                job,
+            )
+        held = sum(j.held for j in self._queue.waiting)
+        if size + cost.total + held > budget:
+            raise ProtocolError(
+                protocol.LIMIT,
+                f"this edit needs about {amount(cost.total)} beside {model} ({amount(size)}), "
+                f"over the engine's memory budget ({amount(budget - held)} free of "
+                f"{amount(budget)}): lower {about.advice(cost, settings)}",
+                job,
+            )
+
+    def _check_time(
+        self, model: str, settings: Settings, planned: Plan, job_id: str | None
+    ) -> None:
         """Refuse a job whose time, estimated from the steps measured so far as the plug-ins
         estimate it (engine/shared/estimate.py), is over the limit; none measured: admitted."""
-        info = {"step_seconds": self.step_times.to_json()}
+        info = {"step_seconds": self.step_times(model).to_json()}
         values = dataclasses.asdict(settings)  # the schema derives the start again from them
         seconds = estimate.plan(info, values, planned.total, planned.refine_tiles).seconds
         if seconds is not None and seconds > self.max_job_seconds:
@@ -403,7 +455,8 @@ class Server:
         self._queue.finish(job, state)
         self._timers.pop(job, None)
         self._finished(job, state, self._cancelled(job) if reply is None else reply)
-        self.step_times.save()  # its steps' figure, once the job has its answer
+        if job.model in self._step_times:
+            self._step_times[job.model].save()  # its steps' figure, once the job has its answer
 
     def _finished(self, job: Job, state: str, reply: list) -> None:
         job.state = state
@@ -471,7 +524,8 @@ class Server:
             return
         while (job := self._queue.start_next()) is not None:
             job.started = time.monotonic()
-            self._timers[job] = self.step_times.for_job(job.settings, job.refine_tiles)
+            times = self.step_times(job.model)
+            self._timers[job] = times.for_job(job.settings, job.refine_tiles)
             self._record("start", job)
             self.executor.begin(job)
 

@@ -97,7 +97,9 @@ class Job:
     refine_tiles: int = 0  # the UNet forwards a refinement step makes (0: no refinement)
     plan: dict[str, Any] = field(default_factory=dict)  # accepted's geometry (scores.json's)
     variants: list[Variant] = field(default_factory=list)  # best first
-    models: str = ""  # the engine's models label, shown with the results
+    models: str = ""  # the label of the models that made it (the result's)
+    model: str = ""  # the name of the model that made it
+    weights: str = ""  # real | demo | random (results say which: wording.made_by)
     error: EngineError | None = None
     cancel_reason: str = ""
     previews: dict[int, Preview] = field(default_factory=dict)  # the latest of each variant
@@ -116,6 +118,7 @@ class Event:
     total: int = 0
     error: EngineError | None = None
     previews: list[Preview] = field(default_factory=list)  # progress only, when asked for
+    stage: str = ""  # progress only: what the engine does before the steps ("loading sd15...")
 
 
 def load_keys(folder: str | Path, name: str = "client") -> dict[str, bytes]:
@@ -234,11 +237,26 @@ class Client:
     # -- blocking requests (bounded by `timeout`) --------------------------------------------
 
     def hello(self) -> dict[str, Any]:
-        """The engine's protocol version, models label, device and limits."""
+        """The engine's protocol version, its models (`available`, the `default`), device and
+        limits."""
         self.info = self._request("hello", {"client": "engine.shared.client"}).header
         self.limits = Limits.from_json(self.info.get("limits"))
         self.keepalive = _interval(self.info.get("keepalive"), self.keepalive)
         return self.info
+
+    def model(self, name: str | None = None) -> dict[str, Any]:
+        """hello's entry of the model `name` (None: the engine's default); raises EngineError
+        (`unknown_model`, naming the ones served) when the engine does not serve it."""
+        if not self.info:
+            self.hello()
+        name = name or self.info.get("default")
+        for entry in self.info.get("available", []):
+            if entry["name"] == name:
+                return entry
+        served = ", ".join(e["name"] for e in self.info.get("available", []))
+        raise EngineError(
+            protocol.UNKNOWN_MODEL, f"unknown model {name!r}: this engine serves {served}"
+        )
 
     def status(self) -> dict[str, Any]:
         """Queue length, whether the worker is busy, and this client's active jobs."""
@@ -256,13 +274,15 @@ class Client:
         image_format: str = "RGBA8",
         stride: int = 0,
         previews: dict[str, int] | None = None,
+        model: str | None = None,
     ) -> Job:
         """Queue an edit: `image` rows of `stride` bytes (packed RGBA8 by default), `mask` one
         byte a pixel (0 keep, 255 edit). `previews` ({} for the defaults, or `every` N steps,
         `max_side` px) asks for the variants' estimates in progress events (docs/protocol.md).
-        Returns once the engine accepted it; raises
-        EngineError when it refused, or (code `limit`, nothing sent) when the request is over
-        a limit the engine announced in `hello` (asked first if not yet)."""
+        `model`: one of hello's `available` (None: the engine's default). Returns once the
+        engine accepted it; raises EngineError when it refused, or (code `limit`, nothing sent)
+        when the request is over a limit the engine announced in `hello` (asked first if not
+        yet), or (`unknown_model`) names a model the engine does not serve."""
         if image_format not in ("RGBA8", "BGRA8", "RGB8"):
             raise ValueError(f"image_format must be RGBA8, BGRA8 or RGB8, not {image_format!r}")
         pixels = Pixels(width, height, image_format, image, stride, "image")
@@ -275,9 +295,12 @@ class Client:
                 )
         if not self.info:
             self.hello()
-        self._check_limits(pixels, sel, prompt, settings or {})
+        method = self.model(model)["method"]
+        self._check_limits(pixels, sel, prompt, settings or {}, method)
         job = Job(uuid.uuid4().hex[:16])
         fields = {"job": job.id, "prompt": prompt, "settings": settings or {}}
+        if model is not None:  # absent: the engine's default
+            fields["model"] = model
         if previews is not None:  # absent otherwise: the request as before previews existed
             fields["previews"] = previews
         self._jobs[job.id] = job
@@ -296,7 +319,7 @@ class Client:
         return job
 
     def _check_limits(
-        self, image: Pixels, mask: Pixels, prompt: str, settings: dict[str, Any]
+        self, image: Pixels, mask: Pixels, prompt: str, settings: dict[str, Any], method: str
     ) -> None:
         limits, side = self.limits, max(image.width, image.height)
         problem = None
@@ -316,7 +339,7 @@ class Client:
         if problem:
             raise EngineError(protocol.LIMIT, problem)
         try:  # the engine's own check of the settings (the one schema), before any pixel is sent
-            protocol.check_settings(settings, limits, self.info.get("method"))
+            protocol.check_settings(settings, limits, method)
         except ProtocolError as e:
             raise EngineError(e.code, str(e)) from None
 
@@ -449,6 +472,7 @@ class Client:
         event = Event(kind, job_id, job)
         if kind == "progress":
             event.step, event.total = msg.header.get("step", 0), msg.header.get("total", 0)
+            event.stage = str(msg.header.get("stage", ""))
             box = msg.header.get("box") or {}
             at = tuple(box.get(k, 0) for k in ("x", "y", "width", "height"))
             event.previews = [
@@ -486,6 +510,7 @@ class Client:
                 for v, p in zip(msg.header.get("variants", []), msg.frames, strict=True)
             ]
             job.models, job.state = msg.header.get("models", ""), "done"
+            job.model, job.weights = msg.header.get("model", ""), msg.header.get("weights", "")
         elif kind == "error":
             job.error, job.state = event.error, "failed"
         else:

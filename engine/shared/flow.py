@@ -302,11 +302,11 @@ class Edit:
             if self.job.done:
                 return self._outcome()
             if event.type == "progress" and event.total and not self._cancelling:
-                self._progress(event.step, event.total, event.previews)
+                self._progress(event.step, event.total, event.previews, event.stage)
 
-    def _progress(self, step: int, total: int, previews: list[Preview]) -> None:
+    def _progress(self, step: int, total: int, previews: list[Preview], stage: str = "") -> None:
         left = self._clock.left(step, total)
-        self._show(RUNNING, wording.progress(step, total, left), step, total)
+        self._show(RUNNING, wording.progress(step, total, left, stage), step, total)
         if previews:
             if self.run is not None:
                 self.run.preview(previews)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from engine.shared import request
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: several models an engine, a job names its model (docs/protocol.md)
 
 # Channels per pixel of each layout; rows are `stride` bytes apart, top row first.
 FORMATS = {"RGBA8": 4, "BGRA8": 4, "RGB8": 3, "Y8": 1}
@@ -34,6 +35,7 @@ PREVIEW_MAX_EVERY = 1000
 REQUESTS = ("hello", "submit", "cancel", "status", "ping")
 MAX_FRAMES = 3  # a header and at most two pixel frames (a submit's image and mask)
 MAX_PING_JOBS = 256
+MAX_MODEL_NAME = 200
 REPLIES = ("hello", "accepted", "progress", "result", "error", "cancelled", "status", "pong")
 
 # Error codes (docs/protocol.md explains each).
@@ -48,6 +50,8 @@ NON_FINITE = "non_finite"  # the edit diverged (NaN/inf); the message names the 
 OUT_OF_MEMORY = "out_of_memory"  # the device ran out of memory during the edit
 LOST = "lost"  # (client side) the engine no longer knows the job: restarted, crashed, lost it
 UNKNOWN_JOB = "unknown_job"
+UNKNOWN_MODEL = "unknown_model"  # a submit names a model the engine does not serve
+MODEL_UNAVAILABLE = "model_unavailable"  # the model's files are missing or corrupt, or too big
 DUPLICATE_JOB = "duplicate_job"
 SHUTTING_DOWN = "shutting_down"
 INTERNAL = "internal"
@@ -294,9 +298,34 @@ def check_previews(previews: Any) -> dict[str, int] | None:
     }
 
 
+def check_model(
+    header: dict[str, Any], models: Mapping[str, str] | None, default: str | None
+) -> str | None:
+    """`submit`'s `model`, absent or null for the engine's `default`; returns its method (None:
+    not known here, the settings of either method are checked). `models`: name -> method."""
+    model = header.get("model")
+    if model is not None and (not isinstance(model, str) or not 0 < len(model) <= MAX_MODEL_NAME):
+        raise ProtocolError(
+            BAD_FIELD, f"model must be a model's name of 1 to {MAX_MODEL_NAME} characters or null"
+        )
+    header["model"] = model = model if model is not None else default
+    if models is None:
+        return None
+    if model not in models:
+        raise ProtocolError(
+            UNKNOWN_MODEL, f"unknown model {model[:80]!r}: this engine serves {', '.join(models)}"
+        )
+    return models[model]
+
+
 def _check_submit(
-    header: dict[str, Any], frames: list[Pixels], limits: Limits, method: str | None
+    header: dict[str, Any],
+    frames: list[Pixels],
+    limits: Limits,
+    models: Mapping[str, str] | None,
+    default: str | None,
 ) -> None:
+    method = check_model(header, models, default)
     prompt = header.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ProtocolError(BAD_FIELD, "prompt must be a non-empty string")
@@ -334,10 +363,14 @@ def _check_ping(header: dict[str, Any]) -> None:
 
 
 def decode_request(
-    frames: list, limits: Limits | None = None, method: str | None = None
+    frames: list,
+    limits: Limits | None = None,
+    models: Mapping[str, str] | None = None,
+    default: str | None = None,
 ) -> Message:
-    """A client's request, fully validated (a submit's settings for the engine's `method`);
-    raises ProtocolError (with the job id when known)."""
+    """A client's request, fully validated (a submit's model among `models`, name -> method,
+    `default` when it names none, and its settings for that model's method); raises
+    ProtocolError (with the job id when known)."""
     limits = limits or Limits()
     if len(frames) > MAX_FRAMES:
         raise ProtocolError(BAD_MESSAGE, f"{len(frames)} frames, over the limit of {MAX_FRAMES}")
@@ -355,7 +388,7 @@ def decode_request(
         job = job_id(header, required=kind in ("submit", "cancel"))
         pixels = read_frames(header, frames, limits)
         if kind == "submit":
-            _check_submit(header, pixels, limits, method)
+            _check_submit(header, pixels, limits, models, default)
         elif pixels:
             raise ProtocolError(BAD_MESSAGE, f"{kind} carries no pixel frames")
         if kind == "ping":

@@ -100,14 +100,18 @@ def shorten(prompt: str) -> str:
     return short if len(short) <= PROMPT_SHOWN else short[: PROMPT_SHOWN - 1] + "…"
 
 
-def model_mark(models: str) -> str:
-    """A demonstration or random model is named wherever its results show."""
-    return " [demo model]" if "demo" in models else " [random model]" if "random" in models else ""
+def made_by(model: str, weights: str) -> str:
+    """Which model made a result, marked when its weights are a demo's or random: "sd15",
+    "demo-latent [demo model]", "tiny [random weights]". The one format of the layers' names
+    and scores.json."""
+    mark = {"demo": " [demo model]", "random": " [random weights]"}.get(weights, "")
+    return f"{model}{mark}"
 
 
-def layer_name(prompt: str, rank: int, distance: float, models: str = "") -> str:
-    """A result layer: `"<prompt>" #rank (CLIP d=...)`, marked for a demo or random model."""
-    return f'"{shorten(prompt)}" #{rank} (CLIP d={distance:.3f}){model_mark(models)}'
+def layer_name(prompt: str, rank: int, distance: float, by: str = "") -> str:
+    """A result layer: `"<prompt>" #rank (<made_by>, CLIP d=...)`."""
+    made = f"{by}, " if by else ""
+    return f'"{shorten(prompt)}" #{rank} ({made}CLIP d={distance:.3f})'
 
 
 GROUP_PREFIX = "Blended Diffusion: "  # every run's group: how a host finds a run's layers
@@ -133,7 +137,7 @@ def result_layers(prompt: str, job: Any, origin: tuple[int, int]) -> list[Result
     the image (the variants' x, y are in the window)."""
     return [
         ResultLayer(
-            layer_name(prompt, v.rank, v.distance, job.models),
+            layer_name(prompt, v.rank, v.distance, made_by(job.model, job.weights)),
             origin[0] + v.x,
             origin[1] + v.y,
             v.width,
@@ -205,7 +209,10 @@ def started(
     return f"Running on {models}. {waiting(job.position)} {before_run(info, settings, preset, job)}"
 
 
-def progress(step: int, total: int, left: float | None) -> str:
+def progress(step: int, total: int, left: float | None, stage: str = "") -> str:
+    """The running job's line: its stage before the steps (a model loading), then its steps."""
+    if stage:
+        return f"{stage[0].upper()}{stage[1:]}…"
     more = f", {estimate.duration(left)} left" if left is not None else ""
     return f"Denoising: step {step} of {total}{more}"
 

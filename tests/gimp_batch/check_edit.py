@@ -200,7 +200,9 @@ def case_edit():
     check("two result layers", len(new) == 2, [la.get_name() for la in new])
     quoted = re.escape(f'"{prompt}"')
     for rank, layer in enumerate(new, 1):
-        pattern = rf"{quoted} #{rank} \(CLIP d=\d+\.\d{{3}}\)( \[(demo|random) model\])?"
+        # the model that made it, marked when a demo's or random: wording.made_by's format
+        made = r"[\w.-]+( \[demo model\]| \[random weights\])?"
+        pattern = rf"{quoted} #{rank} \({made}, CLIP d=\d+\.\d{{3}}\)"
         check(f"name of #{rank}", re.fullmatch(pattern, layer.get_name()), layer.get_name())
     check("best visible, other hidden", [la.get_visible() for la in new] == [True, False])
     selection = before["selection"]

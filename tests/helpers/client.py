@@ -9,8 +9,11 @@ from typing import Any, NamedTuple
 
 from engine.shared.client import EngineError, Event, Job, Variant
 
-HELLO = {"models": "tiny [random model]", "device": "cpu", "limits": {"max_side": 4096},
+HELLO = {"models": "tiny UNet with random weights", "device": "cpu",
+         "available": [{"name": "tiny", "method": "pixel", "weights": "random"}],
+         "default": "tiny", "limits": {"max_side": 4096},
          "step_seconds": {"full": {"2": 0.5}}}  # fmt: skip
+MADE_BY = "tiny [random weights]"  # what the results of HELLO's default say made them
 
 
 class Submitted(NamedTuple):
@@ -93,6 +96,7 @@ class FakeClient:
         if kind == "result":
             job.variants = rest[0] if rest else variants()
             job.models, job.state = self.answer.get("models", ""), "done"
+            job.model, job.weights = "tiny", "random"  # the engine's result says so
         elif kind == "error":
             job.error, job.state = EngineError(*rest), "failed"
         else:

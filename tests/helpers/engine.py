@@ -16,6 +16,7 @@ from typing import Any
 from engine.methods.pixel import Pixel
 from engine.models import Models
 from engine.serve.local import LocalExecutor
+from engine.serve.pool import Pool
 from engine.serve.server import Server
 from engine.shared.client import Client, Job
 
@@ -62,8 +63,10 @@ def host_picture(width: int = 64, height: int = 64, box=(20, 16, 30, 24)) -> tup
 
 
 def local_server(models: Models, endpoint: str, **options: Any) -> Server:
-    """The single-process engine (`serve` without --cluster) on loaded `models`."""
-    return Server(LocalExecutor(Pixel(models)), endpoint, **options)
+    """The single-process engine (`serve` without --cluster) on loaded `models` alone."""
+    return Server(
+        LocalExecutor(Pool.serving(models.config.name, Pixel(models))), endpoint, **options
+    )
 
 
 def engines(make: Callable[..., Server]) -> Iterator[Callable[..., Server]]:
@@ -120,10 +123,12 @@ def client(endpoint: str, **options: Any) -> Client:
     return Client(endpoint, timeout=30, keepalive=0.2, **options)
 
 
-def submit(c: Client, box=(20, 16, 30, 24), settings=QUICK, prompt="a red ball") -> Job:
-    """A job over a 64x64 test picture, `box` selected."""
+def submit(
+    c: Client, box=(20, 16, 30, 24), settings=QUICK, prompt="a red ball", model: str | None = None
+) -> Job:
+    """A job over a 64x64 test picture, `box` selected, on `model` (None: the default)."""
     rgba, mask = host_picture(64, 64, box)
-    return c.submit(rgba, 64, 64, mask, prompt, settings)
+    return c.submit(rgba, 64, 64, mask, prompt, settings, model=model)
 
 
 def run_all(clients: list[Client], jobs: list[Job], timeout: float = 120) -> list[list]:

@@ -676,7 +676,7 @@ class Driver:
 
     def results(self, doc, job, cfg: dict, tree_before: list[str]) -> None:
         from engine.shared import settings
-        from engine.shared.wording import group_name, layer_name
+        from engine.shared.wording import group_name, layer_name, made_by
 
         root = doc.rootNode().childNodes()
         names = [c.name() for c in root]
@@ -693,7 +693,11 @@ class Driver:
             return
         self.check("the group's name", group.name() == group_name(cfg["prompt"]), group.name())
         layers = group.childNodes()[::-1]  # childNodes is bottom first: best first now
-        expected = [layer_name(cfg["prompt"], v.rank, v.distance, job.models) for v in job.variants]
+        by = made_by(job.model, job.weights)
+        expected = [layer_name(cfg["prompt"], v.rank, v.distance, by) for v in job.variants]
+        named = [n.name() for n in layers]
+        self.check("the layers name the model that made them", job.model and all(
+            f"({by}, CLIP d=" in n for n in named), (by, named))  # fmt: skip
         variants = settings.effective(cfg.get("fields") or TYPED)["variants"]
         self.check("one layer per variant", len(layers) == variants, (len(layers), variants))
         self.check(
