@@ -122,15 +122,12 @@ def device(report: Report) -> None:
 
 def weight_files(report: Report) -> None:
     report.section(f"weights (models folder {weights.models_dir()})")
-    for name in weights.NAMES:
+    for name in weights.names():
         c = weights.check(name)
         required = name in weights.REQUIRED
         text = f"{c.state}: {c.path or c.file} ({c.detail})"
         if c.state == "missing":
-            how = {
-                "adm512": f"{weights.DOWNLOAD_COMMAND} --with-512",
-                "adm512-uncond": "python -m engine.weights fetch adm512-uncond",
-            }.get(name, weights.DOWNLOAD_COMMAND)
+            how = weights.DOWNLOAD_COMMAND + ("" if required else f" --models {name}")
             text += f", {'needed' if required else 'optional'}: `{how}`"
         report.line(name, text, problem=c.state == "corrupt" or (required and not c.ok))
 

@@ -1,16 +1,22 @@
 """Where model weights live, which files the named models need, and how they get there.
 
-One per-user folder (platformdirs) holds every ADM checkpoint; `BLENDED_DIFFUSION_MODELS`
-overrides it (tests, portable installs). The ADM files come by plain HTTP(S) from their official
-addresses (`BLENDED_DIFFUSION_WEIGHTS_URL` replaces the folder they are fetched from: mirrors,
-tests), resumed with Range requests into `NAME.partial` and moved to their final name only once
-their sha256 matches. OpenAI's CLIP comes through huggingface_hub into its own cache, where
-open_clip looks for it (`HF_ENDPOINT` and `HF_HUB_CACHE` move that hub and that cache).
+One per-user folder (platformdirs) holds every ADM checkpoint and the Stable Diffusion folders
+(engine/hub.py fetches those); `BLENDED_DIFFUSION_MODELS` overrides it (tests, portable installs).
+The ADM files come by plain HTTP(S) from their official addresses (`BLENDED_DIFFUSION_WEIGHTS_URL`
+replaces the folder they are fetched from: mirrors, tests), resumed with Range requests into
+`NAME.partial` and moved to their final name only once their sha256 matches. OpenAI's CLIP comes
+through huggingface_hub into its own cache, where open_clip looks for it (`HF_ENDPOINT` and
+`HF_HUB_CACHE` move that hub and that cache).
 The engine's own state (the step times it measured) is in the per-user state folder, named here
 with the models folder; `BLENDED_DIFFUSION_STATE` overrides it (tests).
 
-    python -m engine.weights fetch [adm256 clip adm512 adm512-uncond]   (default: adm256 clip)
+Before downloading, `fetch` adds up what is still to come on each disk and refuses to start when
+a disk lacks the room; a name it cannot fetch (no network) is said at the end, the others fetched.
+
+    python -m engine.weights fetch [NAME ...]   (default: adm256 clip; `list` names them all)
     python -m engine.weights check [NAME ...]
+    python -m engine.weights list               names, sizes, licences, what is installed
+    python -m engine.weights remove NAME ...
     python -m engine.weights where
 """
 
@@ -22,10 +28,12 @@ import http.client
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,41 +45,58 @@ URL_ENV = "BLENDED_DIFFUSION_WEIGHTS_URL"
 
 
 @dataclass(frozen=True)
+class About:
+    """A model as `list` shows it; `size` is also what the disk check counts for it."""
+
+    what: str
+    size: int  # bytes on disk once fetched
+    licence: str
+
+
+@dataclass(frozen=True)
 class WeightFile:
     name: str
     url: str
     sha256: str | None  # None: not published; recorded on first verified download
-    size_hint: str
+    about: About
 
 
+ADM_LICENCE = "MIT (openai/guided-diffusion)"
+# sizes: the parameter counts in fp32, rounded up
 ADM256 = WeightFile(
     "256x256_diffusion_uncond.pt",
     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
     "983e3de6f95c88c81b2ca7ebb2c217933be1973b1ff058776b970f901584613a",
-    "2.2 GB",
+    About("ADM 256x256 unconditional: the pixel method, the paper's", 2_220_000_000, ADM_LICENCE),
 )
 ADM512 = WeightFile(
     "512x512_diffusion.pt",
     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/512x512_diffusion.pt",
     None,
-    "2.2 GB",
+    About("ADM 512x512 class-conditional: the pixel method at 512", 2_250_000_000, ADM_LICENCE),
 )
 # Katherine Crowson's unconditional fine-tune (Disco Diffusion's 512 model); no model uses it yet.
 ADM512_UNCOND = WeightFile(
     "512x512_diffusion_uncond_finetune_008100.pt",
     "https://v-diffusion.s3.us-west-2.amazonaws.com/512x512_diffusion_uncond_finetune_008100.pt",
     "9c111ab89e214862b76e1fa6a1b3f1d329b1a88281885943d2cdbe357ad57648",
-    "2.2 GB",
-)
+    About(
+        "ADM 512x512 unconditional fine-tune (Disco Diffusion's); no model uses it yet",
+        2_250_000_000, "not stated by its author",
+    ),
+)  # fmt: skip
 
 # OpenAI's CLIP ViT-B/16 where open_clip's `ViT-B-16-quickgelu` / `openai` tag fetches it.
 CLIP_REPO = "timm/vit_base_patch16_clip_224.openai"
 CLIP_FILE = "open_clip_model.safetensors"
 CLIP = "clip"
+CLIP_ABOUT = About(
+    "OpenAI CLIP ViT-B/16: ranks every real model's results", 600_000_000, "MIT (openai/CLIP)"
+)
 
 FILES = {"adm256": ADM256, "adm512": ADM512, "adm512-uncond": ADM512_UNCOND}
 REQUIRED = ("adm256", CLIP)  # what `--model adm256`, the default real model, needs
-NAMES = (*FILES, CLIP)
+NAMES = (*FILES, CLIP)  # the files; names() adds the Stable Diffusion folders
 
 _CHUNK = 1 << 20
 _HASH_CACHE = ".sha256-cache.json"
@@ -101,13 +126,37 @@ class ChecksumMismatch(DownloadError):
     pass
 
 
+def names() -> tuple[str, ...]:
+    """Every name `fetch` takes: the files and the Stable Diffusion folders."""
+    from engine.latent_models import KNOWN  # it imports this module: read when asked
+
+    return (*NAMES, *KNOWN)
+
+
+def about(name: str) -> About:
+    if name in FILES:
+        return FILES[name].about
+    if name == CLIP:
+        return CLIP_ABOUT
+    from engine import hub  # it imports this module (and torch): read when asked
+
+    return hub.ABOUT[name]
+
+
+def size_text(size: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size:.0f} B"
+
+
 def locate(weight: WeightFile) -> Path:
     """The path of a known weight file, or an error that says how to get it."""
     path = models_dir() / weight.name
     if not path.is_file():
         raise MissingWeights(
-            f"weight file {weight.name} ({weight.size_hint}) is missing: looked for {path}. "
-            f"Download it with `{DOWNLOAD_COMMAND}`, or pass --unet-checkpoint PATH."
+            f"weight file {weight.name} ({size_text(weight.about.size)}) is missing: looked for "
+            f"{path}. Download it with `{DOWNLOAD_COMMAND}`, or pass --unet-checkpoint PATH."
         )
     return path
 
@@ -192,6 +241,10 @@ def _content_range(header: str | None) -> tuple[int, int | None]:
     return int(m[1]), None if m[2] == "*" else int(m[2])
 
 
+def _partial_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".partial")
+
+
 def _transfer(url: str, partial: Path, timeout: float, progress: bool) -> None:
     """One request: append the rest of `url` to `partial`; raises when the transfer breaks."""
     from tqdm import tqdm
@@ -255,7 +308,7 @@ def download(
     hash matches. A transfer that keeps breaking leaves the partial file for the next run.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
+    partial = _partial_path(dest)
     for attempt in range(1, attempts + 1):
         try:
             _transfer(url, partial, timeout, progress)
@@ -305,8 +358,8 @@ def _hub_sha256(path: Path) -> str | None:
 
 @dataclass(frozen=True)
 class Check:
-    name: str  # adm256 | ... | clip
-    file: str
+    name: str  # adm256 | ... | clip | sd15 | ...
+    file: str  # the file's name; a Stable Diffusion folder's hub repo
     path: Path | None
     state: str  # ok | missing | corrupt | unverified
     detail: str
@@ -326,25 +379,34 @@ def _verify(name: str, file: str, path: Path, expected: str | None, what: str) -
 
 
 def check(name: str) -> Check:
-    """Is the named file present, and does its sha256 match (where one is known)?"""
+    """Is the named model present, and do its sha256s match (where they are known)?"""
     if name == CLIP:
         path = clip_cached_path()
         if path is None:
             return Check(name, CLIP_FILE, None, "missing", f"{CLIP_REPO} not in the hub cache")
         return _verify(name, CLIP_FILE, path, _hub_sha256(path), "the hub gave no sha256")
+    if name not in FILES:
+        from engine import hub
+
+        return hub.check(name)
     weight = FILES[name]
     path = models_dir() / weight.name
     if not path.is_file():
-        return Check(name, weight.name, path, "missing", f"{weight.size_hint}, not downloaded")
+        size = size_text(weight.about.size)
+        return Check(name, weight.name, path, "missing", f"{size}, not downloaded")
     return _verify(
         name, weight.name, path, expected_sha256(weight), "no published sha256 and none recorded"
     )
 
 
+def skipped(status: Check) -> None:
+    print(f"{status.name}: {status.file} present ({status.detail}), skipped")
+
+
 def _fetch_clip(progress: bool) -> Path:
     status = check(CLIP)
     if status.ok:
-        print(f"{CLIP}: {CLIP_FILE} present ({status.detail}), skipped")
+        skipped(status)
         return status.path
     if status.state == "corrupt":
         print(
@@ -380,21 +442,25 @@ def _remove_hub_file(path: Path) -> None:
 
 
 def fetch(name: str, *, progress: bool = True, attempts: int = 4, retry_wait: float = 2.0) -> Path:
-    """Make the named file present and valid: skip it when it is, download it when not."""
+    """Make the named model present and valid: skip it when it is, download it when not."""
     if name == CLIP:
         return _fetch_clip(progress)
+    if name not in FILES:
+        from engine import hub
+
+        return hub.fetch(name, progress=progress)
     weight = FILES[name]
     dest = models_dir() / weight.name
     status = check(name)
     if status.ok:
-        print(f"{name}: {weight.name} present ({status.detail}), skipped")
+        skipped(status)
         return dest
     if status.state == "corrupt":
         print(f"{name}: {weight.name} is damaged ({status.detail}): fetching it again")
         dest.unlink()  # a damaged file must never pass for the model
     expected = expected_sha256(weight)
     url = weight_url(weight)
-    print(f"{name}: downloading {weight.name} ({weight.size_hint}) from {url}")
+    print(f"{name}: downloading {weight.name} ({size_text(weight.about.size)}) from {url}")
     digest = download(
         url, dest, expected, attempts=attempts, retry_wait=retry_wait, progress=progress
     )
@@ -406,16 +472,126 @@ def fetch(name: str, *, progress: bool = True, attempts: int = 4, retry_wait: fl
     return dest
 
 
+# -- before and after: room on the disks, removal ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Download:
+    """A model still to fetch: the bytes to come, the folder they go to, and how."""
+
+    name: str
+    size: int
+    folder: Path
+    run: Callable[[], Path]
+
+
+def plan(name: str, *, progress: bool = True) -> Download:
+    """What fetching a model not (validly) present takes; a Stable Diffusion folder's sizes come
+    from the hub's listing (network), the files' from About."""
+    if name == CLIP:
+        from huggingface_hub import constants
+
+        cache = Path(constants.HF_HUB_CACHE)
+        return Download(name, CLIP_ABOUT.size, cache, lambda: _fetch_clip(progress))
+    if name not in FILES:
+        from engine import hub
+
+        return hub.plan(name, progress=progress)
+    partial = _partial_path(models_dir() / FILES[name].name)
+    have = partial.stat().st_size if partial.is_file() else 0  # resumed, not fetched again
+    size = max(FILES[name].about.size - have, 0)
+    return Download(name, size, models_dir(), lambda: fetch(name, progress=progress))
+
+
+def shortfall(downloads: list[Download]) -> list[str]:
+    """Each disk without room for the downloads bound for it, said with the figures."""
+    disks: dict[int, tuple[Path, int, list[str]]] = {}
+    for d in downloads:
+        root = next(p for p in (d.folder, *d.folder.parents) if p.exists())
+        dev = root.stat().st_dev
+        _, size, taken = disks.get(dev, (root, 0, []))
+        disks[dev] = (root, size + d.size, [*taken, d.name])
+    short = []
+    for root, size, taken in disks.values():
+        free = shutil.disk_usage(root).free
+        if size > free:
+            short.append(
+                f"{', '.join(taken)} need {size_text(size)} on the disk of {root}, which has "
+                f"{size_text(free)} free"
+            )
+    return short
+
+
+def remove(name: str) -> list[Path]:
+    """Delete a model's files and what was recorded about them; returns what went."""
+    if name == CLIP:
+        path = clip_cached_path()
+        if path is None:
+            return []
+        _remove_hub_file(path)
+        return [path]
+    if name not in FILES:
+        from engine import hub
+
+        return hub.remove(name)
+    dest = models_dir() / FILES[name].name
+    gone = [p for p in (dest, _partial_path(dest), _record_path(dest)) if p.exists()]
+    for path in gone:
+        path.unlink()
+    return gone
+
+
 # -- command line ----------------------------------------------------------------------------
 
 
 def _names(given: list[str], default: tuple[str, ...]) -> list[str]:
-    unknown = [n for n in given if n not in NAMES]
+    known = names()
+    unknown = [n for n in given if n not in known]
     if unknown:
         raise SystemExit(
-            f"unknown weight name(s) {', '.join(unknown)}: choose from {', '.join(NAMES)}"
+            f"unknown weight name(s) {', '.join(unknown)}: choose from {', '.join(known)}"
         )
-    return given or list(default)
+    return list(dict.fromkeys(given)) or list(default)
+
+
+def _failed(name: str, error: Exception, failed: list[str]) -> None:
+    print(f"error: {name}: {error}", file=sys.stderr)
+    failed.append(name)
+
+
+def _fetch(given: list[str], progress: bool) -> int:
+    """Plan every name, check the disks' room for all of them, then download; one model that
+    cannot be fetched (no network) does not keep the others back."""
+    print(f"models folder: {models_dir()}")
+    failed: list[str] = []
+    downloads = []
+    for name in _names(given, REQUIRED):
+        try:
+            status = check(name)
+            if status.ok:
+                skipped(status)
+            else:
+                downloads.append(plan(name, progress=progress))
+        except (OSError, http.client.HTTPException) as e:
+            _failed(name, e, failed)
+    if short := shortfall(downloads):
+        for line in short:
+            print(f"error: not enough disk space: {line}", file=sys.stderr)
+        print("nothing was downloaded: free some space, or fetch fewer models", file=sys.stderr)
+        return 1
+    for d in downloads:
+        print(f"{d.name}: {size_text(d.size)} to fetch")
+        try:
+            d.run()
+        except (OSError, http.client.HTTPException) as e:
+            _failed(d.name, e, failed)
+    if failed:
+        print(
+            f"not fetched: {', '.join(failed)} (see above). Run the same command again to fetch "
+            "them: what arrived is kept.",
+            file=sys.stderr,
+        )
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,12 +602,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fetch", help="download what is missing or damaged, skip what is valid")
-    p.add_argument(
-        "names", nargs="*", metavar="NAME", help=f"{', '.join(NAMES)} (default: adm256 clip)"
-    )
+    p.add_argument("names", nargs="*", metavar="NAME", help="see `list` (default: adm256 clip)")
     p.add_argument("--no-progress", action="store_true")
-    p = sub.add_parser("check", help="which files are present and valid")
+    p = sub.add_parser("check", help="which models are present and valid")
     p.add_argument("names", nargs="*", metavar="NAME")
+    sub.add_parser("list", help="every name: state, size, licence, what it is")
+    p = sub.add_parser("remove", help="delete models' files")
+    p.add_argument("names", nargs="+", metavar="NAME")
     sub.add_parser("where", help="print the models folder")
     args = parser.parse_args(argv)
 
@@ -439,20 +616,27 @@ def main(argv: list[str] | None = None) -> int:
         print(models_dir())
         return 0
     if args.command == "check":
-        results = [check(n) for n in _names(args.names, NAMES)]
+        results = [check(n) for n in _names(args.names, names())]
         for c in results:
             print(f"{c.state:10} {c.name:14} {c.path or c.file}: {c.detail}")
         return 0 if all(c.ok for c in results if c.name in REQUIRED) else 1
-    print(f"models folder: {models_dir()}")
-    failed = []
-    for name in _names(args.names, REQUIRED):  # one failure does not keep the others back
-        try:
-            fetch(name, progress=not args.no_progress)
-        except (OSError, http.client.HTTPException) as e:
-            print(f"error: {name}: {e}", file=sys.stderr)
-            failed.append(name)
-    return 1 if failed else 0
+    if args.command == "list":
+        print(f"models folder: {models_dir()}")
+        for name in names():
+            a, state = about(name), check(name).state
+            print(f"{name:14} {state:10} {size_text(a.size):>8}  {a.licence:30} {a.what}")
+        return 0
+    if args.command == "remove":
+        for name in _names(args.names, ()):
+            gone = ", ".join(map(str, remove(name)))
+            print(f"{name}: removed {gone}" if gone else f"{name}: not installed")
+        return 0
+    return _fetch(args.names, not args.no_progress)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # engine.hub imports engine.weights: run that module's main, not a second copy of it as
+    # __main__ (its exceptions would be other classes)
+    from engine.weights import main as _main
+
+    sys.exit(_main())

@@ -12,7 +12,7 @@ Standard library only: it runs with the system python3 before the engine's venv 
     kritarc      enabling the Krita plug-in in kritarc, and undoing exactly that
     torch_build  which torch build drives the machine's GPU
     venv         the engine's venv: torch and the project
-    weights      the model weights
+    weights      the models (--models, --list-models, --remove-model), through the engine venv
 """
 
 from pathlib import Path

@@ -3,6 +3,10 @@
     python install.py                   engine venv (.venv), both plug-ins, the weights
     python install.py --plugins-only    only the plug-ins (the engine runs on another machine)
     python install.py --weights-only    only the weights (resumes a broken download)
+    python install.py --models sd15,sd21-base,adm256,adm512
+                                        these models (default: sd15,adm256; CLIP always comes)
+    python install.py --list-models     every model: installed or not, size, licence
+    python install.py --remove-model sd21-base   deletes a model's files
     python install.py --uninstall       removes the plug-ins it installed, nothing else
     python install.py --dry-run         prints the plan, changes nothing
     python install.py --cluster         with Ray Serve, for `serve --cluster` (several GPUs/boxes)
@@ -29,13 +33,26 @@ import tempfile
 from pathlib import Path
 
 from installer import ROOT
-from installer.console import InstallError, say, step
+from installer.console import InstallError, say, step, warn
 from installer.layout import HOME_ENV, LAYOUTS, Host, current_layout, hosts_for, layout_for
 from installer.plugins import install_plugins, uninstall_plugins
 from installer.pyzmq import PyzmqSupply
 from installer.torch_build import DEVICE_KINDS
 from installer.venv import install_engine, venv_python
-from installer.weights import fetch_weights, models_dir
+from installer.weights import (
+    DEFAULT_MODELS,
+    fetch_weights,
+    list_models,
+    models_dir,
+    remove_models,
+)
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("takes model names separated by commas")
+    return names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,9 +65,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--plugins-only", action="store_true", help="only the Krita/GIMP plug-ins")
     mode.add_argument("--weights-only", action="store_true", help="only the weights")
     mode.add_argument("--uninstall", action="store_true", help="remove the installed plug-ins")
+    mode.add_argument("--list-models", action="store_true",
+                      help="the models: installed or not, size, licence")  # fmt: skip
+    mode.add_argument("--remove-model", type=_names, metavar="NAME[,NAME]",
+                      help="delete these models' files")  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     p.add_argument("--no-weights", action="store_true", help="skip the weights (CI)")
-    p.add_argument("--with-512", action="store_true", help="also the 512x512 model (2.2 GB)")
+    p.add_argument("--models", type=_names, metavar="NAME[,NAME]",
+                   help=f"the models to fetch (default: {','.join(DEFAULT_MODELS)}; "
+                   "--list-models names them); CLIP always comes")  # fmt: skip
+    p.add_argument("--with-512", action="store_true", help="deprecated: --models ...,adm512")
     p.add_argument("--dev", action="store_true", help="pip install -e '.[dev]' (tests, ruff, Ray)")
     p.add_argument("--cluster", action="store_true", help="Ray Serve, for `serve --cluster`")
     p.add_argument("--venv", type=Path, default=ROOT / ".venv", help="default: .venv here")
@@ -79,6 +103,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} takes X.Y (e.g. 3.10) or `system`, not {value!r}")
     if args.weights_only and args.no_weights:
         p.error("--weights-only and --no-weights contradict each other")
+    if args.with_512:
+        warn("--with-512 is deprecated: name adm512 in --models (it is added to them)")
+        args.models = [*(args.models or DEFAULT_MODELS), "adm512"]
+    fetches = not (args.no_weights or args.plugins_only or args.uninstall or args.list_models)
+    if args.models and not (fetches and args.remove_model is None):
+        p.error("--models names the models to fetch: this run fetches none")
     if args.pyzmq_wheel and not args.pyzmq_wheel.is_file():
         p.error(f"--pyzmq-wheel: {args.pyzmq_wheel} is not a file")
     args.home, args.source = args.home.expanduser(), args.source.resolve()
@@ -92,10 +122,12 @@ def summary(
     kritarc: Path,
     parts: tuple[bool, bool, bool],
     device_warning: str | None,
+    fetched: bool = True,
 ) -> None:
-    """What to run next and where things went; `parts`: (engine, plug-ins, weights) installed."""
+    """What to run next and where things went; `parts`: (engine, plug-ins, weights) installed;
+    `fetched`: False when some models could not be fetched (said after this)."""
     engine, plugins, weights = parts
-    step("dry run: nothing was changed" if dry else "done")
+    step("dry run: nothing was changed" if dry else "done" if fetched else "done, but see below")
 
     def row(label: str, value: str) -> None:
         say(f"    {label + ':':<20}{value}")
@@ -125,20 +157,33 @@ def main(argv: list[str] | None = None) -> int:
     hosts = [h for h in hosts if not getattr(args, f"no_{h.key}")]
     python = venv_python(args.venv)
     try:
+        if args.list_models:
+            list_models(python, args.venv)
+            return 0
+        if args.remove_model:
+            remove_models(python, args.venv, args.remove_model, args.dry_run)
+            return 0
         if args.uninstall:
             uninstall_plugins(hosts, args.dry_run)
             step("kept")
-            say(f"    the engine venv ({args.venv}) and the model weights: delete them by hand")
+            say(f"    the engine venv ({args.venv}): delete it by hand; the models: "
+                "--remove-model NAME (--list-models names them)")  # fmt: skip
             return 0
         device_warning = install_engine(args, python) if engine else None
         if plugins:
             with tempfile.TemporaryDirectory(prefix="bd-install-") as tmp:
                 supply = PyzmqSupply(args, Path(tmp), python)
                 install_plugins(hosts, layout.kritarc, args.source, supply, args.dry_run)
+        missing = None  # models not fetched (offline): said last, the rest installed
         if weights:
-            fetch_weights(python, args.venv, args.with_512, args.dry_run)
+            try:
+                fetch_weights(python, args.venv, args.models, args.dry_run)
+            except InstallError as e:
+                missing = e
         parts = (engine, plugins, weights)
-        summary(args.dry_run, python, hosts, layout.kritarc, parts, device_warning)
+        summary(args.dry_run, python, hosts, layout.kritarc, parts, device_warning, not missing)
+        if missing:
+            raise missing
     except (InstallError, OSError) as e:  # a step that failed: its reason, not a traceback
         print(f"install.py: error: {e}", file=sys.stderr)
         return 1

@@ -51,6 +51,7 @@ def test_doctor_reports_weights_plugins_and_no_engine(tmp_path):
     assert lines["clip"].startswith("! clip") and "missing" in lines["clip"]
     assert "ok: " in lines["adm512"] and "sha256 verified" in lines["adm512"]
     assert "optional" in lines["adm512-uncond"]
+    assert "optional: `python install.py --weights-only --models sd15`" in lines["sd15"]
     assert f"! Krita            {krita} (installed" in out
     assert "1 installed file(s) missing, e.g. blended_diffusion/extension.py" in out
     assert "enabled in" in lines["kritarc"]

@@ -1,12 +1,14 @@
 """install.py into fake homes laid out as Linux, Windows and macOS users have them.
 
 Every run is a subprocess with --plugins-only (no venv) and an explicit host Python, so no
-network is needed, except the test that fetches a real pyzmq wheel from PyPI.
+network is needed, except the test that fetches a real pyzmq wheel from PyPI. The models'
+options run through this checkout's venv (this interpreter's) into a temporary models folder.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -16,15 +18,19 @@ from pathlib import Path
 
 import pytest
 
+from installer import cli
 from installer.kritarc import disable_text, enable_text
 from installer.layout import Layout, layout_for
 from installer.pyzmq import wheel_fits
+from tests.helpers.engine import free_port
 from tests.helpers.install import (
     INSTALL,
     PLACES,
+    SCRUB,
     P,
     fake_checkout,
     fake_wheel,
+    install_env,
     run_install,
     snapshot,
     user_home,
@@ -238,3 +244,91 @@ def test_a_real_pyzmq_wheel_from_pypi_imports_in_a_fresh_interpreter(tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).is_relative_to(lib)
+
+
+# -- the models -------------------------------------------------------------------------------
+
+VENV = Path(sys.prefix)  # this checkout's engine venv: the tests run in it
+
+
+def install_py(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(INSTALL), *args]
+    return subprocess.run(cmd, env=install_env(env), capture_output=True, text=True, timeout=120)
+
+
+def test_models_names_what_is_fetched_and_clip_always_comes(tmp_path):
+    venv = str(tmp_path / "no-venv")
+    fetch = f"{venv}/bin/python -m engine.weights fetch"
+    r = install_py("--weights-only", "--dry-run", "--venv", venv)
+    assert f"would run {fetch} sd15 adm256 clip\n" in r.stdout, r.stderr
+    r = install_py("--weights-only", "--dry-run", "--venv", venv, "--models", "sd21-base,adm512")
+    assert f"would run {fetch} sd21-base adm512 clip\n" in r.stdout, r.stderr
+    r = install_py("--weights-only", "--dry-run", "--venv", venv, "--with-512")
+    assert f"would run {fetch} sd15 adm256 adm512 clip\n" in r.stdout
+    assert "--with-512 is deprecated: name adm512 in --models" in r.stderr
+    r = install_py("--no-weights", "--models", "sd15")
+    assert r.returncode == 2 and "this run fetches none" in r.stderr
+    r = install_py("--remove-model", "sd21,adm512", "--dry-run", "--venv", venv)
+    assert f"would run {venv}/bin/python -m engine.weights remove sd21 adm512\n" in r.stdout
+
+
+def test_list_models_and_remove_model_through_the_engine_venv(tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "512x512_diffusion.pt").write_bytes(b"a 512 model")
+    env = {"BLENDED_DIFFUSION_MODELS": str(models), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    r = install_py("--list-models", "--venv", str(VENV), env=env)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line for line in r.stdout.splitlines()}
+    assert rows["adm512"].split()[1] == "unverified" and rows["sd15"].split()[1] == "missing"
+    assert "CreativeML OpenRAIL-M" in rows["sd15"]
+    assert r.stdout.endswith("without --models: sd15, adm256, clip\n")
+    r = install_py("--remove-model", "adm512", "--venv", str(VENV), env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"adm512: removed {models / '512x512_diffusion.pt'}" in r.stdout
+    assert not (models / "512x512_diffusion.pt").exists()
+    r = install_py("--list-models", "--venv", str(tmp_path / "no-venv"))
+    assert r.returncode == 1 and "no engine venv at" in r.stderr
+
+
+def cached_clip(hub: Path) -> None:
+    """OpenAI's CLIP in a huggingface_hub cache, as a download leaves it (the blob named by its
+    sha256)."""
+    data = b"clip"
+    repo = hub / "models--timm--vit_base_patch16_clip_224.openai"
+    digest, commit = hashlib.sha256(data).hexdigest(), "0" * 40
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / digest).write_bytes(data)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "open_clip_model.safetensors").symlink_to(
+        f"../../blobs/{digest}"
+    )
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_without_network_the_plugins_install_and_the_models_missing_are_named(
+    tmp_path, monkeypatch, capfd
+):
+    """No hub answers: sd15 is named as not fetched, CLIP (already there) is kept, the
+    plug-ins are installed, and install.py exits non-zero. The engine's venv is this one."""
+    for name in SCRUB:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("BLENDED_DIFFUSION_MODELS", str(tmp_path / "models"))
+    monkeypatch.setattr(cli, "install_engine", lambda args, python: None)  # it is there
+    cached_clip(tmp_path / "hub")
+    src, home = fake_checkout(tmp_path / "src"), tmp_path / "home"
+    args = ["--source", str(src), "--home", str(home), "--platform-layout", "linux"]
+    args += ["--host-python", "system", "--venv", str(VENV), "--models", "sd15"]
+    assert cli.main(args) == 1
+    out, err = capfd.readouterr()
+    for folder in PLACES["linux"][:2]:
+        assert (home / folder / P / "_lib/INSTALLED.json").is_file()
+    assert "clip: open_clip_model.safetensors present" in out and "==> done, but see below" in out
+    assert "error: sd15: the hub's listing of stable-diffusion-v1-5" in err
+    assert "not fetched: sd15 (see above)" in err
+    again = "`python install.py --weights-only --models sd15,clip` fetches what is missing"
+    assert err.rstrip().endswith(f"{again}; the rest is installed")
