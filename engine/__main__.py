@@ -249,6 +249,7 @@ PASSTHROUGH = {
     "demo-ablation": "engine.demo.ablation",
     "demo-sharpness": "engine.demo.sharpness",
     "demo-obeys": "engine.demo.obeys",
+    "bench-models": "engine.bench_models",
 }
 
 
@@ -379,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo-train", help="train the demo world's CLIP or UNet, or demo-latent")
     sub.add_parser("demo-ablation", help="the paper's claims measured in the demo world")
     sub.add_parser("demo-sharpness", help="the refinement pass measured in the demo world")
+    sub.add_parser("bench-models", help="two models over the memory budget: peak RSS")
     sub.add_parser("demo-obeys", help="demo-latent and the pixel demo obeying prompts, measured")
 
     from engine import doctor  # light: imports torch only when it runs

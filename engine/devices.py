@@ -339,6 +339,15 @@ def trim_host_memory() -> None:
         libc.malloc_trim(0)
 
 
+def rss_bytes() -> int | None:
+    """This process's resident memory now (Linux; else None)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
 def heap_free_bytes() -> int:
     """Bytes freed into this process's heap and kept there for reuse (glibc; else 0)."""
     libc = _glibc()
