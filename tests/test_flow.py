@@ -91,6 +91,16 @@ def test_an_edit_goes_through_its_states_and_adds_the_layers_best_visible():
     assert sent.image_format == "RGBA8" and client.closed
 
 
+def test_a_model_loading_before_the_steps_is_said_not_a_frozen_bar():
+    host = FakeHost(SELECTED)
+    loading = ("progress", 0, 8, [], "loading sd15, 2.1 GB")  # the engine evicted it earlier
+    run(edit_of(host, FakeClient([loading, ("progress", 8, 8), ("result",)])))
+    running = [s.message for s in host.statuses if s.state == flow.RUNNING]
+    assert "Loading sd15, 2.1 GB…" in running
+    assert running.index("Loading sd15, 2.1 GB…") < next(
+        i for i, m in enumerate(running) if m.startswith("Denoising: step 8 of 8"))  # fmt: skip
+
+
 def test_the_mask_sent_is_the_selection_in_the_window():
     host = FakeHost(SELECTED)
     client = FakeClient([("result",)])

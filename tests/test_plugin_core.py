@@ -597,6 +597,12 @@ def test_connection_line_names_model_and_device():
     assert line == "Engine: demo shapes-world UNet on CPU"
     gpu = wording.connection("tcp://x", {"models": "adm256", "device": "cuda:0", "queue": 2})
     assert gpu == "Engine: adm256 on GPU (cuda:0), 2 job(s) queued"
+    served = [{"name": "demo-latent", "weights": "demo"}, {"name": "tiny", "weights": "random"}]
+    many = {"available": served, "default": "demo-latent", "device": "cpu"}
+    line = wording.connection("tcp://x", many)
+    assert line == "Engine: demo-latent [demo model] (+1 more) on CPU"
+    alone = {"available": served[1:], "default": "tiny", "device": "cpu"}
+    assert wording.connection("tcp://x", alone) == "Engine: tiny [random weights] on CPU"
 
 
 def test_paper_on_a_cpu_warns_draft_does_not():

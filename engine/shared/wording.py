@@ -169,7 +169,13 @@ def connection(endpoint: str, info: Mapping[str, Any]) -> str:
     where = kind if device == kind.lower() else f"{kind} ({device})"
     queue = info.get("queue", 0)
     busy = f", {queue} job(s) queued" if queue else ""
-    return f"Engine: {short_models(str(info.get('models', '')))} on {where}{busy}"
+    served = info.get("available") or []
+    default = next((m for m in served if m.get("name") == info.get("default")), None)
+    if default is None:  # an engine's hello without its models' list
+        return f"Engine: {short_models(str(info.get('models', '')))} on {where}{busy}"
+    more = f" (+{len(served) - 1} more)" if len(served) > 1 else ""
+    model = made_by(default["name"], default.get("weights") or "")
+    return f"Engine: {model}{more} on {where}{busy}"
 
 
 def before_run(

@@ -35,10 +35,10 @@ def variants(count: int = 2) -> list[Variant]:
 
 class FakeClient:
     """The client's interface as the edit flow uses it. `script`: what each poll() returns, an
-    entry a call: ("progress", step, total[, previews]), ("result"[, variants]), ("error", code,
-    message), ("cancelled", reason); `push` adds one. `hello` answers `info` (HELLO by default)
-    or raises `hello_error`; `submit` raises `submit_error`, and first waits for `gate` (calling
-    `idle` meanwhile, as the real client does) when one is given."""
+    entry a call: ("progress", step, total[, previews[, stage]]), ("result"[, variants]),
+    ("error", code, message), ("cancelled", reason); `push` adds one. `hello` answers `info`
+    (HELLO by default) or raises `hello_error`; `submit` raises `submit_error`, and first waits
+    for `gate` (calling `idle` meanwhile, as the real client does) when one is given."""
 
     def __init__(
         self,
@@ -89,10 +89,11 @@ class FakeClient:
         job = self.job
         # as the real client does: the job is updated before its event is returned
         if kind == "progress":
-            step, total, *previews = rest
+            step, total, *more = rest
+            previews, stage = (*more, [], "")[:2] if len(more) < 2 else more
             job.state, job.step, job.total = "running", step, total
-            return [Event("progress", job.id, job, step=step, total=total,
-                          previews=previews[0] if previews else [])]  # fmt: skip
+            return [Event("progress", job.id, job, step=step, total=total, previews=previews,
+                          stage=stage)]  # fmt: skip
         if kind == "result":
             job.variants = rest[0] if rest else variants()
             job.models, job.state = self.answer.get("models", ""), "done"
