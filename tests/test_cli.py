@@ -51,6 +51,37 @@ def test_edit_writes_ranked_full_size_results_and_sorted_scores(picture, tmp_pat
         assert result.shape == source.shape
         assert (result[outside] == source[outside]).all()
     assert "denoising" in done.stderr  # the progress bar
+    # which model made them, in the layers' format (engine/shared/wording.py's made_by)
+    assert (scores["model"], scores["weights"]) == ("tiny", "random")
+    assert scores["made_by"] == "tiny [random weights]"
+
+
+def test_edit_through_an_engine_names_one_of_its_models_or_gets_its_default(picture, tmp_path):
+    from tests.helpers.engine import start_serve
+
+    log = (tmp_path / "serve.log").open("w")
+    proc = start_serve(log, "--model", "demo")  # tiny (the default) and demo
+    try:
+        endpoint = proc.stdout.readline().split()[3]
+        runs, (image, mask) = {}, picture
+        quick = ["--steps", "4", "--skip", "1", "--variants", "1", "--no-refine"]
+        for name, model in (("named", ["--model", "demo"]), ("default", []),
+                            ("unknown", ["--model", "sd99"])):  # fmt: skip
+            runs[name] = engine("edit", str(image), "--mask", str(mask), "--prompt", "a red circle",
+                                "--out", str(tmp_path / name), "--engine", endpoint, *quick,
+                                *model)  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait()
+        log.close()
+    made = {}
+    for name in ("named", "default"):
+        assert runs[name].returncode == 0, runs[name].stderr
+        made[name] = json.loads((tmp_path / name / "scores.json").read_text())["made_by"]
+    assert made == {"named": "demo [demo model]", "default": "tiny [random weights]"}
+    refused = runs["unknown"]
+    assert refused.returncode == 2
+    assert "unknown model 'sd99': this engine serves tiny, demo" in refused.stderr
 
 
 def test_edit_grows_and_feathers_the_selection_and_keeps_the_rest(picture, tmp_path):
