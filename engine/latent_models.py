@@ -303,9 +303,9 @@ def _named_folder(name: str) -> Path:
     if missing:
         lacks = "does not exist" if not folder.exists() else f"lacks {', '.join(missing)}"
         raise MissingWeights(
-            f"latent model {name} is not downloaded: {folder} {lacks}. Download the diffusers "
-            f"folder of the Hugging Face repo {KNOWN[name].repo} there (huggingface_hub's "
-            "snapshot_download), or give a single .safetensors checkpoint file with --model PATH"
+            f"latent model {name} is not downloaded: {folder} {lacks}. Download it with "
+            f"`python install.py --weights-only --models {name}` (the Hugging Face repo "
+            f"{KNOWN[name].repo}), or give a single .safetensors checkpoint file with --model PATH"
         )
     return folder
 
