@@ -224,7 +224,10 @@ def engine(report: Report, endpoint: str, timeout: float, keys: Path | None) -> 
         text = f"no engine answering at {endpoint} within {timeout:g} s{why}"
         report.line("engine", f"{text}: start one with `python -m engine serve`")
         return
-    shown = {k: info[k] for k in ("engine", "models", "device", "queue") if k in info}
+    shown = {k: info[k] for k in ("engine", "default", "device", "queue") if k in info}
+    served = [m["name"] + (" (cannot serve)" if m.get("error") else "")
+              for m in info.get("available", [])]  # fmt: skip
+    shown["serving"] = "; ".join(served) or info.get("models", "?")
     report.line(
         "engine", f"answering at {endpoint}: " + ", ".join(f"{k} {v}" for k, v in shown.items())
     )

@@ -62,3 +62,13 @@ def test_doctor_reports_weights_plugins_and_no_engine(tmp_path):
         assert name in lines, name
     assert elapsed < 60  # torch's import dominates; the engine check waits 0.5 s
     assert (models / ".sha256-cache.json").is_file()  # the next run hashes nothing again
+
+
+def test_doctor_names_a_running_engines_default_and_models(start_engine, capsys):
+    from engine import doctor
+
+    server = start_engine()
+    doctor.engine(doctor.Report(), server.endpoint, 5.0, None)
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert f"answering at {server.endpoint}: " in line
+    assert "default tiny" in line and "serving tiny" in line and "device cpu" in line
