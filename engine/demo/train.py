@@ -283,10 +283,17 @@ def train_unet(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["latent"]:  # demo-latent: a model of its own, with its own options
+        from engine.demo import train_latent
+
+        return train_latent.main(argv[1:])
     p = argparse.ArgumentParser(
-        prog="demo-train", description="Train the demo world's CLIP or UNet on CPU."
+        prog="demo-train",
+        description="Train the demo world's CLIP or UNet on CPU (`latent`: demo-latent, whose "
+        "options `demo-train latent --help` lists).",
     )
-    p.add_argument("what", choices=["clip", "unet"])
+    p.add_argument("what", choices=["clip", "unet", "latent"])
     p.add_argument(
         "--minutes",
         type=float,
