@@ -15,7 +15,7 @@ from engine.keys import CurveKeys
 from engine.methods import loading
 from engine.serve import Executor
 from engine.serve.local import LocalExecutor
-from engine.serve.pool import Pool
+from engine.serve.pool import Pool, amount
 from engine.serve.server import Server, check_endpoint
 from engine.shared.client import default_key_dir
 from engine.shared.protocol import Limits, is_loopback
@@ -133,7 +133,7 @@ def serve(args: Any) -> int:
         f"{names}; on {where}{secured})",
         flush=True,
     )
-    server.log(f"memory budget {server.memory_budget / 2**30:.1f} GiB, instance {server.instance}")
+    server.log(f"memory budget {amount(server.memory_budget)}, instance {server.instance}")
     server.run()
     if server.lost:
         print(f"engine stopped: {server.lost}", file=sys.stderr, flush=True)
