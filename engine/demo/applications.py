@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from unittest.mock import patch
 
 import numpy as np
 from PIL import Image
@@ -56,7 +58,7 @@ class Application:
         )
 
 
-BACKGROUND = Application("background", "a teal background", 100)
+BACKGROUND = Application("background", "a yellow square on a teal background", 100)
 SCRIBBLE = Application("scribble", "a red circle", 60)
 EXTEND = Application("extend", "a purple background", 100)
 REMOVE = Application("remove", "a grey background", 100, "a red circle", pixel=False)
@@ -131,6 +133,23 @@ def thin_stroke(size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
     return image, mask.astype(np.uint8)
 
 
+THIN_PROMPT = "a red square"
+
+
+def official_masks(seen: Any, cell: int, shrink: int | None) -> list[Any]:
+    """The official repository's latent mask: the cells the selection covers half of, thresholded,
+    no shrinking and no thin parts kept (latent.latent_masks' signature, for comparison)."""
+    import torch.nn.functional as F
+
+    return [(F.avg_pool2d(seen, cell) >= 0.5).float()]
+
+
+def change_inside(image: np.ndarray, mask: np.ndarray, variant: Variant) -> float:
+    """Mean absolute change (0..255) of the selected pixels, as the artist sees the result."""
+    after = seen(image, variant).astype(np.float64)
+    return float(np.abs(after - image)[mask > 0].mean())
+
+
 def sheet(rows: list[list[np.ndarray]], scale: int = 3, gap: int = 4) -> np.ndarray:
     """Pictures side by side (rows of equal height), each scaled up by `scale` (nearest)."""
     lines = []
@@ -176,10 +195,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{app.name}: docs/demo-latent-{app.name}.png")
     image, mask = thin_stroke()
     row = [image, np.repeat(mask[..., None], 3, axis=2)]
-    for shrink in (0, None):
-        values = {"seed": args.seed, "variants": 1, "strength": 100, "mask_shrink": shrink}
+    for name, shrink, masks in (
+        ("the official mask alone", 0, official_masks), ("no shrinking", 0, None),
+        ("shrinking", None, None),
+    ):  # fmt: skip
+        values = {"seed": args.seed, "variants": 4, "strength": 100, "mask_shrink": shrink}
         settings = check(values, method=LATENT)
-        row.append(seen(image, latent.run_edit(method, image, mask, "a red square", settings)[0]))
+        with patch.object(latent, "latent_masks", masks or latent.latent_masks):
+            variants = latent.run_edit(method, image, mask, THIN_PROMPT, settings)
+        row.append(seen(image, variants[0]))
+        changes = [change_inside(image, mask, v) for v in variants]
+        print(f"thin stroke, {name}: mean change inside {np.mean(changes):.1f}")
     Image.fromarray(sheet([row])).save(DOCS / "demo-latent-thin.png")
     return 0
 

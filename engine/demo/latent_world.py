@@ -7,8 +7,11 @@ asks for), and a split between what training sees and what the tests edit:
 - training backgrounds are one of BACKGROUNDS, jittered, plain or with a gentle gradient between
   two shades of that colour; test backgrounds (`unseen_background`) are gradients with grain
   between two colours of a photo-like palette that training never draws (sky, sand, foliage...);
-- training never puts a shape's centre in the bottom-right quadrant (`allowed`); the tests'
-  selections (`test_box`) lie there.
+- training never centres a shape in the bottom-right corner, right of and below 5/8 of the side
+  (`allowed`); the tests' selections (`test_box`) lie there: a shape that fills one is centred
+  at least 6 px inside that corner.
+The VAE, a codec like SD's (trained on everything), also sees `codec_picture`s: any colours,
+gradients and grain, shapes anywhere. The UNet and the text encoder see `draw` alone.
 Shapes, colours and rendering are world.py's (its `coverage` and `render` at SIZE here).
 """
 
@@ -44,8 +47,8 @@ GRAIN = 8.0  # standard deviation of the test backgrounds' grain, in 0..255 unit
 
 
 def allowed(cx: float, cy: float, size: int = SIZE) -> bool:
-    """Where training may centre a shape: anywhere but the bottom-right quadrant."""
-    return not (cx >= size / 2 and cy >= size / 2)
+    """Where training may centre a shape: anywhere but the bottom-right corner."""
+    return not (cx >= size * 5 / 8 and cy >= size * 5 / 8)
 
 
 def contrast(a: np.ndarray | tuple, b: np.ndarray | tuple) -> float:
@@ -139,7 +142,23 @@ def caption(objects: str, background: str, rng: np.random.Generator) -> str:
 
 
 def test_box(rng: np.random.Generator, size: int = SIZE) -> tuple[int, int, int]:
-    """A square selection (x, y, side) inside the quadrant training never puts shapes in."""
+    """A square selection (x, y, side) whose centre lies in the corner training never centres
+    a shape in, at least 6 px (at 64) inside it."""
     side = int(rng.integers(size * 3 // 8, size * 7 // 16 + 1))  # 24..28 px at 64
-    x, y = (int(v) for v in rng.integers(size // 2, size - side + 1, size=2))
+    low = size * 17 // 32  # 34 at 64: the box's centre at least 46
+    x, y = (int(v) for v in rng.integers(low, size - side + 1, size=2))
     return x, y, side
+
+
+def codec_picture(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
+    """A picture for the VAE only: a gradient between two random colours with random grain, and
+    up to two shapes anywhere."""
+    a, b = (tuple(rng.integers(0, 256, 3)) for _ in range(2))
+    ramp = _gradient(rng, np.asarray(a, np.float64), np.asarray(b, np.float64), size)
+    background = np.clip(ramp + rng.normal(0, rng.uniform(0, 2 * GRAIN), (size, size, 1)), 0, 255)
+    shapes = []
+    for _ in range(int(rng.integers(0, 3))):
+        r = float(rng.uniform(MIN_RADIUS, MAX_RADIUS) * size / SIZE)
+        cx, cy = rng.uniform(r, size - r, size=2)
+        shapes.append(Shape(str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS))), cx, cy, r))
+    return render(shapes, background, size)

@@ -3,8 +3,11 @@
     python -m engine demo-train latent --minutes 60
 
 Stage 1 (`--vae-minutes`): a small diffusers AutoencoderKL (4 latent channels, 8x down: 64 px to
-8x8 latents), L1 + MSE reconstruction with a small KL term; its scaling factor is then set so the
-training latents have unit standard deviation (SD's 0.18215 is the same measure of its own VAE).
+8x8 latents), L1 + MSE reconstruction of the posterior's mean (the latent the engine encodes)
+with a small KL term, on the world's pictures and, half of each batch, on codec pictures of any
+colours and grain (latent_world.codec_picture: a codec is trained on everything, as SD's VAE);
+its scaling factor is then set so the training latents have unit standard deviation (SD's
+0.18215 is the same measure of its own VAE).
 Stage 2 (the rest): a small transformers CLIPTextModel (CLIP's 49,408-token BPE vocabulary, the
 tokenizer latent_models.tokenizer builds) and a small UNet2DConditionModel with cross-attention,
 trained together to predict the noise on SD's own schedule, with 10% of the captions emptied so
@@ -93,9 +96,13 @@ def train_vae(args: argparse.Namespace, rng: np.random.Generator, log: dict) -> 
     while (elapsed := time.monotonic() - start) < budget:
         for g in opt.param_groups:
             g["lr"] = _lr(args.vae_lr, elapsed / budget)
-        x, _ = pictures(rng, args.vae_batch)
+        x, _ = pictures(rng, args.vae_batch // 2)
+        codec = [latent_world.codec_picture(rng) for _ in range(args.vae_batch - len(x))]
+        x = torch.cat([x, torch.from_numpy(to_model(np.stack(codec)))])
         posterior = vae.encode(x).latent_dist
-        y = vae.decode(posterior.sample()).sample
+        # the mean, not a sample: the engine encodes the mean, and a sample's noise (a unit
+        # variance until the small KL term shrinks it) blurs what the decoder learns
+        y = vae.decode(posterior.mean).sample
         loss = (y - x).abs().mean() + F.mse_loss(y, x) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -107,7 +114,7 @@ def train_vae(args: argparse.Namespace, rng: np.random.Generator, log: dict) -> 
     vae.eval().requires_grad_(False)
     with torch.no_grad():  # the scaling that gives the latents unit standard deviation
         x, _ = pictures(np.random.default_rng(1), 256)
-        latents = vae.encode(x).latent_dist.sample()
+        latents = vae.encode(x).latent_dist.mean
         vae.register_to_config(scaling_factor=round(float(1 / latents.std()), 5))
         error = float((vae.decode(latents).sample - x).abs().mean() * 127.5)
     log["vae"] = {
@@ -180,7 +187,7 @@ def train(args: argparse.Namespace) -> int:
             g["lr"] = args.lr * min(1.0, (step + 1) / 200)
         x, captions = pictures(rng, args.batch)
         with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample() * scale
+            z = vae.encode(x).latent_dist.mean * scale
         eps = torch.randn_like(z)
         t = torch.randint(0, noise.config.num_train_timesteps, (len(z),))
         ids = tok(captions, padding="max_length", max_length=77, truncation=True,
