@@ -101,9 +101,11 @@ def pixel_check(rgb: np.ndarray, colour: str, shape: str) -> bool:
 
 
 def judge(reader: Reader, rgb: np.ndarray, colour: str, shape: str) -> dict[str, bool]:
-    clip = reader.read(rgb) == f"a {colour} {shape}"
+    read = reader.read(rgb)
+    clip = read == f"a {colour} {shape}"
     pixels = pixel_check(rgb, colour, shape)
-    return {"clip": clip, "pixels": pixels, "both": clip and pixels}
+    return {"colour": read.split()[1] == colour, "clip": clip, "pixels": pixels,
+            "both": clip and pixels}  # fmt: skip
 
 
 def crop(c: Case, variant: Variant) -> np.ndarray:
@@ -137,6 +139,7 @@ def measure(
     return {
         "cases": cases_n,
         "variants": n,
+        "colour": sum(v["colour"] for v in verdicts) / n,
         "clip": sum(v["clip"] for v in verdicts) / n,
         "pixels": sum(v["pixels"] for v in verdicts) / n,
         "every_variant": sum(v["both"] for v in verdicts) / n,
@@ -177,12 +180,12 @@ def machine() -> str:
     return f"{name}, {torch.get_num_threads()} torch threads"
 
 
-COLUMNS = ("rank_1", "best_of_4", "all_4", "every_variant", "clip", "pixels")
+COLUMNS = ("rank_1", "best_of_4", "all_4", "every_variant", "clip", "pixels", "colour")
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
     head = "| model, setting | rank 1 | best of 4 | all 4 | every variant | CLIP | pixels |"
-    lines = [head + " s/edit |", "|---|---|---|---|---|---|---|---|"]
+    lines = [head + " colour | s/edit |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in rows:
         cells = " | ".join(f"{r[k]:.0%}" for k in COLUMNS)
         lines.append(f"| {name} | {cells} | {r['seconds_per_edit']} |")
