@@ -56,7 +56,8 @@ def _add_settings_args(p: argparse.ArgumentParser) -> None:
                 "latent one's DPM++ / DDIM / LCM",
             )
         methods = "" if len(f.methods) > 1 else f"; the {f.methods[0]} method's"
-        text = f"{f.help} ({f.range_text()}; default {shown}{methods})"
+        # argparse formats help with %: the schema's "75%" would break --help
+        text = f"{f.help} ({f.range_text()}; default {shown}{methods})".replace("%", "%%")
         if f.kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         else:

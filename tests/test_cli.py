@@ -100,6 +100,14 @@ def test_edit_grows_and_feathers_the_selection_and_keeps_the_rest(picture, tmp_p
     assert not changed[reach].any()
 
 
+def test_help_prints_every_setting_with_its_range():
+    done = engine("edit", "--help")
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())  # argparse wraps the lines
+    assert "--strength STRENGTH how much of the selection may change" in text
+    assert "(1 to 100 %; default 75)" in text
+
+
 def test_a_missing_file_fails_clearly(picture, tmp_path):
     _, mask = picture
     done = engine("edit", str(tmp_path / "nope.png"), "--mask", str(mask), "--prompt", "x",
