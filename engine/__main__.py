@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.devices import keep_freed_host_memory
 
     keep_freed_host_memory()  # before any thread starts or any model loads
+    if argv[:2] == ["demo-train", "latent"]:  # demo-latent: a model of its own, own options
+        return importlib.import_module("engine.demo.train_latent").main(argv[2:])
     if argv and argv[0] in PASSTHROUGH:
         return importlib.import_module(PASSTHROUGH[argv[0]]).main(argv[1:])
     from engine.accel import RECOMPUTE

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.latent_models import KNOWN, PARTS, _reason, installed
-from engine.weights import (
+from engine.weight_files import (
     About,
     Check,
     ChecksumMismatch,

@@ -34,7 +34,7 @@ import torch
 from platformdirs import user_cache_dir
 
 from engine import devices
-from engine.weights import MissingWeights, models_dir
+from engine.weight_files import MissingWeights, models_dir
 
 TINY = "tiny-latent"
 # the latent demo world's model (engine/demo/train_latent.py), a diffusers folder shipped here

@@ -23,9 +23,7 @@ a disk lacks the room; a name it cannot fetch (no network) is said at the end, t
 from __future__ import annotations
 
 import argparse
-import hashlib
 import http.client
-import json
 import os
 import re
 import shutil
@@ -33,24 +31,29 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from platformdirs import user_data_dir, user_state_dir
+from engine.weight_files import (
+    _CHUNK,
+    _hash_file,
+    _remember,
+    models_dir,
+    sha256_of,
+    size_text,
+    skipped,
+)
+from engine.weight_files import APP_NAME as APP_NAME
+from engine.weight_files import About as About
+from engine.weight_files import Check as Check
+from engine.weight_files import ChecksumMismatch as ChecksumMismatch
+from engine.weight_files import Download as Download
+from engine.weight_files import DownloadError as DownloadError
+from engine.weight_files import MissingWeights as MissingWeights
+from engine.weight_files import state_dir as state_dir
 
-APP_NAME = "blended-diffusion"
 DOWNLOAD_COMMAND = "python install.py --weights-only"
 URL_ENV = "BLENDED_DIFFUSION_WEIGHTS_URL"
-
-
-@dataclass(frozen=True)
-class About:
-    """A model as `list` shows it; `size` is also what the disk check counts for it."""
-
-    what: str
-    size: int  # bytes on disk once fetched
-    licence: str
 
 
 @dataclass(frozen=True)
@@ -98,32 +101,8 @@ FILES = {"adm256": ADM256, "adm512": ADM512, "adm512-uncond": ADM512_UNCOND}
 REQUIRED = ("adm256", CLIP)  # what `--model adm256`, the default real model, needs
 NAMES = (*FILES, CLIP)  # the files; names() adds the Stable Diffusion folders
 
-_CHUNK = 1 << 20
-_HASH_CACHE = ".sha256-cache.json"
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 _RETRY_HTTP = {408, 429, 500, 502, 503, 504}
-
-
-def models_dir() -> Path:
-    override = os.environ.get("BLENDED_DIFFUSION_MODELS")
-    return Path(override) if override else Path(user_data_dir(APP_NAME)) / "models"
-
-
-def state_dir() -> Path:
-    override = os.environ.get("BLENDED_DIFFUSION_STATE")
-    return Path(override) if override else Path(user_state_dir(APP_NAME))
-
-
-class MissingWeights(FileNotFoundError):
-    pass
-
-
-class DownloadError(OSError):
-    """A download that could not finish; the message says what to do."""
-
-
-class ChecksumMismatch(DownloadError):
-    pass
 
 
 def names() -> tuple[str, ...]:
@@ -143,13 +122,6 @@ def about(name: str) -> About:
     return hub.ABOUT[name]
 
 
-def size_text(size: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size:.0f} B"
-
-
 def locate(weight: WeightFile) -> Path:
     """The path of a known weight file, or an error that says how to get it."""
     path = models_dir() / weight.name
@@ -167,50 +139,6 @@ def weight_url(weight: WeightFile) -> str:
 
 
 # -- sha256, remembered by size and mtime ---------------------------------------------------
-
-
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _cache_path() -> Path:
-    return models_dir() / _HASH_CACHE
-
-
-def _read_cache() -> dict[str, dict]:
-    try:
-        return json.loads(_cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _remember(path: Path, digest: str) -> None:
-    st = path.stat()
-    cache = _read_cache()
-    cache[str(path.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    target = _cache_path()
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        os.replace(tmp, target)
-    except OSError:
-        pass  # a cache we cannot write only costs a re-hash next time
-
-
-def sha256_of(path: Path) -> str:
-    """The file's sha256, hashed again only when its size or mtime changed (2 GB takes a while)."""
-    st = path.stat()
-    hit = _read_cache().get(str(path.resolve()))
-    if hit and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
-        return hit["sha256"]
-    digest = _hash_file(path)
-    _remember(path, digest)
-    return digest
 
 
 def _record_path(path: Path) -> Path:
@@ -356,19 +284,6 @@ def _hub_sha256(path: Path) -> str | None:
     return blob if _SHA256.match(blob) else None
 
 
-@dataclass(frozen=True)
-class Check:
-    name: str  # adm256 | ... | clip | sd15 | ...
-    file: str  # the file's name; a Stable Diffusion folder's hub repo
-    path: Path | None
-    state: str  # ok | missing | corrupt | unverified
-    detail: str
-
-    @property
-    def ok(self) -> bool:
-        return self.state in ("ok", "unverified")
-
-
 def _verify(name: str, file: str, path: Path, expected: str | None, what: str) -> Check:
     if expected is None:
         return Check(name, file, path, "unverified", f"present, {what}")
@@ -397,10 +312,6 @@ def check(name: str) -> Check:
     return _verify(
         name, weight.name, path, expected_sha256(weight), "no published sha256 and none recorded"
     )
-
-
-def skipped(status: Check) -> None:
-    print(f"{status.name}: {status.file} present ({status.detail}), skipped")
 
 
 def _fetch_clip(progress: bool) -> Path:
@@ -473,16 +384,6 @@ def fetch(name: str, *, progress: bool = True, attempts: int = 4, retry_wait: fl
 
 
 # -- before and after: room on the disks, removal ------------------------------------------
-
-
-@dataclass(frozen=True)
-class Download:
-    """A model still to fetch: the bytes to come, the folder they go to, and how."""
-
-    name: str
-    size: int
-    folder: Path
-    run: Callable[[], Path]
 
 
 def plan(name: str, *, progress: bool = True) -> Download:

@@ -190,8 +190,10 @@ def test_the_hash_is_cached_by_size_and_mtime(models, monkeypatch):
     f = models / "w.pt"
     f.write_bytes(b"abc")
     calls = []
-    real = weights._hash_file
-    monkeypatch.setattr(weights, "_hash_file", lambda p: calls.append(p) or real(p))
+    from engine import weight_files
+
+    real = weight_files._hash_file
+    monkeypatch.setattr(weight_files, "_hash_file", lambda p: calls.append(p) or real(p))
     assert weights.sha256_of(f) == weights.sha256_of(f) == sha(b"abc")
     assert len(calls) == 1
     f.write_bytes(b"abcd")  # another size: hashed again

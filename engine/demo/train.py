@@ -284,10 +284,6 @@ def train_unet(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["latent"]:  # demo-latent: a model of its own, with its own options
-        from engine.demo import train_latent
-
-        return train_latent.main(argv[1:])
     p = argparse.ArgumentParser(
         prog="demo-train",
         description="Train the demo world's CLIP or UNet on CPU (`latent`: demo-latent, whose "

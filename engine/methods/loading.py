@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.methods import Method
-
-if TYPE_CHECKING:
-    from engine.catalogue import Entry
 
 
 def method_of(model: str) -> str:
@@ -19,9 +16,10 @@ def method_of(model: str) -> str:
     return PIXEL if model in CONFIGS else LATENT
 
 
-def load_entry(entry: Entry, **options: Any) -> Method:
-    """The method of a catalogue entry, loaded with the `load` options its method takes (--lora
-    for the latent models, --unet-checkpoint for the pixel ones)."""
+def load_entry(entry: Any, **options: Any) -> Method:
+    """The method of `entry` (engine/catalogue.py's Entry, which imports this module), loaded
+    with the `load` options its method takes (--lora for the latent models, --unet-checkpoint
+    for the pixel ones)."""
     from engine.shared.request import PIXEL
 
     drop = "lora" if entry.method == PIXEL else "unet_checkpoint"
