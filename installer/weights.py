@@ -32,12 +32,8 @@ def fetch_weights(python: Path, venv: Path, models: list[str] | None, dry: bool)
     names = weight_names(models)
     step(f"weights: {', '.join(names)} into the per-user models folder")
     _engine(python, venv, dry)
-    cmd = [str(python), "-m", "engine.weights", "fetch", *names]
-    if dry:
-        would(dry, f"run {shell_line(cmd)}")
-        return
     try:
-        run(cmd, "downloading the weights", cwd=ROOT)
+        _weights_command(python, ["fetch", *names], "downloading the weights", dry)
     except InstallError as e:
         again = ["python", "install.py", "--weights-only", "--models", ",".join(names)]
         raise InstallError(
@@ -54,11 +50,16 @@ def list_models(python: Path, venv: Path) -> None:
 def remove_models(python: Path, venv: Path, names: list[str], dry: bool) -> None:
     step(f"removing {', '.join(names)} from the per-user models folder")
     _engine(python, venv, dry)
-    cmd = [str(python), "-m", "engine.weights", "remove", *names]
+    _weights_command(python, ["remove", *names], "removing models", dry)
+
+
+def _weights_command(python: Path, args: list[str], what: str, dry: bool) -> None:
+    """`python -m engine.weights ARGS` in the engine's venv, or what it would run."""
+    cmd = [str(python), "-m", "engine.weights", *args]
     if dry:
         would(dry, f"run {shell_line(cmd)}")
         return
-    run(cmd, "removing models", cwd=ROOT)
+    run(cmd, what, cwd=ROOT)
 
 
 def models_dir(python: Path) -> str:

@@ -55,6 +55,18 @@ def _lr(base: float, frac: float, warmup: float = 0.05) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warmup) / (1 - warmup))))
 
 
+def ema_update(
+    pairs: list[tuple[torch.nn.Module, torch.nn.Module]], step: int, ceiling: float
+) -> None:
+    """Move each (average, model) pair's average toward the model. Early on a 0.999 average
+    would still be mostly the random initial weights: the rate warms up to `ceiling`."""
+    rate = min(ceiling, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema, model in pairs:
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(p, 1 - rate)
+
+
 def _bar(budget_s: float, what: str) -> tqdm:
     # Counts seconds, not steps: the budget is time, and the step rate is only known as it runs.
     return tqdm(total=round(budget_s), unit="s", desc=what, file=sys.stderr, mininterval=5)
@@ -257,11 +269,7 @@ def train_unet(args: argparse.Namespace) -> int:
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         step += 1
-        # Early on a 0.999 average would still be mostly the random initial weights.
-        rate = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), unet.parameters(), strict=True):
-                e.lerp_(p, 1 - rate)
+        ema_update([(ema, unet)], step, args.ema)
         losses.append(loss.item())
         if step % 100 == 0:
             history.append(round(float(np.mean(losses[-100:])), 4))

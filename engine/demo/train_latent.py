@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from engine.demo import latent_world
-from engine.demo.train import _bar, _lr, _write_json
+from engine.demo.train import _bar, _lr, _write_json, ema_update
 from engine.demo.world import to_model
 from engine.latent_models import DEMO_LATENT_DIR, SD_SCHEDULE, tokenizer
 
@@ -199,11 +199,7 @@ def train(args: argparse.Namespace) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
-        rate = min(args.ema, (1 + step) / (10 + step))  # early on, mostly the recent weights
-        with torch.no_grad():
-            for ema, model in ((ema_unet, unet), (ema_text, text)):
-                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                    e.lerp_(p, 1 - rate)
+        ema_update([(ema_unet, unet), (ema_text, text)], step, args.ema)
         losses.append(loss.item())
         if step % 100 == 0:
             history.append(round(float(np.mean(losses[-100:])), 4))
